@@ -1,0 +1,1 @@
+"""Thin napari dock widgets over the core jobs."""
