@@ -49,7 +49,7 @@ def save_checkpoint(
         "optimizer_state": optimizer_state,
         "versions": {
             "napari_histo_wsss": __version__,
-            "torch": torch.__version__,
+            "torch": str(torch.__version__),
             "python": platform.python_version(),
         },
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
