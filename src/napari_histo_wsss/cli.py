@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -59,11 +60,14 @@ def stage_overrides(args) -> dict[str, dict]:
     batch = getattr(args, "batch_size", None)
     backbone = getattr(args, "backbone", None)
     weights = getattr(args, "weights", None)
+    # ResNet38 is a classifier backbone only; the segmenter then keeps its default encoder.
+    shared_encoder = backbone is not None and backbone != "res38d"
     return {
         "classifier": given(backbone=backbone, weights=weights,
                             epochs=getattr(args, "epochs_cls", None), batch_size=batch),
         "segmenter": given(epochs=getattr(args, "epochs_seg", None), batch_size=batch,
-                           encoder=None if backbone == "res38d" else backbone),
+                           encoder=backbone if shared_encoder else None,
+                           weights=weights if shared_encoder else None),
     }
 
 
@@ -100,6 +104,12 @@ def cmd_demo(args) -> int:
     status = _run_pipeline(args, DEMO_DATA, Path(args.out))
     if status != 0 or args.no_viewer:
         return status
+    if sys.platform.startswith("linux") and not (
+        os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+    ):
+        print(f"No display found, so napari is not opened. The results are in {args.out}; "
+              "open them later with `histo-wsss demo` on a desktop.", file=sys.stderr)
+        return 0
     from .demo_viewer import show_run
 
     show_run(Path(args.out))
