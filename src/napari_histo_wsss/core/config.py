@@ -25,8 +25,11 @@ class ClassifierConfig:
     #: download otherwise); "none": random init; a path: a local weights file.
     weights: str | None = None
     output_stride: int = 16
-    input_size: int = 224
-    #: Training-time modules (absent from the CAM network): "pda", "coord_attention", "ars", "esf".
+    #: Side of the square training inputs: larger patches are randomly cropped, smaller ones
+    #: resized up. None: the patches' most common side, so typical patches are not resampled.
+    input_size: int | None = 224
+    #: Feature modules: "pda", "coord_attention", "ars" act in training only (absent from the
+    #: CAM network); "esf" is part of the network, CAM network included.
     train_modules: tuple[str, ...] = ()
     pda_start_epoch: int = 3
     pda_gamma: float = 1.0
@@ -39,9 +42,13 @@ class ClassifierConfig:
     normalise: str = "divide255"  # "divide255" | "imagenet" | "dataset"
     epochs: int = 20
     batch_size: int = 20
-    lr: float = 0.01
+    #: With momentum 0.9, lr 0.001 takes the released steps lr / (1 - momentum) = 0.01: the
+    #: released optimiser (lr 0.01) has effectively no momentum (METHODS.md 0). Momentum
+    #: smooths the few hundred noisy steps of a CPU schedule; lr 0.01 with it diverges.
+    lr: float = 0.001
     weight_decay: float = 5e-4
     new_layer_lr_mult: float = 10.0
+    momentum: float = 0.9
 
 
 @dataclass
@@ -85,9 +92,13 @@ class SegmenterConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: str = "poly"  # "poly" | "constant"
+    min_lr: float = 0.0  # floor of the poly schedule (mmseg's min_lr; MSV-ONSS 1e-4)
     epochs: int = 20
     batch_size: int = 20
-    input_size: int = 224
+    #: Side of the square training inputs (rounded down to the encoder's stride): larger
+    #: patches are randomly cropped, smaller ones resized up. None: the patches' most common
+    #: side, so typical patches keep the magnification that inference sees.
+    input_size: int | None = 224
     augment: str = "flip_blur"  # "flip_blur" | "onss" (rescale, crop, flip, photometric)
     normalise: str = "divide255"
     #: MLPS classification gate: classes with classifier probability <= this are suppressed.
@@ -102,6 +113,9 @@ class HisynSegConfig:
     images_per_type: int = 3600
     discriminator_images: int = 10000
     discriminator_epochs: int = 5
+    #: timm model of the real-vs-synthetic filter (random init): ResNet-18 as released.
+    discriminator_arch: str = "resnet18"
+    discriminator_batch_size: int = 256
     accept_threshold: float = 0.5
     bezier_points: int = 5
     bezier_rad: float = 0.2

@@ -1,0 +1,86 @@
+"""Batched Grad-CAM (all classes and layers of a batch) vs the released per-image loop.
+
+The released generators run one forward and one backward per image, class and layer (MLPS: 3
+layers x C classes per patch). The batched path runs one forward per batch and one backward
+per class for all layers. Both produce the same maps (tests/test_cams.py); this prints their
+throughput on the same model and patches, and the ratio.
+
+    python benchmarks/bench_pseudo_masks.py [--data DIR] [--device cpu] [--patches 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from napari_histo_wsss.core.cams import class_activation_maps, gradcam
+from napari_histo_wsss.core.classifier import build_classifier
+from napari_histo_wsss.core.config import ClassifierConfig
+from napari_histo_wsss.core.data import find_dataset
+from napari_histo_wsss.core.devices import resolve_device
+
+SAMPLE = Path(__file__).resolve().parents[1] / "src" / "napari_histo_wsss" / "sample_data" / \
+    "wsss4luad"
+LAYERS = ("-1", "-2", "-3")
+
+
+def released_loop(model, images: torch.Tensor) -> None:
+    """One forward + backward per image, class and layer, as the released 2_generate_PM.py."""
+    for image in images:
+        for c in range(model.num_classes):
+            for layer in LAYERS:
+                logits, activations = model.cam_forward(image[None], [layer])
+                activation = next(iter(activations.values()))
+                (gradient,) = torch.autograd.grad(logits[0, c], activation)
+                gradcam(activation.detach(), gradient)
+
+
+def batched(model, images: torch.Tensor, batch_size: int) -> None:
+    for start in range(0, len(images), batch_size):
+        class_activation_maps(model, images[start:start + batch_size], LAYERS, "gradcam")
+
+
+def timed(function, *args) -> float:
+    started = time.perf_counter()
+    function(*args)
+    if args[1].device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=SAMPLE)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--patches", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args()
+
+    device = resolve_device(args.device)
+    patches = find_dataset(args.data).patches()
+    size = patches.image(len(patches) - 1).shape
+    same_size = [i for i in range(len(patches)) if patches.image(i).shape == size]
+    chosen = same_size[: args.patches]
+    model = build_classifier(ClassifierConfig(), patches.spec.num_classes, patches.spec)
+    model = model.to(device).eval()
+    images = model.normalise(torch.stack([
+        torch.tensor(patches.image(i)).permute(2, 0, 1) for i in chosen]).to(device))
+
+    timed(batched, model, images[:2], 2)  # warm-up
+    batched_seconds = timed(batched, model, images, args.batch_size)
+    loop_seconds = timed(released_loop, model, images)
+    count = len(images)
+    print(f"{count} patches {size[1]}x{size[0]}, {patches.spec.num_classes} classes, layers "
+          f"{', '.join(model.backbone.resolve_layer(n) for n in LAYERS)}, device {device}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"released loop (image x class x layer): {count / loop_seconds:8.2f} patches/s")
+    print(f"batched (batch {args.batch_size}, one backward per class): "
+          f"{count / batched_seconds:8.2f} patches/s")
+    print(f"speed-up: {loop_seconds / batched_seconds:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

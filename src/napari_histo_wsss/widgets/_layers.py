@@ -1,0 +1,120 @@
+"""Putting results into the viewer: class-coloured labels, CAM overlays, reusable layers.
+
+All labels layers the widgets show use one convention, the one of the slide outputs: value
+``class index + 1`` for tissue and 0 (transparent) for background, so patch pseudo-masks,
+ground truth and slide segmentations overlay an image the same way and hovering shows the
+class name. Call these from the main thread only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+#: Larger image layers are refused by whole-image jobs.
+MAX_IMAGE_SIDE = 4096
+
+
+def display_labels(mask: np.ndarray, num_classes: int) -> np.ndarray:
+    """Dataset mask (classes 0..C-1, background C, 255 unlabelled) -> displayed labels."""
+    mask = np.asarray(mask)
+    return np.where(mask < num_classes, mask.astype(np.int64) + 1, 0).astype(np.uint8)
+
+
+def labels_colormap(spec):
+    """The dataset's class colours for displayed labels; background is transparent."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    colours: dict[Any, tuple[float, ...]] = {0: (0.0, 0.0, 0.0, 0.0), None: (0.0, 0.0, 0.0, 0.0)}
+    for index, colour in enumerate(spec.colours[: spec.num_classes]):
+        colours[index + 1] = (*(channel / 255.0 for channel in colour), 1.0)
+    return DirectLabelColormap(color_dict=colours)
+
+
+def class_features(spec) -> dict[str, list[str]]:
+    """One row per displayed label value, so the status bar names the class under the mouse."""
+    return {"class": ["background", *spec.class_names]}
+
+
+def bright_colour(colour: tuple[int, int, int]) -> tuple[float, float, float]:
+    """A class colour scaled to full brightness (dark palette colours vanish when added)."""
+    peak = max(max(colour), 1)
+    return tuple(channel / peak for channel in colour)
+
+
+def cam_colormap(class_name: str, colour: tuple[int, int, int]):
+    """The class colour, from transparent (no activation) to opaque (the class's peak).
+
+    Low activation leaves the tissue visible under every blending mode. Additive blending,
+    which sums the classes' colours, saturates to white over bright H&E, so the CAM layers
+    are translucent by default; switch them to additive over a dark background at will.
+    """
+    from napari.utils.colormaps import Colormap
+
+    rgb = bright_colour(colour)
+    return Colormap([[*rgb, 0.0], [*rgb, 1.0]], name=f"histo-wsss {class_name}")
+
+
+def put_layer(viewer, kind: str, name: str, data, **properties):
+    """Update the layer called ``name`` in place, or add it (``kind``: "image" or "labels").
+
+    Updating keeps the user's opacity, visibility and position in the layer list between
+    patches; a layer of another kind or shape family with that name is replaced.
+    """
+    layer = layer_named(viewer, name)
+    if layer is not None and _can_update(layer, kind, data, properties):
+        layer.data = data
+        for key in ("colormap", "features", "scale", "translate", "contrast_limits", "metadata"):
+            if key in properties:
+                setattr(layer, key, properties[key])
+        return layer
+    if layer is not None:
+        viewer.layers.remove(layer)
+    add = viewer.add_labels if kind == "labels" else viewer.add_image
+    return add(data, name=name, **properties)
+
+
+def _can_update(layer, kind: str, data, properties: dict) -> bool:
+    from napari.layers import Image, Labels
+
+    expected = Labels if kind == "labels" else Image
+    if not isinstance(layer, expected) or layer.multiscale != bool(properties.get("multiscale")):
+        return False
+    if kind == "image":
+        return bool(getattr(layer, "rgb", False)) == bool(properties.get("rgb", False))
+    return True
+
+
+def layer_named(viewer, name: str):
+    """The viewer's layer called ``name``, or None (napari's LayerList has no ``get``)."""
+    return next((layer for layer in viewer.layers if layer.name == name), None)
+
+
+def remove_layers(viewer, names) -> None:
+    for name in list(names):
+        if name in viewer.layers:
+            viewer.layers.remove(name)
+
+
+def rgb_pixels(layer) -> np.ndarray:
+    """The (H, W, 3) uint8 pixels of a 2D RGB image layer, or ConfigError.
+
+    Whole-image jobs (class maps, predictions) hold the image in memory, so slides and very
+    large images are refused with a pointer to the widgets made for them.
+    """
+    from ..core.errors import ConfigError
+
+    if layer.multiscale:
+        raise ConfigError(f"'{layer.name}' is a multiscale slide: compare on its 'slide view', "
+                          "or use the Segment slide widget")
+    data = np.asarray(layer.data)
+    if data.ndim != 3 or data.shape[-1] not in (3, 4):
+        raise ConfigError(f"'{layer.name}' is not a 2D RGB image (shape {data.shape})")
+    if max(data.shape[:2]) > MAX_IMAGE_SIDE:
+        raise ConfigError(f"'{layer.name}' is {data.shape[1]}x{data.shape[0]}: crop it below "
+                          f"{MAX_IMAGE_SIDE} px a side first")
+    if data.dtype != np.uint8:
+        span = max(float(data.max() - data.min()), 1e-12)
+        data = ((data - data.min()) / span * 255).round().astype(np.uint8)
+    return np.ascontiguousarray(data[..., :3])

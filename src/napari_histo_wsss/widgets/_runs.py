@@ -1,0 +1,68 @@
+"""Reading run folders and datasets for the widgets (what is there, what is missing)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def describe_dataset(folder) -> str:
+    """One line about a dataset folder: its classes and sizes; raises HistoWsssError."""
+    from ..core.data import find_dataset
+
+    layout = find_dataset(folder)
+    parts = [f"{layout.spec.name}: {', '.join(layout.spec.class_names)}",
+             f"{len(layout.patches())} training patches"]
+    for split in ("val", "test"):
+        evaluation = layout.eval_set(split)
+        if evaluation is not None:
+            parts.append(f"{len(evaluation)} {split} images with masks")
+    return " · ".join(parts)
+
+
+def describe_run(folder) -> str:
+    """One line about a run folder: method and the state of each stage."""
+    from ..core.run_dir import RunDirectory
+
+    if folder is None or not str(folder) or str(folder) == ".":
+        return "choose a run folder"
+    run = RunDirectory(folder)
+    if not run.exists():
+        return "new run: created when the job starts"
+    config = run.config()
+    parts = [f"method {config.method}"]
+    if config.method != "hisynseg":
+        if run.is_complete("classifier"):
+            parts.append("classifier trained")
+        elif run.classifier_checkpoint.is_file() or (run.classifier_dir / "last.pt").is_file():
+            parts.append("classifier stopped early (resumes)")
+        else:
+            parts.append("classifier not trained")
+        parts.append("pseudo-masks done" if run.is_complete("pseudo_masks")
+                     else "no pseudo-masks yet")
+    strategies = run.segmenter_strategies()
+    parts.append(f"segmenters: {', '.join(strategies)}" if strategies else "no segmenter yet")
+    return " · ".join(parts)
+
+
+def open_run(folder, dataset: Path | None = None):
+    """(run, config, layout) of an existing run; its dataset is found where the run says
+    unless ``dataset`` points elsewhere (a moved dataset). Raises HistoWsssError."""
+    from ..core.classes import DatasetSpec
+    from ..core.data import find_dataset
+    from ..core.errors import ConfigError
+    from ..core.run_dir import RunDirectory
+
+    if folder is None or not str(folder) or str(folder) == ".":
+        raise ConfigError("choose a run folder first")
+    run = RunDirectory(folder)
+    config = run.config()
+    spec = DatasetSpec.from_dict(config.dataset)
+    data_dir = dataset if dataset and str(dataset) not in ("", ".") else config.data_dir
+    return run, config, find_dataset(data_dir, spec)
+
+
+def given_path(value) -> Path | None:
+    """A FileEdit value, or None when the field is empty."""
+    if value is None or str(value) in ("", "."):
+        return None
+    return Path(value)

@@ -1,0 +1,454 @@
+"""Compare widget: the trained strategies of a run, side by side on one image.
+
+The image is a validation image (with per-class IoU against its mask), a training patch (with
+each strategy's per-pixel trust map over the patch's pseudo-mask: what the noise-suppression
+loss believed while training), an image layer, or the part of a slide layer in view. Every
+strategy's prediction becomes a labels layer in the dataset's colours; the prediction layers
+are linked (opacity and contour change together) and can be laid out in napari's grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from magicgui.widgets import CheckBox, ComboBox, FileEdit, Select, Slider, create_widget
+from qtpy.QtWidgets import QTableWidget, QTableWidgetItem
+
+from ._base import JobWidget, device_field, info_label, set_info
+from ._jobs import JobState
+from ._layers import (
+    class_features,
+    display_labels,
+    labels_colormap,
+    put_layer,
+    remove_layers,
+    rgb_pixels,
+)
+from ._runs import describe_run, given_path, open_run
+from ._tooltips import TOOLTIPS
+
+if TYPE_CHECKING:
+    import napari
+
+STAGE = "compare"
+SOURCES = ("validation image", "training patch", "image layer", "slide view")
+IMAGE_LAYER = "image (compare)"
+TRUTH_LAYER = "ground truth (compare)"
+PSEUDO_MASK_LAYER = "pseudo-mask (compare)"
+#: The longest side read from a slide view; coarser pyramid levels are used beyond it.
+MAX_VIEW_SIDE = 2048
+
+
+@dataclass
+class ComparedImage:
+    """The image being compared and what is known about it (worker -> main thread)."""
+
+    title: str
+    spec: Any
+    image: np.ndarray
+    truth: np.ndarray | None = None
+    pseudo_mask: np.ndarray | None = None
+    transform: dict[str, Any] = field(default_factory=dict)  # where it sits in the viewer
+    show_image: bool = True  # False: the image is the user's own layer
+
+
+@dataclass
+class StrategyResult:
+    strategy: str
+    labels: np.ndarray
+    trust: np.ndarray | None = None
+    per_class_iou: dict[str, float] | None = None
+    miou: float | None = None
+
+
+def prediction_layer_name(strategy: str) -> str:
+    return f"prediction: {strategy}"
+
+
+def trust_layer_name(strategy: str) -> str:
+    return f"trust: {strategy}"
+
+
+class PredictorCache:
+    """Predictors of a run's strategies, loaded once per checkpoint version (worker side)."""
+
+    def __init__(self) -> None:
+        self._predictors: dict[tuple, Any] = {}
+
+    def get(self, run_root: Path, strategy: str, device):
+        from ..core.predict import load_predictor
+        from ..core.run_dir import RunDirectory
+
+        checkpoint = RunDirectory(run_root).segmenter_checkpoint(strategy)
+        key = (strategy, str(device), checkpoint.stat().st_mtime_ns if checkpoint.is_file()
+               else None)
+        if key not in self._predictors:
+            self._predictors = {k: v for k, v in self._predictors.items() if k[0] != strategy}
+            self._predictors[key] = load_predictor(run_root, device, strategy=strategy)
+        return self._predictors[key]
+
+
+def strategy_trust_map(run, strategy: str, image: np.ndarray, patch_name: str,
+                       patch_label: np.ndarray, device) -> np.ndarray | None:
+    """The per-pixel weight the strategy's loss gives this patch's pseudo-mask, with the trained
+    segmenter's predictions (None for losses that weigh every pixel alike).
+
+    The loss runs as at the end of training: its own pseudo-mask targets, the last epoch of
+    its schedule, and dropout on where the strategy compares perturbed passes (ARML).
+    """
+    import torch
+
+    from ..core.classes import DatasetSpec
+    from ..core.config import RunConfig
+    from ..core.data import read_mask
+    from ..core.losses import LossContext, LossTargets, build_loss
+    from ..core.segmenter import load_segmenter, normalise
+
+    model, payload = load_segmenter(run.segmenter_checkpoint(strategy), device)
+    saved = payload["config"]
+    settings = RunConfig.from_dict(saved["run"]).segmenter
+    spec = DatasetSpec.from_dict(payload["dataset"])
+    loss = build_loss(settings)
+    mask_name = Path(patch_name).with_suffix(".png").name
+    paths = [run.pseudo_mask_dir(target) / mask_name for target in settings.targets]
+    if not all(path.is_file() for path in paths):
+        return None
+    multiple = model.input_multiple
+    height = image.shape[0] // multiple * multiple
+    width = image.shape[1] // multiple * multiple
+    if not height or not width:
+        return None
+    masks = [read_mask(path, spec)[:height, :width] for path in paths]
+    model.eval()
+    if loss.num_passes > 1:
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+                module.train()
+    batch = torch.from_numpy(np.ascontiguousarray(image[None, :height, :width])).to(device)
+    x = normalise(batch, saved["normalisation"]["mean"], saved["normalisation"]["std"])
+    targets = LossTargets([torch.from_numpy(m[None]).to(device, torch.int64) for m in masks],
+                          torch.from_numpy(patch_label[None]).to(device, torch.float32))
+    epochs = max(settings.epochs, 1)
+    with torch.no_grad():
+        passes = [model(x) for _ in range(loss.num_passes)]
+        result = loss(passes, targets, LossContext(spec.num_classes, epoch=epochs - 1,
+                                                   total_epochs=epochs))
+    if result.pixel_weight is None:
+        return None
+    trust = np.zeros(image.shape[:2], dtype=np.float32)
+    trust[:height, :width] = result.pixel_weight[0].float().cpu().numpy()
+    return trust
+
+
+class CompareWidget(JobWidget):
+    """Predictions of several strategies of one run on the same image, with IoU and trust."""
+
+    settings_key = "compare"
+    start_text = "Compare"
+
+    def __init__(self, viewer: napari.viewer.Viewer):
+        super().__init__(viewer, "Compare strategies", epochs=False, plot=False)
+        import napari.layers
+
+        self.run_folder = FileEdit(mode="d", label="run folder", tooltip=TOOLTIPS["run_folder"])
+        self.run_info = info_label()
+        self._context = None
+        self.strategies = Select(label="strategies", choices=self._trained_strategies,
+                                 tooltip=TOOLTIPS["compare_strategies"])
+        self.strategies.native.setMaximumHeight(110)
+        self.source = ComboBox(label="image", choices=SOURCES, value=SOURCES[0],
+                               tooltip=TOOLTIPS["compare_source"])
+        self.index = Slider(label="image #", min=0, max=0, tooltip=TOOLTIPS["index"])
+        self.image_layer = create_widget(annotation=napari.layers.Image, label="layer",
+                                         options={"tooltip": TOOLTIPS["image_layer"]})
+        self.grid = CheckBox(text="side by side (grid)", value=False, tooltip=TOOLTIPS["grid"])
+        self.device = device_field()
+        self.dataset = FileEdit(mode="d", label="dataset (if moved)", nullable=True,
+                                tooltip=TOOLTIPS["dataset"])
+        self.extend([self.run_folder, self.run_info, self.strategies, self.source, self.index,
+                     self.image_layer, self.grid, self.device])
+        self.advanced.extend([self.dataset])
+        self.iou_table = QTableWidget()
+        self.iou_table.setMinimumHeight(150)
+        self.iou_table.setVisible(False)
+        self.finish_layout(below=(self.iou_table,))
+        self.remember(run_folder=self.run_folder, source=self.source, grid=self.grid,
+                      device=self.device, dataset=self.dataset)
+        self._predictors = PredictorCache()
+        self._shown_layers: set[str] = set()
+        self._results: dict[str, StrategyResult] = {}
+        self._image: ComparedImage | None = None
+        self.run_folder.changed.connect(self._load_run)
+        self.dataset.changed.connect(self._load_run)
+        self.source.changed.connect(self._on_source_changed)
+        self.grid.changed.connect(self._apply_grid)
+        self.restore_settings()
+        self._load_run()
+
+    # -- run and source ------------------------------------------------------------------------
+    def _trained_strategies(self, *_: Any) -> list[str]:
+        """Choices of the strategy list (a callable, so napari's ``reset_choices`` keeps them)."""
+        return [] if self._context is None else self._context[0].segmenter_strategies()
+
+    def _load_run(self, *_: Any) -> None:
+        from ..core.errors import HistoWsssError
+
+        self._context = None
+        try:
+            set_info(self.run_info, describe_run(given_path(self.run_folder.value)))
+            if given_path(self.run_folder.value) is not None:
+                self._context = open_run(self.run_folder.value, given_path(self.dataset.value))
+        except HistoWsssError as error:
+            set_info(self.run_info, str(error), error=True)
+        self.strategies.reset_choices()
+        self.strategies.value = list(self.strategies.choices)
+        self._on_source_changed()
+
+    def _on_source_changed(self, *_: Any) -> None:
+        source = self.source.value
+        from_layer = source in ("image layer", "slide view")
+        self.image_layer.visible = from_layer
+        self.index.visible = not from_layer
+        count = 0
+        if self._context is not None and not from_layer:
+            layout = self._context[2]
+            if source == "training patch":
+                count = len(layout.patches().paths)
+            else:
+                evaluation = layout.eval_set("val")
+                count = 0 if evaluation is None else len(evaluation)
+        self.index.max = max(count - 1, 0)
+
+    # -- the job -------------------------------------------------------------------------------
+    def build_job(self):
+        from ..core.errors import ConfigError
+
+        if self._context is None:
+            raise ConfigError("choose a run folder with trained segmenters")
+        strategies = list(self.strategies.value)
+        if not strategies:
+            raise ConfigError("this run has no trained segmenter to compare yet")
+        run, _, layout = self._context
+        load = self._image_loader(layout)
+        predictors, device_name = self._predictors, self.device.value
+
+        def make_job(stop):
+            from ..core.devices import resolve_device
+            from ..core.events import Batch, Done, Preview, Started
+            from ..core.metrics import ConfusionMatrix
+            from ..core.predict import predict_image
+
+            device = resolve_device(device_name)
+            compared, patch = load()
+            yield Preview(STAGE, "image", compared)
+            yield Started(STAGE, total_epochs=1, batches_per_epoch=len(strategies))
+            spec = layout.spec
+            for number, strategy in enumerate(strategies):
+                if stop.requested:
+                    yield Done(STAGE, None, stopped=True)
+                    return
+                labels, _ = predict_image(predictors.get(run.root, strategy, device),
+                                          compared.image)
+                result = StrategyResult(strategy, labels)
+                if compared.truth is not None:
+                    matrix = ConfusionMatrix(spec.num_classes)
+                    matrix.update(labels, compared.truth)
+                    scores = matrix.scores(spec.class_names)
+                    result.miou = scores["miou"]
+                    result.per_class_iou = {name: values["iou"] for name, values in
+                                            scores["per_class"].items()}
+                if patch is not None:
+                    result.trust = strategy_trust_map(run, strategy, compared.image, *patch,
+                                                      device)
+                yield Preview(STAGE, strategy, result)
+                yield Batch(STAGE, epoch=0, index=number, total=len(strategies))
+            yield Done(STAGE, strategies)
+
+        return make_job, device_name
+
+    def _image_loader(self, layout):
+        """A worker-side function returning (ComparedImage, (patch name, label) or None)."""
+        from ..core.errors import ConfigError
+
+        spec, source, index = layout.spec, self.source.value, int(self.index.value)
+        if source == "validation image":
+            evaluation = layout.eval_set("val")
+            if evaluation is None or not len(evaluation):
+                raise ConfigError("the dataset has no validation images with masks", layout.root)
+            index = min(index, len(evaluation) - 1)
+
+            def load_val():
+                image, truth = evaluation.pair(index)
+                return ComparedImage(evaluation.image_paths[index].name, spec, image,
+                                     truth=truth), None
+
+            return load_val
+        if source == "training patch":
+            patches = layout.patches()
+            index = min(index, len(patches) - 1)
+            run = self._context[0]
+
+            def load_patch():
+                from ..core.data import read_mask
+
+                name = patches.paths[index].name
+                mask_path = run.pseudo_mask_dir("final") / Path(name).with_suffix(".png").name
+                pseudo = read_mask(mask_path, spec) if mask_path.is_file() else None
+                return (ComparedImage(name, spec, patches.image(index), pseudo_mask=pseudo),
+                        (name, patches.labels[index]))
+
+            return load_patch
+        layer = self.image_layer.value
+        if layer is None:
+            raise ConfigError("add an image layer (or open a slide) first")
+        if source == "image layer":
+            image = rgb_pixels(layer)
+            transform = {"scale": tuple(layer.scale[-2:]), "translate": tuple(layer.translate[-2:])}
+            return lambda: (ComparedImage(f"layer '{layer.name}'", spec, image,
+                                          transform=transform, show_image=False), None)
+        return self._slide_view_loader(layer, spec)
+
+    def _slide_view_loader(self, layer, spec):
+        """Read the part of a (multiscale) slide layer that is in view, at most MAX_VIEW_SIDE."""
+        from ..core.errors import ConfigError
+
+        if not getattr(layer, "rgb", False):
+            raise ConfigError(f"'{layer.name}' is not an RGB slide layer")
+        levels = list(layer.data) if layer.multiscale else [layer.data]
+        factors = np.asarray(layer.downsample_factors)[:, -2:] if layer.multiscale \
+            else np.ones((1, 2))
+        level = int(layer.data_level) if layer.multiscale else 0
+        corners = np.asarray(layer.corner_pixels)[:, -2:].astype(int)
+        if np.any(corners[1] - corners[0] <= 0):
+            corners = np.array([[0, 0], list(levels[level].shape[:2])])
+        # Go to coarser levels until the view fits.
+        while max(corners[1] - corners[0]) > MAX_VIEW_SIDE and level + 1 < len(levels):
+            ratio = factors[level + 1] / factors[level]
+            corners = np.stack([corners[0] // ratio, -(-corners[1] // ratio)]).astype(int)
+            level += 1
+        (y0, x0), (y1, x1) = corners
+        if max(y1 - y0, x1 - x0) > MAX_VIEW_SIDE:
+            raise ConfigError("zoom in: the view is larger than the coarsest level can show")
+        array = levels[level]
+        factor = factors[level]
+        scale = np.asarray(layer.scale[-2:]) * factor
+        translate = np.asarray(layer.translate[-2:]) + np.asarray(layer.scale[-2:]) * (
+            np.array([y0, x0]) * factor + (factor - 1) / 2)
+        transform = {"scale": tuple(scale), "translate": tuple(translate)}
+        title = f"view of '{layer.name}' (level {level}, {x1 - x0}x{y1 - y0} px)"
+
+        def load_view():
+            pixels = np.asarray(array[y0:y1, x0:x1])
+            if pixels.dtype != np.uint8:
+                pixels = np.clip(pixels, 0, 255).astype(np.uint8)
+            return ComparedImage(title, spec, np.ascontiguousarray(pixels[..., :3]),
+                                 transform=transform, show_image=False), None
+
+        return load_view
+
+    # -- results -> layers (main thread) -------------------------------------------------------
+    def on_job_starting(self) -> None:
+        self._results = {}
+        self._image = None
+        self.iou_table.setVisible(False)
+
+    def on_job_event(self, event: Any) -> None:
+        from ..core.events import Preview
+
+        if not isinstance(event, Preview):
+            return
+        if isinstance(event.data, ComparedImage):
+            self._show_image(event.data)
+        elif isinstance(event.data, StrategyResult):
+            self._show_result(event.data)
+
+    def _show_image(self, compared: ComparedImage) -> None:
+        self._image = compared
+        names = []
+        spec, transform = compared.spec, compared.transform
+        if compared.show_image:
+            reset = IMAGE_LAYER not in self.viewer.layers or \
+                self.viewer.layers[IMAGE_LAYER].data.shape != compared.image.shape
+            layer = put_layer(self.viewer, "image", IMAGE_LAYER, compared.image, rgb=True)
+            self.viewer.layers.move(self.viewer.layers.index(layer), 0)
+            names.append(IMAGE_LAYER)
+            if reset:
+                self.viewer.reset_view()
+        for name, mask in ((TRUTH_LAYER, compared.truth),
+                           (PSEUDO_MASK_LAYER, compared.pseudo_mask)):
+            if mask is not None:
+                put_layer(self.viewer, "labels", name, display_labels(mask, spec.num_classes),
+                          colormap=labels_colormap(spec), features=class_features(spec),
+                          opacity=0.5, **transform)
+                names.append(name)
+        self._forget_layers(keep=names)
+        set_info(self.run_info, f"comparing on {compared.title}")
+
+    def _show_result(self, result: StrategyResult) -> None:
+        from napari.experimental import link_layers, unlink_layers
+
+        compared = self._image
+        spec, transform = compared.spec, compared.transform
+        self._results[result.strategy] = result
+        name = prediction_layer_name(result.strategy)
+        put_layer(self.viewer, "labels", name, display_labels(result.labels, spec.num_classes),
+                  colormap=labels_colormap(spec), features=class_features(spec), opacity=0.6,
+                  **transform)
+        self._shown_layers.add(name)
+        if result.trust is not None:
+            trust = trust_layer_name(result.strategy)
+            high = float(max(np.percentile(result.trust, 99), 1e-6))
+            put_layer(self.viewer, "image", trust, result.trust, colormap="viridis",
+                      contrast_limits=(0.0, high), opacity=0.7, visible=False, **transform)
+            self._shown_layers.add(trust)
+        predictions = [self.viewer.layers[prediction_layer_name(s)] for s in self._results]
+        if len(predictions) > 1:
+            unlink_layers(predictions)
+            link_layers(predictions, ("opacity", "contour"))
+        self._update_table()
+
+    def _forget_layers(self, keep: list[str]) -> None:
+        """Remove what the previous comparison showed and this one does not."""
+        remove_layers(self.viewer, self._shown_layers - set(keep))
+        self._shown_layers = set(keep)
+
+    def _update_table(self) -> None:
+        scored = {name: r for name, r in self._results.items() if r.per_class_iou is not None}
+        if not scored:
+            self.iou_table.setVisible(False)
+            return
+        spec = self._image.spec
+        rows = [*spec.class_names, "mIoU"]
+        self.iou_table.clear()
+        self.iou_table.setRowCount(len(rows))
+        self.iou_table.setColumnCount(len(scored))
+        self.iou_table.setHorizontalHeaderLabels(list(scored))
+        self.iou_table.setVerticalHeaderLabels(rows)
+        for column, result in enumerate(scored.values()):
+            values = [result.per_class_iou.get(name) for name in spec.class_names]
+            for row, value in enumerate([*values, result.miou]):
+                text = "–" if value is None or np.isnan(value) else f"{100 * value:.1f}"
+                self.iou_table.setItem(row, column, QTableWidgetItem(text))
+        self.iou_table.resizeColumnsToContents()
+        self.iou_table.setVisible(True)
+
+    def iou_rows(self) -> dict[str, dict[str, str]]:
+        """The IoU table as text, by strategy then row (what the user reads)."""
+        table = {}
+        for column in range(self.iou_table.columnCount()):
+            strategy = self.iou_table.horizontalHeaderItem(column).text()
+            table[strategy] = {
+                self.iou_table.verticalHeaderItem(row).text(): self.iou_table.item(row, column)
+                .text() for row in range(self.iou_table.rowCount())
+            }
+        return table
+
+    def on_job_finished(self, state: JobState) -> None:
+        if state is JobState.DONE:
+            self._apply_grid()
+
+    def _apply_grid(self, *_: Any) -> None:
+        self.viewer.grid.enabled = bool(self.grid.value)

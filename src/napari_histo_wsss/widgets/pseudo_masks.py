@@ -1,0 +1,376 @@
+"""Pseudo-masks widget: a run's recipe on the whole dataset (a job), or on one image at a time.
+
+Browsing shows, for the chosen training patch, validation image or viewer image layer, each
+class's map as a colour layer (transparent where the class is not active), the voted
+pseudo-mask in the dataset's class colours, and the ground truth where the image has one. With
+"per-scale and per-layer maps" on, the maps and masks of every layer (multi-layer recipes) and
+every scale (MSV's voting) are added as hidden layers, to see what the vote was made of. The
+class maps are computed in a worker by the core recipe (``pseudo_masks_for_images``); only the
+layers are made here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from magicgui.widgets import CheckBox, ComboBox, FileEdit, PushButton, Slider, create_widget
+
+from ._base import JobWidget, device_field, info_label, set_info
+from ._jobs import JobState
+from ._layers import (
+    cam_colormap,
+    class_features,
+    display_labels,
+    labels_colormap,
+    layer_named,
+    put_layer,
+    remove_layers,
+    rgb_pixels,
+)
+from ._runs import describe_run, given_path, open_run
+from ._tooltips import TOOLTIPS
+
+if TYPE_CHECKING:
+    import napari
+
+STAGE = "pseudo-masks"
+SOURCES = ("training patches", "validation images", "viewer image")
+IMAGE_LAYER = "image (pseudo-masks)"
+MASK_LAYER = "pseudo-mask"
+TRUTH_LAYER = "ground truth"
+
+
+@dataclass
+class ClassMapView:
+    """What one browse step shows; computed in the worker, turned into layers on the main
+    thread."""
+
+    title: str
+    spec: Any
+    image: np.ndarray | None  # None: the image is the user's own layer
+    truth: np.ndarray | None
+    result: Any  # core PseudoMasks at the recipe's scales
+    main_map: str
+    extra: bool = False  # also the other layers' and scales' maps and masks
+    per_scale: dict[float, Any] = field(default_factory=dict)
+    transform: dict[str, Any] = field(default_factory=dict)  # scale/translate of the source
+
+
+class ClassifierCache:
+    """The run's classifier, loaded once per checkpoint version and device (worker side)."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._model = None
+
+    def get(self, checkpoint: Path, device):
+        from ..core.classifier import load_classifier
+        from ..core.errors import CheckpointError
+
+        if not checkpoint.is_file():
+            raise CheckpointError("no trained classifier yet: train one first", checkpoint)
+        key = (str(checkpoint), checkpoint.stat().st_mtime_ns, str(device))
+        if key != self._key:
+            self._model = None
+            self._model, _ = load_classifier(checkpoint, device)
+            self._key = key
+        return self._model
+
+
+def main_map_name(model, recipe) -> str:
+    """The map the recipe's own mask comes from: the fusion, else the deepest layer."""
+    from ..core.pseudo_masks import FUSED, layer_folder
+
+    if recipe.fuse_weights:
+        return FUSED
+    backbone = model.backbone
+    deepest = max(recipe.layers,
+                  key=lambda layer: backbone.layer_names.index(backbone.resolve_layer(layer)))
+    return layer_folder(deepest)
+
+
+class PseudoMaskWidget(JobWidget):
+    """Generate a run's pseudo-masks, and look at class maps and pseudo-masks image by image."""
+
+    settings_key = "pseudo_masks"
+    start_text = "Generate pseudo-masks for the dataset"
+
+    def __init__(self, viewer: napari.viewer.Viewer):
+        super().__init__(viewer, "Pseudo-masks", epochs=False, plot=False)
+        import napari.layers
+
+        self.run_folder = FileEdit(mode="d", label="run folder", tooltip=TOOLTIPS["run_folder"])
+        self.run_info = info_label()
+        self.device = device_field()
+        self.source = ComboBox(label="show", choices=SOURCES, value=SOURCES[0],
+                               tooltip=TOOLTIPS["source"])
+        self.index = Slider(label="image #", min=0, max=0, tooltip=TOOLTIPS["index"])
+        self.image_layer = create_widget(annotation=napari.layers.Image, label="image layer",
+                                         options={"tooltip": TOOLTIPS["image_layer"]})
+        self.show_button = PushButton(text="Show class maps")
+        self.view_info = info_label()
+        self.dataset = FileEdit(mode="d", label="dataset (if moved)", nullable=True,
+                                tooltip=TOOLTIPS["dataset"])
+        self.show_extra = CheckBox(text="per-scale and per-layer maps", value=False,
+                                   tooltip=TOOLTIPS["show_scales"])
+        self.extend([self.run_folder, self.run_info, self.device, self.source, self.index,
+                     self.image_layer, self.show_button, self.view_info])
+        self.advanced.extend([self.dataset, self.show_extra])
+        self.finish_layout()
+        self.remember(run_folder=self.run_folder, device=self.device, source=self.source,
+                      dataset=self.dataset, show_extra=self.show_extra)
+
+        self.preview_runner = self.add_runner("Class maps")
+        self.preview_runner.event.connect(self._on_preview_event)
+        self.preview_runner.state_changed.connect(self._on_preview_state)
+        self._classifier = ClassifierCache()
+        self._context = None  # (run, config, layout) of the chosen run folder
+        self._pending_preview = False
+        self._shown_layers: set[str] = set()
+
+        self.run_folder.changed.connect(self._load_run)
+        self.dataset.changed.connect(self._load_run)
+        self.source.changed.connect(self._on_source_changed)
+        self.index.changed.connect(self.show_class_maps)
+        self.show_button.changed.connect(lambda *_: self.show_class_maps(notify=True))
+        self.restore_settings()
+        self._load_run()
+
+    # -- run and source ----------------------------------------------------------------------
+    def _load_run(self, *_: Any) -> None:
+        from ..core.errors import HistoWsssError
+
+        self._context = None
+        try:
+            set_info(self.run_info, describe_run(given_path(self.run_folder.value)))
+            if given_path(self.run_folder.value) is not None:
+                self._context = open_run(self.run_folder.value, given_path(self.dataset.value))
+        except HistoWsssError as error:
+            set_info(self.run_info, str(error), error=True)
+        self._on_source_changed()
+
+    def _on_source_changed(self, *_: Any) -> None:
+        from_viewer = self.source.value == "viewer image"
+        self.image_layer.visible = from_viewer
+        self.index.visible = not from_viewer
+        count = self._source_length()
+        self.index.max = max(count - 1, 0)
+        if not from_viewer:
+            self.index.enabled = count > 0
+
+    def _source_length(self) -> int:
+        if self._context is None:
+            return 0
+        _, _, layout = self._context
+        if self.source.value == "training patches":
+            return len(layout.patches().paths)
+        evaluation = layout.eval_set("val")
+        return 0 if evaluation is None else len(evaluation)
+
+    # -- browsing ------------------------------------------------------------------------------
+    def show_class_maps(self, *_: Any, notify: bool = False) -> None:
+        """Compute and show the class maps of the current image (in a worker).
+
+        ``notify`` also raises a notification for a problem (an explicit button press);
+        browsing only writes it under the fields.
+        """
+        from napari.utils.notifications import show_error
+
+        from ..core.errors import HistoWsssError
+
+        if self.preview_runner.busy:
+            self._pending_preview = True  # the latest request runs when this one ends
+            return
+        try:
+            make_job = self._class_map_job()
+        except HistoWsssError as error:
+            set_info(self.view_info, str(error), error=True)
+            if notify:
+                show_error(str(error))
+            return
+        set_info(self.view_info, "computing class maps...")
+        self.preview_runner.start(make_job, self.device.value)
+
+    def _class_map_job(self):
+        """Read the fields now (main thread) and return the worker's job."""
+        from ..core.errors import ConfigError
+
+        if self._context is None:
+            raise ConfigError("choose a run folder with a trained classifier first")
+        run, config, layout = self._context
+        recipe = config.pseudo_masks
+        load = self._image_loader(layout)
+        classifier, device_name = self._classifier, self.device.value
+        extra_wanted = self.show_extra.value
+        per_scale_wanted = extra_wanted and len(recipe.scales) > 1
+
+        def make_job(stop):
+            from ..core.devices import resolve_device
+            from ..core.events import Preview
+            from ..core.pseudo_masks import pseudo_masks_for_images
+
+            device = resolve_device(device_name)
+            model = classifier.get(run.classifier_checkpoint, device)
+            title, image, labels, truth, transform = load()
+            used = recipe if labels is not None else dataclasses.replace(recipe,
+                                                                         gating="predicted")
+            label_rows = None if labels is None else labels[None]
+            result = pseudo_masks_for_images(model, [image], label_rows, used, layout.spec,
+                                             device)[0]
+            per_scale = {}
+            if per_scale_wanted:
+                for scale in used.scales:
+                    single = dataclasses.replace(used, scales=(scale,))
+                    per_scale[scale] = pseudo_masks_for_images(
+                        model, [image], label_rows, single, layout.spec, device)[0]
+            view = ClassMapView(
+                title=title, spec=layout.spec, image=None if transform else image,
+                truth=truth, result=result, main_map=main_map_name(model, used),
+                extra=extra_wanted, per_scale=per_scale, transform=transform or {},
+            )
+            yield Preview(STAGE, title, view)
+
+        return make_job
+
+    def _image_loader(self, layout):
+        """A function returning (title, image, patch label or None, truth or None, transform)."""
+        from ..core.errors import ConfigError
+
+        source, index = self.source.value, int(self.index.value)
+        if source == "viewer image":
+            layer = self.image_layer.value
+            if layer is None:
+                raise ConfigError("add an RGB image layer to the viewer first")
+            image = rgb_pixels(layer)
+            transform = {"scale": tuple(layer.scale[-2:]), "translate": tuple(layer.translate[-2:])}
+            return lambda: (f"layer '{layer.name}' (classes gated by prediction)", image, None,
+                            None, transform)
+        if source == "training patches":
+            patches = layout.patches()
+            if not len(patches):
+                raise ConfigError("the dataset has no training patches")
+            index = min(index, len(patches) - 1)
+
+            def load_patch():
+                label = patches.labels[index]
+                names = [n for n, on in zip(layout.spec.class_names, label, strict=True) if on]
+                title = f"{patches.paths[index].name} · label: {', '.join(names) or 'none'}"
+                return title, patches.image(index), label, None, None
+
+            return load_patch
+        evaluation = layout.eval_set("val")
+        if evaluation is None or not len(evaluation):
+            raise ConfigError("the dataset has no validation images with masks", layout.root)
+        index = min(index, len(evaluation) - 1)
+
+        def load_val():
+            image, truth = evaluation.pair(index)
+            present = np.isin(np.arange(layout.spec.num_classes), truth).astype(np.uint8)
+            title = f"{evaluation.image_paths[index].name} · classes in its mask gate the maps"
+            return title, image, present, truth, None
+
+        return load_val
+
+    def _on_preview_event(self, event: Any) -> None:
+        from ..core.events import Preview
+
+        if isinstance(event, Preview) and isinstance(event.data, ClassMapView):
+            self._show_view(event.data)
+
+    def _on_preview_state(self, state: JobState) -> None:
+        if state is JobState.FAILED:
+            set_info(self.view_info, f"failed: {self.preview_runner.error}", error=True)
+        if not state.busy and self._pending_preview:
+            self._pending_preview = False
+            self.show_class_maps()
+
+    def _show_view(self, view: ClassMapView) -> None:
+        """Turn one browse result into layers (main thread)."""
+        spec, result = view.spec, view.result
+        names: list[str] = []
+        reset_view = False
+        if view.image is not None:
+            previous = layer_named(self.viewer, IMAGE_LAYER)
+            reset_view = previous is None or previous.data.shape != view.image.shape
+            layer = put_layer(self.viewer, "image", IMAGE_LAYER, view.image, rgb=True)
+            if previous is None:
+                self.viewer.layers.move(self.viewer.layers.index(layer), 0)
+            names.append(IMAGE_LAYER)
+        transform = view.transform
+        for map_name, maps in result.maps.items():
+            main = map_name == view.main_map
+            if not main and not view.extra:
+                continue
+            suffix = "" if main else f" [{map_name}]"
+            names += self._put_class_maps(spec, maps, suffix, visible=main, **transform)
+        for scale, scaled in view.per_scale.items():
+            names += self._put_class_maps(spec, scaled.maps[view.main_map], f" @{scale:g}",
+                                          visible=False, **transform)
+            names.append(self._put_mask(f"{MASK_LAYER} @{scale:g}", scaled.masks["final"], spec,
+                                        visible=False, **transform))
+        if view.extra:
+            for mask_name, mask in result.masks.items():
+                if mask_name not in ("final", view.main_map):  # those two are the same mask
+                    names.append(self._put_mask(f"{MASK_LAYER} [{mask_name}]", mask, spec,
+                                                visible=False, **transform))
+        names.append(self._put_mask(MASK_LAYER, result.masks["final"], spec, **transform))
+        if view.truth is not None:
+            names.append(self._put_mask(TRUTH_LAYER, view.truth, spec, **transform))
+        remove_layers(self.viewer, self._shown_layers - set(names))
+        self._shown_layers = set(names)
+        if reset_view:
+            self.viewer.reset_view()
+        probabilities = ", ".join(f"{name} {p:.2f}" for name, p in
+                                  zip(spec.class_names, result.probabilities, strict=True))
+        set_info(self.view_info, f"{view.title} · classifier: {probabilities}")
+
+    def _put_class_maps(self, spec, maps: np.ndarray, suffix: str, visible: bool,
+                        **transform) -> list[str]:
+        names = []
+        for index, class_name in enumerate(spec.class_names):
+            name = f"CAM {class_name}{suffix}"
+            put_layer(self.viewer, "image", name, maps[index],
+                      colormap=cam_colormap(class_name, spec.colours[index]),
+                      blending="translucent", opacity=0.8, contrast_limits=(0.0, 1.0),
+                      visible=visible, **transform)
+            names.append(name)
+        return names
+
+    def _put_mask(self, name: str, mask: np.ndarray, spec, visible: bool = True,
+                  **transform) -> str:
+        put_layer(self.viewer, "labels", name, display_labels(mask, spec.num_classes),
+                  colormap=labels_colormap(spec), features=class_features(spec), opacity=0.5,
+                  visible=visible, **transform)
+        return name
+
+    # -- the generation job ----------------------------------------------------------------------
+    def build_job(self):
+        run, config, layout = open_run(self.run_folder.value, given_path(self.dataset.value))
+
+        def make_job(stop):
+            from ..core.devices import resolve_device
+            from ..core.events import Message
+            from ..core.metrics import format_scores
+            from ..core.pseudo_masks import generate_pseudo_masks, pseudo_mask_report
+
+            device = resolve_device(device_name)
+            patches = layout.patches()
+            yield Message(STAGE, f"decoding {len(patches)} patches")
+            patches.decode_all()
+            yield from generate_pseudo_masks(run, config, patches, device=device, stop=stop)
+            evaluation = layout.eval_set("val")
+            if evaluation is not None and run.is_complete("pseudo_masks"):
+                report = pseudo_mask_report(run, config, evaluation, device)
+                yield Message(STAGE, "done; quality on val: "
+                              + format_scores(report).splitlines()[0])
+
+        device_name = self.device.value
+        return make_job, device_name
+
+    def on_job_finished(self, state: JobState) -> None:
+        self._load_run()
+

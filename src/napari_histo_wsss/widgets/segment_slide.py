@@ -1,0 +1,391 @@
+"""Segment slide widget: a run's segmenter over a whole slide, tile by tile, into OME-Zarr.
+
+The job is the core's lazy tiled inference: it reads windows with a halo at the model's
+resolution, skips glass, blends tile borders and writes finished rows into the output zarr; a
+stopped run continues where it stopped when started again with the same settings.
+
+While it runs, the result is a multiscale labels layer over the slide that fills in: the full
+resolution level is read from the zarr (refreshed from the main thread as rows are written),
+and the coarse levels, which the core only builds at the end, are painted in memory from the
+rows the job reports, so the overview fills in too. At the end the layer shows the finished
+pyramid, the class probabilities are added as hidden layers, and the result can be exported
+as OME-Zarr or as GeoJSON for QuPath.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from magicgui.widgets import CheckBox, ComboBox, FileEdit, FloatSpinBox, SpinBox
+from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import QHBoxLayout, QPushButton, QWidget
+
+from ._base import JobWidget, device_field, info_label, set_info
+from ._jobs import JobState
+from ._runs import describe_run, given_path
+from ._tooltips import TOOLTIPS
+
+if TYPE_CHECKING:
+    import napari
+
+STAGE = "segment-slide"
+BEST = "best on validation"
+#: Coarse levels painted in memory while the job runs, up to this many pixels in all.
+LIVE_LEVELS_BUDGET = 64 * 2**20
+#: How often the growing result is redrawn.
+REFRESH_MS = 500
+
+
+class LiveSegmentation:
+    """The pyramid shown while a slide is segmented: zarr level 0, in-memory coarse levels.
+
+    Level k of the core's label pyramid samples level 0 at every 2**k-th pixel, so painting
+    each finished row with the same stride reproduces the final pyramid exactly.
+    """
+
+    def __init__(self, path: Path):
+        import zarr
+
+        from ..core.ome_zarr_labels import LABELS_PATH
+
+        group = zarr.open_group(str(path), mode="r")[LABELS_PATH]
+        datasets = group.attrs["multiscales"][0]["datasets"]
+        self.path = path
+        self.stored = [group[dataset["path"]] for dataset in datasets]
+        self.levels: list[Any] = [self.stored[0]]
+        budget = LIVE_LEVELS_BUDGET
+        in_memory = []
+        for array in reversed(self.stored[1:]):  # coarsest first, while the budget lasts
+            size = int(np.prod(array.shape))
+            in_memory.append(size <= budget)
+            budget -= size if size <= budget else 0
+        for array, painted in zip(self.stored[1:], reversed(in_memory), strict=True):
+            self.levels.append(np.zeros(array.shape, dtype=array.dtype) if painted else array)
+
+    def paint(self, y: int, x: int, labels: np.ndarray) -> None:
+        """Copy a finished block row (level-0 origin ``y, x``) into the in-memory levels."""
+        for level, array in enumerate(self.levels[1:], start=1):
+            if not isinstance(array, np.ndarray):
+                continue
+            step = 2**level
+            row0, col0 = (-y) % step, (-x) % step
+            sampled = labels[row0::step, col0::step]
+            top, left = (y + row0) // step, (x + col0) // step
+            height = min(sampled.shape[0], array.shape[0] - top)
+            width = min(sampled.shape[1], array.shape[1] - left)
+            if height > 0 and width > 0:
+                array[top:top + height, left:left + width] = sampled[:height, :width]
+
+
+def segmentation_geometry(slide_layer, level0_downsample: float) -> dict[str, tuple]:
+    """Scale, translate and units that put output pixels over the slide pixels they cover."""
+    scale = np.asarray(slide_layer.scale[-2:], dtype=float)
+    translate = np.asarray(slide_layer.translate[-2:], dtype=float)
+    return {"scale": tuple(scale * level0_downsample),
+            "translate": tuple(translate + scale * (level0_downsample - 1) / 2),
+            "units": tuple(slide_layer.units[-2:])}
+
+
+def slide_path_of(layer) -> Path | None:
+    """Where a slide layer was read from (our reader's metadata, else napari's source)."""
+    path = (layer.metadata or {}).get("path") or getattr(layer.source, "path", None)
+    return Path(path) if path else None
+
+
+class SegmentSlideWidget(JobWidget):
+    """Whole-slide segmentation with a run's segmenter, shown as it is written."""
+
+    settings_key = "segment_slide"
+    start_text = "Segment slide"
+
+    def __init__(self, viewer: napari.viewer.Viewer):
+        super().__init__(viewer, "Segment slide", epochs=False, plot=False)
+        self.slide_layer = ComboBox(label="slide layer", choices=self._slide_layers,
+                                    tooltip=TOOLTIPS["slide_layer"])
+        self.slide_file = FileEdit(mode="r", label="or slide file", nullable=True,
+                                   tooltip=TOOLTIPS["slide_file"])
+        self.run_folder = FileEdit(mode="d", label="run folder", tooltip=TOOLTIPS["run_folder"])
+        self.run_info = info_label()
+        self.strategy = ComboBox(label="segmenter", choices=self._strategy_choices,
+                                 tooltip=TOOLTIPS["strategy"])
+        self.output = FileEdit(mode="d", label="output (.zarr)", nullable=True,
+                               tooltip=TOOLTIPS["output"])
+        self.device = device_field()
+        self.target_mpp = FloatSpinBox(label="target mpp", min=0.0, max=100.0, step=0.05,
+                                       value=0.0, tooltip=TOOLTIPS["target_mpp"])
+        self.target_mpp.native.setSpecialValueText("model's")
+        self.level = SpinBox(label="level", min=-1, max=20, value=-1, tooltip=TOOLTIPS["level"])
+        self.level.native.setSpecialValueText("auto")
+        self.tile = SpinBox(label="tile", min=64, max=4096, step=64, value=512,
+                            tooltip=TOOLTIPS["tile"])
+        self.halo = SpinBox(label="halo", min=0, max=1024, step=8, value=64,
+                            tooltip=TOOLTIPS["halo"])
+        self.blend = ComboBox(label="blend", choices=("gaussian", "linear", "crop"),
+                              value="gaussian", tooltip=TOOLTIPS["blend"])
+        self.batch_size = SpinBox(label="batch size", min=1, max=256, value=8,
+                                  tooltip=TOOLTIPS["batch_size"])
+        self.tissue_mask = CheckBox(text="skip glass (tissue mask)", value=True,
+                                    tooltip=TOOLTIPS["tissue_mask"])
+        self.extend([self.slide_layer, self.slide_file, self.run_folder, self.run_info,
+                     self.strategy, self.output, self.device])
+        self.advanced.extend([self.target_mpp, self.level, self.tile, self.halo, self.blend,
+                              self.batch_size, self.tissue_mask])
+
+        self.export_zarr_button = QPushButton("Export OME-Zarr...")
+        self.export_zarr_button.setToolTip(TOOLTIPS["export_zarr"])
+        self.export_geojson_button = QPushButton("Export GeoJSON...")
+        self.export_geojson_button.setToolTip(TOOLTIPS["export_geojson"])
+        exports = QWidget()
+        row = QHBoxLayout(exports)
+        row.setContentsMargins(0, 0, 0, 0)
+        row.addWidget(self.export_zarr_button)
+        row.addWidget(self.export_geojson_button)
+        self.finish_layout(below=(exports,))
+        self.remember(slide_file=self.slide_file, run_folder=self.run_folder,
+                      strategy=self.strategy, device=self.device, target_mpp=self.target_mpp,
+                      level=self.level, tile=self.tile, halo=self.halo, blend=self.blend,
+                      batch_size=self.batch_size, tissue_mask=self.tissue_mask)
+        self._locked.append(self.output)
+
+        self.export_runner = self.add_runner("Export")
+        self.export_runner.event.connect(self.progress.show_event)
+        self.export_zarr_button.clicked.connect(self._ask_zarr_destination)
+        self.export_geojson_button.clicked.connect(self._ask_geojson_destination)
+        self._live: LiveSegmentation | None = None
+        self._live_layer = None
+        self._slide_layer_at_start = None
+        self._geometry: dict[str, tuple] = {}
+        self._dirty = False
+        self._result: Path | None = None
+        self._refresh_timer = QTimer()
+        self._refresh_timer.setInterval(REFRESH_MS)
+        self._refresh_timer.timeout.connect(self._refresh_live_layer)
+        self.run_folder.changed.connect(self._load_run)
+        self.restore_settings()
+        self._load_run()
+        self._set_result(None)
+
+    # -- fields --------------------------------------------------------------------------------
+    def _slide_layers(self, *_: Any) -> list[tuple[str, Any]]:
+        """RGB image layers, slides (multiscale) first: the choices of the slide combo."""
+        from napari.layers import Image
+
+        layers = [layer for layer in self.viewer.layers
+                  if isinstance(layer, Image) and getattr(layer, "rgb", False)]
+        layers.sort(key=lambda layer: not layer.multiscale)
+        return [(layer.name, layer) for layer in layers]
+
+    def _strategy_choices(self, *_: Any) -> list[str]:
+        from ..core.run_dir import RunDirectory
+
+        folder = given_path(self.run_folder.value) if hasattr(self, "run_folder") else None
+        trained = RunDirectory(folder).segmenter_strategies() if folder is not None else []
+        return [BEST, *trained]
+
+    def _load_run(self, *_: Any) -> None:
+        from ..core.errors import HistoWsssError
+
+        try:
+            set_info(self.run_info, describe_run(given_path(self.run_folder.value)))
+        except HistoWsssError as error:
+            set_info(self.run_info, str(error), error=True)
+        self.strategy.reset_choices()
+
+    def _slide_source(self) -> tuple[Path, Any]:
+        """(slide file, slide layer or None); the layer's own file wins over the file field."""
+        from ..core.errors import ConfigError
+
+        layer = self.slide_layer.value
+        path = slide_path_of(layer) if layer is not None else None
+        if path is None:
+            path = given_path(self.slide_file.value)
+            layer = None if path is None else layer
+        if path is None:
+            raise ConfigError("open a slide (File > Open, or the sample slide) or choose its "
+                              "file")
+        return path, layer
+
+    # -- the job -------------------------------------------------------------------------------
+    def build_job(self):
+        from ..core.errors import ConfigError
+        from ..core.run_dir import RunDirectory
+
+        slide_path, layer = self._slide_source()
+        run_folder = given_path(self.run_folder.value)
+        if run_folder is None or not RunDirectory(run_folder).segmenter_strategies():
+            raise ConfigError("choose a run folder with a trained segmenter")
+        strategy = None if self.strategy.value == BEST else self.strategy.value
+        out = given_path(self.output.value) or (
+            run_folder / "slides" / f"{slide_path.stem}-{strategy or 'best'}.zarr")
+        self.output.value = out
+        options = {
+            "target_mpp": self.target_mpp.value or None,
+            "level": None if self.level.value < 0 else self.level.value,
+            "tile": self.tile.value, "halo": self.halo.value, "blend": self.blend.value,
+            "batch_size": self.batch_size.value, "tissue_mask": self.tissue_mask.value,
+        }
+        device_name = self.device.value
+        self._slide_layer_at_start = layer
+
+        def make_job(stop):
+            from ..core.devices import resolve_device
+            from ..core.predict import load_predictor
+            from ..core.slide_inference import segment_slide
+
+            predictor = load_predictor(run_folder, resolve_device(device_name),
+                                       strategy=strategy)
+            yield from segment_slide(predictor, slide_path, out, stop=stop, resume=True,
+                                     **options)
+
+        return make_job, device_name
+
+    def on_job_starting(self) -> None:
+        self._set_result(None)
+        self._live = None
+
+    def on_job_event(self, event: Any) -> None:
+        from ..core.events import Done, Preview, Started
+
+        if isinstance(event, Started) and event.stage == STAGE:
+            self._start_live_layer()
+        elif isinstance(event, Preview) and event.name == "labels" and self._live is not None:
+            data = event.data
+            self._live.paint(int(data["y"]), int(data["x"]), np.asarray(data["labels"]))
+            self._dirty = True
+        elif isinstance(event, Done) and event.stage == STAGE and not event.stopped:
+            self._show_result(Path(event.result))
+
+    def on_job_finished(self, state: JobState) -> None:
+        self._refresh_timer.stop()
+        self._refresh_live_layer()
+
+    def _start_live_layer(self) -> None:
+        """Show the output zarr as a multiscale labels layer that fills in."""
+        from ..core.ome_zarr_labels import open_segmentation
+
+        out = Path(self.output.value)
+        segmentation = open_segmentation(out)
+        self._live = LiveSegmentation(out)
+        self._geometry = self._geometry_for(segmentation)
+        self._live_layer = self._put_labels_layer(
+            f"{segmentation.attrs.get('slide', {}).get('name', out.stem)} (segmenting)",
+            self._live.levels, segmentation.spec)
+        self._refresh_timer.start()
+
+    def _geometry_for(self, segmentation) -> dict[str, tuple]:
+        layer = self._slide_layer_at_start
+        if layer is not None and layer in self.viewer.layers:
+            return segmentation_geometry(layer, segmentation.level0_downsample)
+        slide_pixel = segmentation.slide_mpp or 1.0
+        pixel = slide_pixel * segmentation.level0_downsample
+        offset = (pixel - slide_pixel) / 2
+        unit = "micrometer" if segmentation.slide_mpp else "pixel"
+        return {"scale": (pixel, pixel), "translate": (offset, offset), "units": (unit, unit)}
+
+    def _put_labels_layer(self, name: str, levels: list, spec):
+        from ._layers import class_features, labels_colormap
+
+        if self._live_layer is not None and self._live_layer in self.viewer.layers:
+            self.viewer.layers.remove(self._live_layer)
+        return self.viewer.add_labels(levels, name=name, multiscale=True, opacity=0.5,
+                                      colormap=labels_colormap(spec),
+                                      features=class_features(spec), **self._geometry)
+
+    def _refresh_live_layer(self) -> None:
+        if self._dirty and self._live_layer is not None and self._live_layer in self.viewer.layers:
+            self._dirty = False
+            self._live_layer.refresh()
+
+    def _show_result(self, out: Path) -> None:
+        """The finished pyramid replaces the live one; probabilities come as hidden layers
+        (the layers napari's reader makes for this zarr, put over the slide layer)."""
+        from napari.layers import Layer
+
+        from .._reader import segmentation_layer_data
+        from ..core.ome_zarr_labels import open_segmentation
+
+        self._refresh_timer.stop()
+        for data, kwargs, kind in segmentation_layer_data(open_segmentation(out)):
+            kwargs = {**kwargs, **self._geometry}
+            if kwargs["name"] in self.viewer.layers:
+                self.viewer.layers.remove(kwargs["name"])
+            layer = Layer.create(data, kwargs, kind)
+            if kind == "labels":
+                if self._live_layer is not None and self._live_layer in self.viewer.layers:
+                    self.viewer.layers.remove(self._live_layer)
+                self._live_layer = layer
+            self.viewer.add_layer(layer)
+        self._live = None
+        self._set_result(out)
+
+    @property
+    def live_layer(self):
+        """The labels layer of the current (or last) segmentation."""
+        return self._live_layer
+
+    # -- exports -------------------------------------------------------------------------------
+    def _set_result(self, out: Path | None) -> None:
+        self._result = out
+        for button in (self.export_zarr_button, self.export_geojson_button):
+            button.setEnabled(out is not None)
+
+    def _ask_zarr_destination(self) -> None:
+        from qtpy.QtWidgets import QFileDialog
+
+        folder = QFileDialog.getSaveFileName(self.native, "Export OME-Zarr",
+                                             str(self._result.with_name(
+                                                 self._result.stem + "-copy.zarr")),
+                                             "OME-Zarr (*.zarr)")[0]
+        if folder:
+            self.export_zarr(Path(folder))
+
+    def _ask_geojson_destination(self) -> None:
+        from qtpy.QtWidgets import QFileDialog
+
+        path = QFileDialog.getSaveFileName(self.native, "Export GeoJSON",
+                                           str(self._result.with_suffix(".geojson")),
+                                           "GeoJSON (*.geojson *.json)")[0]
+        if path:
+            self.export_geojson(Path(path))
+
+    def _finished_result(self) -> Path:
+        from ..core.errors import ConfigError
+
+        if self._result is None:
+            raise ConfigError("segment a slide to the end before exporting it")
+        return self._result
+
+    def export_zarr(self, destination: Path) -> None:
+        """Copy the finished OME-Zarr to ``destination`` (in a worker)."""
+        source = self._finished_result()
+
+        def make_job(stop):
+            import shutil
+
+            from ..core.errors import ConfigError
+            from ..core.events import Done
+
+            if destination.exists():
+                raise ConfigError("already exists; choose a new folder", destination)
+            shutil.copytree(source, destination)
+            yield Done("export", destination)
+
+        self.export_runner.start(make_job)
+        self.progress.set_status(f"exporting OME-Zarr to {destination}")
+
+    def export_geojson(self, destination: Path) -> None:
+        """Write the tissue regions as GeoJSON polygons for QuPath (in a worker)."""
+        source = self._finished_result()
+
+        def make_job(stop):
+            from ..core.events import Done
+            from ..core.geojson_export import segmentation_to_geojson
+
+            collection = segmentation_to_geojson(source, destination)
+            yield Done("export", {"path": destination,
+                                  "features": len(collection.get("features", []))})
+
+        self.export_runner.start(make_job)
+        self.progress.set_status(f"exporting GeoJSON to {destination}")

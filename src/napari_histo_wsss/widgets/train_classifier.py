@@ -1,0 +1,188 @@
+"""Train classifier widget: stage 1, the multi-label CAM classifier, as a stoppable job.
+
+Pick a dataset (its classes are detected and shown at once, problems are shown under the
+field), a method preset and a run folder, and press Train. Stop finishes the batch and saves
+the model; pressing Train again on the same run folder continues from that checkpoint. An
+existing run folder brings its own settings (shown, and locked): resuming with other settings
+would mix two schedules, so the core refuses it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from magicgui.widgets import ComboBox, FileEdit, FloatSpinBox, LineEdit, SpinBox
+
+from ._base import JobWidget, device_field, info_label, set_info
+from ._jobs import JobState
+from ._runs import describe_dataset, describe_run, given_path
+from ._tooltips import TOOLTIPS
+
+if TYPE_CHECKING:
+    import napari
+
+STAGE = "classifier"
+#: Methods with a CAM classifier (HisynSeg trains its segmenter from synthetic images).
+CAM_METHODS = ("mlps", "msv-onss", "arml", "esfan", "cam-ce")
+#: Shown in numeric fields left at 0: the preset decides.
+PRESET_TEXT = "preset"
+
+
+def preset_spin_box(label: str, tooltip: str, maximum: int, step: int = 1) -> SpinBox:
+    box = SpinBox(label=label, min=0, max=maximum, step=step, value=0, tooltip=tooltip)
+    box.native.setSpecialValueText(PRESET_TEXT)
+    return box
+
+
+class TrainClassifierWidget(JobWidget):
+    """Stage 1 of the pipeline in a dock widget: train (or resume) a run's CAM classifier."""
+
+    settings_key = "train_classifier"
+
+    def __init__(self, viewer: napari.viewer.Viewer):
+        super().__init__(viewer, "Train classifier")
+        from ..core.config import ClassifierConfig
+
+        self.dataset = FileEdit(mode="d", label="dataset", tooltip=TOOLTIPS["dataset"])
+        self.dataset_info = info_label()
+        self.method = ComboBox(label="method", choices=CAM_METHODS, value="mlps",
+                               tooltip=TOOLTIPS["method"])
+        self.backbone = LineEdit(label="backbone", value=ClassifierConfig().backbone,
+                                 tooltip=TOOLTIPS["backbone"])
+        self.weights = FileEdit(mode="r", label="weights file", nullable=True,
+                                filter="*.pt *.pth *.bin *.safetensors *.npz",
+                                tooltip=TOOLTIPS["weights"])
+        self.device = device_field()
+        self.epochs = preset_spin_box("epochs", TOOLTIPS["epochs"], 1000)
+        self.batch_size = preset_spin_box("batch size", TOOLTIPS["batch_size"], 512)
+        self.run_folder = FileEdit(mode="d", label="run folder", tooltip=TOOLTIPS["run_folder"])
+        self.run_info = info_label()
+        self.schedule = ComboBox(label="schedule", choices=("fast", "paper"), value="fast",
+                                 tooltip=TOOLTIPS["schedule"])
+        self.seed = SpinBox(label="seed", min=0, max=2**31 - 1, value=0, tooltip=TOOLTIPS["seed"])
+        self.lr = FloatSpinBox(label="learning rate", min=0.0, max=1.0, step=0.001, value=0.0,
+                               tooltip=TOOLTIPS["lr"])
+        self.lr.native.setDecimals(5)
+        self.lr.native.setSpecialValueText(PRESET_TEXT)
+        self.input_size = preset_spin_box("input size", TOOLTIPS["input_size"], 2048, step=32)
+
+        self.extend([self.dataset, self.dataset_info, self.method, self.backbone, self.weights,
+                     self.device, self.epochs, self.batch_size, self.run_folder, self.run_info])
+        self.advanced.extend([self.schedule, self.seed, self.lr, self.input_size])
+        self.finish_layout()
+        self.remember(dataset=self.dataset, method=self.method, backbone=self.backbone,
+                      weights=self.weights, device=self.device, epochs=self.epochs,
+                      batch_size=self.batch_size, run_folder=self.run_folder,
+                      schedule=self.schedule, seed=self.seed, lr=self.lr,
+                      input_size=self.input_size)
+        self._settings_fields = [self.method, self.backbone, self.weights, self.epochs,
+                                 self.batch_size, self.schedule, self.seed, self.lr,
+                                 self.input_size]
+        self.dataset.changed.connect(self._show_dataset)
+        self.run_folder.changed.connect(self._show_run)
+        self.restore_settings()
+        self._show_dataset()
+        self._show_run()
+
+    # -- inline feedback ---------------------------------------------------------------------
+    def _show_dataset(self, *_: Any) -> None:
+        from ..core.errors import HistoWsssError
+
+        folder = given_path(self.dataset.value)
+        if folder is None:
+            set_info(self.dataset_info, "choose a dataset folder")
+            return
+        try:
+            set_info(self.dataset_info, describe_dataset(folder))
+        except HistoWsssError as error:
+            set_info(self.dataset_info, str(error), error=True)
+
+    def _show_run(self, *_: Any) -> None:
+        """Describe the run folder; an existing run's settings replace (and lock) the fields."""
+        from ..core.errors import HistoWsssError
+        from ..core.run_dir import RunDirectory
+
+        folder = given_path(self.run_folder.value)
+        existing = None
+        try:
+            busy = " · training now" if self.runner.busy else ""
+            set_info(self.run_info, describe_run(folder) + busy)
+            if folder is not None and RunDirectory(folder).exists():
+                existing = RunDirectory(folder).config()
+        except HistoWsssError as error:
+            set_info(self.run_info, str(error), error=True)
+        if existing is not None and existing.method in CAM_METHODS:
+            settings = existing.classifier
+            self.method.value = existing.method
+            self.backbone.value = settings.backbone
+            self.weights.value = settings.weights if settings.weights not in (None, "none") \
+                else None
+            self.epochs.value = settings.epochs
+            self.batch_size.value = settings.batch_size
+            self.schedule.value = existing.schedule
+            self.seed.value = existing.seed
+            self.lr.value = settings.lr
+            self.input_size.value = settings.input_size or 0
+        self._lock_run_settings(existing is not None)
+
+    def _lock_run_settings(self, locked: bool) -> None:
+        for field in self._settings_fields:
+            field.enabled = not locked and not self.runner.busy
+
+    # -- the job -------------------------------------------------------------------------------
+    def build_job(self):
+        from ..core.errors import ConfigError
+
+        data_dir = given_path(self.dataset.value)
+        out = given_path(self.run_folder.value)
+        if data_dir is None:
+            raise ConfigError("choose a dataset folder")
+        if out is None:
+            raise ConfigError("choose a run folder (a new or an existing one)")
+        overrides = {"backbone": self.backbone.value.strip() or None,
+                     "weights": str(self.weights.value) if given_path(self.weights.value)
+                     else None,
+                     "epochs": self.epochs.value or None,
+                     "batch_size": self.batch_size.value or None,
+                     "lr": self.lr.value or None,
+                     "input_size": self.input_size.value or None}
+        overrides = {key: value for key, value in overrides.items() if value is not None}
+        method, schedule, seed = self.method.value, self.schedule.value, self.seed.value
+        device_name = self.device.value
+
+        def make_job(stop):
+            from ..core.devices import resolve_device
+            from ..core.events import Message
+            from ..core.pipeline import prepare_run
+            from ..core.train_classifier import train_classifier
+
+            run, config, layout = prepare_run(
+                data_dir, out, method, schedule=schedule, seed=seed, device=device_name,
+                classifier=overrides)
+            yield Message(STAGE, f"{layout.describe()}; run folder {run.root}")
+            yield from train_classifier(run, config, layout.patches(),
+                                        device=resolve_device(device_name), stop=stop,
+                                        resume=True)
+
+        return make_job, device_name
+
+    def on_job_starting(self) -> None:
+        """Put the epochs already trained (a resumed run) on the loss plot."""
+        from ..core.run_dir import LossLog, RunDirectory
+
+        folder = given_path(self.run_folder.value)
+        losses = RunDirectory(folder).classifier_dir / "losses.csv" if folder else None
+        if losses is None or not losses.is_file() or self.progress.loss_plot is None:
+            return
+        for row in LossLog(losses, []).rows():
+            self.progress.loss_plot.add_point(STAGE, "train", float(row["epoch"]),
+                                              float(row["train_loss"]))
+
+    def on_job_event(self, event: Any) -> None:
+        from ..core.events import Started
+
+        if isinstance(event, Started):  # the run folder exists now
+            self._show_run()
+
+    def on_job_finished(self, state: JobState) -> None:
+        self._show_run()
