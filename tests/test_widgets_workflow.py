@@ -41,7 +41,9 @@ def base_run(tmp_path_factory, sample_dataset_dir) -> Path:
     from napari_histo_wsss.core.pipeline import prepare_run
     from napari_histo_wsss.core.pseudo_masks import generate_pseudo_masks
     from napari_histo_wsss.core.train_classifier import train_classifier
+    from napari_histo_wsss.widgets._jobs import avoid_triton_llvm_clash
 
+    avoid_triton_llvm_clash()  # an earlier test's viewer may have loaded Mesa's LLVM
     out = tmp_path_factory.mktemp("runs") / "base"
     run, config, layout = prepare_run(sample_dataset_dir, out, METHOD, device="cpu",
                                       classifier=TINY_CLASSIFIER, segmenter=TINY_SEGMENTER)

@@ -65,7 +65,8 @@ def put_layer(viewer, kind: str, name: str, data, **properties):
     layer = layer_named(viewer, name)
     if layer is not None and _can_update(layer, kind, data, properties):
         layer.data = data
-        for key in ("colormap", "features", "scale", "translate", "contrast_limits", "metadata"):
+        for key in ("colormap", "features", "scale", "translate", "units", "contrast_limits",
+                    "metadata"):
             if key in properties:
                 setattr(layer, key, properties[key])
         return layer
@@ -84,6 +85,12 @@ def _can_update(layer, kind: str, data, properties: dict) -> bool:
     if kind == "image":
         return bool(getattr(layer, "rgb", False)) == bool(properties.get("rgb", False))
     return True
+
+
+def layer_transform(layer) -> dict[str, tuple]:
+    """Scale, translate and units that put results over ``layer``'s pixels."""
+    return {"scale": tuple(layer.scale[-2:]), "translate": tuple(layer.translate[-2:]),
+            "units": tuple(layer.units[-2:])}
 
 
 def layer_named(viewer, name: str):

@@ -23,6 +23,7 @@ from ._layers import (
     class_features,
     display_labels,
     labels_colormap,
+    layer_transform,
     put_layer,
     remove_layers,
     rgb_pixels,
@@ -306,7 +307,7 @@ class CompareWidget(JobWidget):
             raise ConfigError("add an image layer (or open a slide) first")
         if source == "image layer":
             image = rgb_pixels(layer)
-            transform = {"scale": tuple(layer.scale[-2:]), "translate": tuple(layer.translate[-2:])}
+            transform = layer_transform(layer)
             return lambda: (ComparedImage(f"layer '{layer.name}'", spec, image,
                                           transform=transform, show_image=False), None)
         return self._slide_view_loader(layer, spec)
@@ -337,7 +338,8 @@ class CompareWidget(JobWidget):
         scale = np.asarray(layer.scale[-2:]) * factor
         translate = np.asarray(layer.translate[-2:]) + np.asarray(layer.scale[-2:]) * (
             np.array([y0, x0]) * factor + (factor - 1) / 2)
-        transform = {"scale": tuple(scale), "translate": tuple(translate)}
+        transform = {"scale": tuple(scale), "translate": tuple(translate),
+                     "units": tuple(layer.units[-2:])}
         title = f"view of '{layer.name}' (level {level}, {x1 - x0}x{y1 - y0} px)"
 
         def load_view():

@@ -27,6 +27,7 @@ from ._layers import (
     display_labels,
     labels_colormap,
     layer_named,
+    layer_transform,
     put_layer,
     remove_layers,
     rgb_pixels,
@@ -246,7 +247,7 @@ class PseudoMaskWidget(JobWidget):
             if layer is None:
                 raise ConfigError("add an RGB image layer to the viewer first")
             image = rgb_pixels(layer)
-            transform = {"scale": tuple(layer.scale[-2:]), "translate": tuple(layer.translate[-2:])}
+            transform = layer_transform(layer)
             return lambda: (f"layer '{layer.name}' (classes gated by prediction)", image, None,
                             None, transform)
         if source == "training patches":
