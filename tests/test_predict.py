@@ -75,6 +75,19 @@ class FixedClassifier(torch.nn.Module):
         return SimpleNamespace(logits=self.logits.expand(x.shape[0], -1))
 
 
+class BrightnessClassifier(torch.nn.Module):
+    """A stage-1 stand-in: dark crops hold class 0 only, bright ones class 2 only."""
+
+    def normalise(self, images):
+        return images.float() / 255
+
+    def forward(self, x):
+        bright = (x.mean(dim=(1, 2, 3)) > 0.5).float()
+        probabilities = torch.stack([0.9 - 0.89 * bright, torch.full_like(bright, 0.05),
+                                     0.01 + 0.89 * bright], dim=1)
+        return SimpleNamespace(logits=torch.logit(probabilities))
+
+
 @pytest.fixture(scope="module")
 def val(sample_dataset_dir):
     return find_dataset(sample_dataset_dir).eval_set("val")
@@ -123,15 +136,25 @@ def test_large_images_are_tiled_like_the_whole_image_away_from_seams(val):
 def test_class_gate_removes_classes_the_classifier_rules_out():
     model, _ = small_segmenter()
     image = np.random.default_rng(2).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
-    gated = predictor_of(model, gate=ClassGate(FixedClassifier([0.9, 0.05, 0.5]), 0.1))
+    gated = predictor_of(model, gate=ClassGate(FixedClassifier([0.9, 0.05, 0.5]), 0.1, window=64))
     probabilities = gated.predict_batch(image)
     assert np.all(probabilities[:, 1] == 0)
     assert np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)
     assert gated.config["class_gate"] == 0.1
     # The most probable class always stays, even below the threshold.
-    alone = predictor_of(model, gate=ClassGate(FixedClassifier([0.01, 0.05, 0.02]), 0.1))
+    alone = predictor_of(model, gate=ClassGate(FixedClassifier([0.01, 0.05, 0.02]), 0.1, window=64))
     labels, _ = predict_image(alone, image[0])
     assert set(np.unique(labels)) == {1}
+
+
+@pytest.mark.parametrize("tta", ["none", "multiscale"])
+def test_class_gate_decides_per_training_size_window(tta):
+    model, _ = small_segmenter()
+    image = np.zeros((1, 128, 96, 3), np.uint8)
+    image[:, 64:] = 255  # bottom window bright
+    predictor = predictor_of(model, tta, gate=ClassGate(BrightnessClassifier(), 0.1, window=64))
+    labels = predictor.predict_batch(image)[0].argmax(axis=0)
+    assert np.all(labels[:64] == 0) and np.all(labels[64:] == 2)
 
 
 def test_evaluate_saves_masks_that_score_the_same_as_a_mask_folder(tmp_path, val):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -190,4 +192,10 @@ def test_in_memory_recipe_and_report(untrained_run):
     val.image_paths, val.mask_paths = val.image_paths[:2], val.mask_paths[:2]
     report = pseudo_mask_report(run, config, val, "cpu")
     assert set(report) >= {"miou", "fwiou", "dice", "per_class", "recipe"}
+    assert "label_gated" not in report
     assert (run.pseudo_mask_root / "report.json").is_file()
+    predicted = dataclasses.replace(config, pseudo_masks=dataclasses.replace(
+        config.pseudo_masks, gating="predicted", layers=("-1",)))
+    report = pseudo_mask_report(run, predicted, val, "cpu")
+    assert report["recipe"]["gating"] == "predicted"
+    assert set(report["label_gated"]) >= {"miou", "per_class"}

@@ -41,21 +41,37 @@ _TRANSFORMS = {
 
 
 class ClassGate:
-    """MLPS's classification gate: classes the stage-1 classifier gives p <= ``threshold`` on an
-    image are removed from its prediction (logit -inf, the clean form of the released x0).
+    """MLPS's classification gate: classes the stage-1 classifier gives p <= ``threshold`` are
+    removed from the prediction (logit -inf, the clean form of the released x0).
 
-    The classifier's most probable class always stays, so no pixel is left without a class.
+    MLPS gates whole test patches; here the classifier looks at windows of ``window`` pixels
+    (the training patch side) and each window gates its own pixels, so a large image or tile
+    is gated at the scale the classifier was trained on. The most probable class of a window
+    always stays, so no pixel is left without a class.
     """
 
-    def __init__(self, classifier: torch.nn.Module, threshold: float):
+    def __init__(self, classifier: torch.nn.Module, threshold: float, window: int):
         self.classifier = classifier
         self.threshold = threshold
+        self.window = window
 
     def present(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, C) bool: the classes kept for each uint8 (N, 3, H, W) image."""
-        probabilities = torch.sigmoid(self.classifier(self.classifier.normalise(images)).logits)
-        top = probabilities == probabilities.amax(dim=1, keepdim=True)
-        return (probabilities > self.threshold) | top
+        """(N, C, H, W) bool: the classes kept at each pixel of uint8 (N, 3, H, W) images."""
+        height, width = images.shape[-2:]
+        win_h, win_w = min(self.window, height), min(self.window, width)
+        # Window origins on a grid; the last row and column are moved inside the image.
+        tops = sorted({min(y, height - win_h) for y in range(0, height, win_h)})
+        lefts = sorted({min(x, width - win_w) for x in range(0, width, win_w)})
+        crops = torch.stack([images[:, :, y:y + win_h, x:x + win_w]
+                             for y in tops for x in lefts], dim=1).flatten(0, 1)
+        logits = self.classifier(self.classifier.normalise(crops)).logits
+        probabilities = torch.sigmoid(logits).view(images.shape[0], len(tops) * len(lefts), -1)
+        top = probabilities == probabilities.amax(dim=2, keepdim=True)
+        kept = (probabilities > self.threshold) | top
+        present = kept.new_zeros((images.shape[0], kept.shape[2], height, width))
+        for index, (y, x) in enumerate((y, x) for y in tops for x in lefts):
+            present[:, :, y:y + win_h, x:x + win_w] = kept[:, index, :, None, None]
+        return present
 
 
 class SegmentationPredictor:
@@ -90,12 +106,17 @@ class SegmentationPredictor:
         dtype = autocast_dtype(self.device)
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             if self.tta == "multiscale":
-                probabilities = self._multiscale(x, present)
+                probabilities = self._multiscale(x)
+                if present is not None:
+                    probabilities = _restricted(probabilities, present)
             else:
-                probabilities = torch.softmax(self._averaged_logits(x, present), dim=1)
+                logits = self._averaged_logits(x)
+                if present is not None:
+                    logits = logits.masked_fill(~present, float("-inf"))
+                probabilities = torch.softmax(logits, dim=1)
         return probabilities.float().cpu().numpy()
 
-    def _logits(self, x: torch.Tensor, present: torch.Tensor | None) -> torch.Tensor:
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """One forward pass on any size: padded to the encoder's stride, cropped back."""
         height, width = x.shape[-2:]
         multiple = self.model.input_multiple
@@ -105,35 +126,40 @@ class SegmentationPredictor:
             x = F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        logits = self.model(x).logits[..., :height, :width].float()
-        if present is not None:
-            logits = logits.masked_fill(~present[:, :, None, None], float("-inf"))
-        return logits
+        return self.model(x).logits[..., :height, :width].float()
 
-    def _averaged_logits(self, x: torch.Tensor, present: torch.Tensor | None) -> torch.Tensor:
+    def _averaged_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Mean logits over the TTA transforms, each undone on its output (ttach's merge)."""
         total = None
         transforms = _TRANSFORMS[self.tta]
         for turns, flip in transforms:
             view = torch.rot90(x, turns, dims=(2, 3))
             view = view.flip(-1) if flip else view
-            logits = self._logits(view, present)
+            logits = self._logits(view)
             logits = logits.flip(-1) if flip else logits
             logits = torch.rot90(logits, -turns, dims=(2, 3))
             total = logits if total is None else total + logits
         return total / len(transforms)
 
-    def _multiscale(self, x: torch.Tensor, present: torch.Tensor | None) -> torch.Tensor:
+    def _multiscale(self, x: torch.Tensor) -> torch.Tensor:
         """MSV's test: softmax at each scale, resized back and averaged."""
         size = x.shape[-2:]
         total = 0.0
         for ratio in MULTISCALE_RATIOS:
             scaled_size = [max(1, round(side * ratio)) for side in size]
             scaled = F.interpolate(x, size=scaled_size, mode="bilinear", align_corners=False)
-            probabilities = torch.softmax(self._logits(scaled, present), dim=1)
+            probabilities = torch.softmax(self._logits(scaled), dim=1)
             total = total + F.interpolate(probabilities, size=size, mode="bilinear",
                                           align_corners=False)
         return total / len(MULTISCALE_RATIOS)
+
+
+def _restricted(probabilities: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """Probabilities renormalised over the kept classes (uniform where all of them are 0)."""
+    kept = probabilities * present
+    total = kept.sum(dim=1, keepdim=True)
+    kept = torch.where(total > 0, kept, present.to(kept.dtype))
+    return kept / kept.sum(dim=1, keepdim=True)
 
 
 def predict_image(predictor: SegmentationPredictor, image: np.ndarray, *,
@@ -236,7 +262,7 @@ def load_predictor(source: str | Path, device: torch.device | str | None = "auto
         from .classifier import load_classifier
 
         classifier, _ = load_classifier(classifier_path, device)
-        gate = ClassGate(classifier, gate_threshold)
+        gate = ClassGate(classifier, gate_threshold, window=saved["input_size"])
     spec = DatasetSpec.from_dict(payload["dataset"])
     return SegmentationPredictor(
         model, spec, mean=saved["normalisation"]["mean"], std=saved["normalisation"]["std"],
