@@ -40,7 +40,7 @@ def run_method(data_dir: Path, out: Path, method: str, args) -> dict:
         "strategy": strategy,
         "pseudo_mask": pseudo,
         "final": summary["val"][strategy],
-        # Wall time of this invocation; a method reused from an earlier run reports its own.
+        # A method reused from an earlier run keeps that run's training wall time.
         "wall_seconds": summary.get("wall_seconds", round(time.perf_counter() - started, 1)),
         "epochs": {"classifier": config.classifier.epochs, "segmenter": config.segmenter.epochs},
     }

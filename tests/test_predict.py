@@ -24,6 +24,7 @@ from napari_histo_wsss.core.predict import (
     evaluate_mask_folder,
     load_predictor,
     predict_image,
+    select_class_gate,
 )
 from napari_histo_wsss.core.run_dir import RunDirectory
 from napari_histo_wsss.core.segmenter import (
@@ -229,6 +230,25 @@ def test_load_predictor_uses_the_runs_classifier_as_class_gate(tmp_path):
     assert load_predictor(run.root, "cpu", use_class_gate=False).gate is None
     probabilities = gated.predict_batch(np.full((1, 64, 64, 3), 200, np.uint8))
     assert probabilities.shape == (1, 3, 64, 64)
+
+
+def test_class_gate_is_kept_only_where_it_helps_on_val(tmp_path, val):
+    run = _trained_run(tmp_path / "run", {"multilayer_ce": 0.5}, class_gate=0.5)
+    classifier = build_classifier(ClassifierConfig(weights="none"), 3, WSSS4LUAD)
+    save_checkpoint(run.classifier_checkpoint, kind="classifier",
+                    state_dict=classifier.state_dict(), spec=WSSS4LUAD,
+                    config=RunConfig(dataset=WSSS4LUAD.to_dict(),
+                                     classifier=ClassifierConfig(weights="none")).to_dict())
+    scores = select_class_gate(run, "multilayer_ce", val, "cpu")
+    with_gate, without_gate = scores["miou_with_gate"], scores["miou_without_gate"]
+    assert with_gate != without_gate  # a random classifier at 0.5 erases classes
+    assert scores["miou"] == max(with_gate, without_gate)
+    assert scores["class_gate"] == (with_gate >= without_gate)
+    assert (load_predictor(run.root, "cpu").gate is not None) == scores["class_gate"]
+    assert load_predictor(run.root, "cpu", use_class_gate=True).gate is not None
+    choice = run.segmenter_dir("multilayer_ce") / "class_gate.json"
+    choice.write_text(json.dumps({"use": False}))
+    assert load_predictor(run.root, "cpu").gate is None
 
 
 def run_cli(argv: list[str]) -> int:

@@ -60,7 +60,9 @@ def add_stage2_parsers(subparsers) -> None:
     evaluate.add_argument("--tta", choices=TTA_CHOICES, help="test-time augmentation "
                                                             "(default: the method's)")
     evaluate.add_argument("--no-class-gate", action="store_true",
-                          help="do not gate classes with the stage-1 classifier (MLPS)")
+                          help="do not gate classes with the stage-1 classifier (MLPS); by "
+                               "default the gate is used where the pipeline found it helps "
+                               "on val")
     evaluate.add_argument("--save-masks", metavar="DIR",
                           help="also write the predicted palette masks into DIR")
     evaluate.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
@@ -119,7 +121,7 @@ def run_evaluate(args) -> int:
     source = Path(args.source).expanduser()
     if _is_model(source):
         predictor = load_predictor(source, args.device, args.strategy, tta=args.tta,
-                                   use_class_gate=not args.no_class_gate)
+                                   use_class_gate=False if args.no_class_gate else None)
         eval_set = load_eval_set(args.images_dir, args.masks_dir, predictor.spec)
         scores = evaluate(predictor, eval_set, save_masks=args.save_masks)
     else:

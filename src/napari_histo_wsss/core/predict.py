@@ -30,6 +30,8 @@ TTA_MODES = ("none", "flip", "d4", "multiscale")
 #: MSV's test scales (relative to the native patch size), softmax-averaged.
 MULTISCALE_RATIOS = (0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
 WHOLE_IMAGE_LIMIT = 1024
+#: Beside a segmenter checkpoint: whether its recipe's class gate helped on the val masks.
+GATE_CHOICE_FILE = "class_gate.json"
 TILE = 512
 TILE_OVERLAP = 64
 #: (quarter turns, horizontal flip) of each logit-averaged TTA mode.
@@ -242,12 +244,13 @@ def json_ready(value: Any) -> Any:
 
 def load_predictor(source: str | Path, device: torch.device | str | None = "auto",
                    strategy: str | None = None, *, tta: str | None = None,
-                   use_class_gate: bool = True) -> SegmentationPredictor:
+                   use_class_gate: bool | None = None) -> SegmentationPredictor:
     """A predictor from a run directory or a segmenter checkpoint file.
 
     In a run directory ``strategy`` picks the segmenter (``segmenter/<strategy>/``); without it,
     the one with the best validation mIoU, else the latest trained. ``tta`` None keeps the
-    recipe's TTA. The recipe's class gate is used when the run has its stage-1 classifier.
+    recipe's TTA. The recipe's class gate needs the run's stage-1 classifier; ``use_class_gate``
+    None follows the choice made on val (``select_class_gate``), else the recipe.
     """
     device = device if isinstance(device, torch.device) else resolve_device(device)
     checkpoint, run_root = _find_checkpoint(Path(source).expanduser(), strategy)
@@ -256,6 +259,9 @@ def load_predictor(source: str | Path, device: torch.device | str | None = "auto
     config = RunConfig.from_dict(saved["run"])
     gate = None
     gate_threshold = config.segmenter.class_gate
+    if use_class_gate is None:
+        choice_path = checkpoint.parent / GATE_CHOICE_FILE
+        use_class_gate = not choice_path.is_file() or json.loads(choice_path.read_text())["use"]
     classifier_path = run_root / "classifier" / "model.pt" if run_root else None
     if use_class_gate and gate_threshold is not None and classifier_path \
             and classifier_path.is_file():
@@ -272,6 +278,30 @@ def load_predictor(source: str | Path, device: torch.device | str | None = "auto
                 "arch": config.segmenter.arch, "encoder": config.segmenter.encoder,
                 "method": config.method},
     )
+
+
+def select_class_gate(run: RunDirectory, strategy: str, eval_set: EvalSet,
+                      device: torch.device | str = "auto") -> dict[str, Any]:
+    """Keep the recipe's class gate only where it does not lower mIoU on ``eval_set``.
+
+    The gate trusts the stage-1 classifier to recognise every class; one that misses a rare
+    class (WSSS4LUAD's normal: 17 training patches) makes the gate erase that class everywhere.
+    Like model selection, the choice is made on val; it is saved beside the checkpoint, where
+    ``load_predictor`` reads it. Returns the scores of the chosen predictor with ``class_gate``
+    (kept or not) and ``miou_with_gate`` / ``miou_without_gate`` when there was a choice.
+    """
+    predictor = load_predictor(run.root, device, strategy=strategy, use_class_gate=True)
+    scores = evaluate(predictor, eval_set)
+    if predictor.gate is None:
+        return scores
+    predictor.gate = None
+    plain = evaluate(predictor, eval_set)
+    keep = scores["miou"] >= plain["miou"]
+    choice = {"use": keep, "miou_with_gate": scores["miou"], "miou_without_gate": plain["miou"],
+              "images": len(eval_set)}
+    (run.segmenter_dir(strategy) / GATE_CHOICE_FILE).write_text(json.dumps(choice, indent=2))
+    return {**(scores if keep else plain), "class_gate": keep,
+            "miou_with_gate": scores["miou"], "miou_without_gate": plain["miou"]}
 
 
 def _find_checkpoint(source: Path, strategy: str | None) -> tuple[Path, Path | None]:

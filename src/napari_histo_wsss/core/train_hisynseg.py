@@ -21,7 +21,6 @@ lr as released; the run's ``segmenter`` settings (epochs per round, batch size) 
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Generator
 from pathlib import Path
@@ -60,7 +59,7 @@ from .losses import (
     consistency_loss,
     image_classification_loss,
 )
-from .predict import SegmentationPredictor, evaluate, json_ready
+from .predict import SegmentationPredictor, evaluate
 from .pseudo_masks import white_background
 from .run_dir import LossLog, RunDirectory
 from .segmenter import (
@@ -81,12 +80,13 @@ from .synthesis import (
     synthesize_pool,
 )
 from .train_segmenter import (
-    _optimizer,
-    _resume,
-    _set_lr,
+    build_optimizer,
     input_side,
     input_statistics,
     read_pseudo_masks,
+    resume_training,
+    set_lr,
+    write_metrics,
 )
 
 STRATEGY = "hisynseg"
@@ -184,9 +184,9 @@ class _HisynSegJob:
         synthetic = SyntheticPool(np.concatenate([p.images for p in pools.values()]),
                                   np.concatenate([p.masks for p in pools.values()]))
 
-        optimizer = _optimizer(model, self.settings)
+        optimizer = build_optimizer(model, self.settings)
         if self.last_path.is_file():
-            self.state = _resume(self.last_path, model, optimizer)
+            self.state = resume_training(self.last_path, model, optimizer)
         if self.state["round"] == 1:
             finished = yield from self.train_round(1, model, optimizer,
                                                    self.round_one_steps(synthetic))
@@ -200,7 +200,7 @@ class _HisynSegJob:
                     return
                 self.state.update(round=2, epoch=0, batch=0, loss_sum=0.0, parts_sum={})
                 model = self.fresh_model()
-                optimizer = _optimizer(model, self.settings)
+                optimizer = build_optimizer(model, self.settings)
         if self.state["round"] == 2:
             masks = read_pseudo_masks(self.run_dir, [PSEUDO_MASKS], self.patches)[0]
             finished = yield from self.train_round(2, model, optimizer,
@@ -371,7 +371,7 @@ class _HisynSegJob:
                         self.save(self.model_path, model, None)
                     yield CheckpointSaved(stage, self.last_path, epoch)
                     return False
-                lr = _set_lr(optimizer, self.settings, epoch * steps + index, epochs * steps)
+                lr = set_lr(optimizer, self.settings, epoch * steps + index, epochs * steps)
                 loss, parts = step(model, epoch, index, rng)
                 loss_value = float(loss.detach())
                 if not np.isfinite(loss_value):
@@ -492,22 +492,9 @@ class _HisynSegJob:
                         optimizer_state=optimizer.state_dict() if optimizer else None)
 
     def write_metrics(self, best_scores: dict | None) -> None:
-        """metrics.json: the history and the best validation scores (kept across epochs)."""
-        path = self.folder / "metrics.json"
-        previous = json.loads(path.read_text()) if path.is_file() else {}
         state = self.state
-        metrics = {
-            "strategy": STRATEGY, "loss": self.settings.loss, "arch": self.settings.arch,
-            "encoder": self.settings.encoder, "input_size": self.side,
-            "device": str(self.device), "rounds": state["round"], "epochs": state["epoch"],
-            "train_seconds": round(state["seconds"], 1), "best_round": state["best_round"],
-            "best_epoch": state["best_epoch"],
-            "best_val": best_scores if best_scores is not None else previous.get("best_val"),
-            "history": state["history"],
-        }
-        temporary = path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(json_ready(metrics), indent=2) + "\n")
-        temporary.replace(path)
+        write_metrics(self.folder, STRATEGY, self.settings, state, self.side, self.device,
+                      best_scores, rounds=state["round"], best_round=state["best_round"])
 
 
 def _epoch_orders(seed: int, round_number: int, epoch: int, length: int,

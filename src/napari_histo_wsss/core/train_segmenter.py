@@ -17,6 +17,7 @@ import time
 from collections import Counter
 from collections.abc import Generator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -93,11 +94,11 @@ def train_segmenter(
     model = build_segmenter(settings, spec.num_classes).to(device)
     side = input_side(settings.input_size, patches, model.input_multiple)
     mean, std = input_statistics(settings.normalise, patches)
-    optimizer = _optimizer(model, settings)
+    optimizer = build_optimizer(model, settings)
     state = {"epoch": 0, "batch": 0, "step": 0, "loss_sum": 0.0, "parts_sum": {},
              "best_miou": None, "best_epoch": None, "history": [], "seconds": 0.0}
     if last_path.is_file():
-        state = _resume(last_path, model, optimizer)
+        state = resume_training(last_path, model, optimizer)
     saved_config = checkpoint_config(config, strategy, side, settings.normalise, mean, std)
 
     def save(path: Path, with_optimizer: bool) -> None:
@@ -139,7 +140,7 @@ def train_segmenter(
                 return
             chosen = order[index * batch_size:(index + 1) * batch_size]
             images, masks = make_batch(patches, targets, chosen, side, settings.augment, rng)
-            lr = _set_lr(optimizer, settings, state["step"], total_steps)
+            lr = set_lr(optimizer, settings, state["step"], total_steps)
             x = normalise(torch.from_numpy(images).to(device), mean, std)
             batch_targets = LossTargets(
                 [torch.from_numpy(m).to(device, torch.int64) for m in masks],
@@ -183,7 +184,7 @@ def train_segmenter(
                    lr=f"{lr:.6g}", seconds=f"{state['seconds']:.1f}",
                    **{name: f"{value:.6f}" for name, value in parts.items()},
                    **{f"val_{k}": f"{v:.6f}" for k, v in metrics.items()})
-        _write_metrics(folder, strategy, settings, state, side, device,
+        write_metrics(folder, strategy, settings, state, side, device,
                        scores if improved else None)
         yield Epoch(stage, epoch, train_loss, lr=lr, metrics=metrics)
         yield CheckpointSaved(stage, last_path, epoch + 1)
@@ -363,7 +364,7 @@ def photometric_distortion(image: np.ndarray, rng: np.random.Generator) -> np.nd
 # Optimisation and state
 
 
-def _optimizer(model: Segmenter, settings: SegmenterConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: Segmenter, settings: SegmenterConfig) -> torch.optim.Optimizer:
     """Encoder at ``lr``, decoder and heads at ``lr * head_lr_mult`` (MLPS: 10x)."""
     encoder, heads = model.parameter_groups()
     groups = [{"params": encoder, "base_lr": settings.lr},
@@ -398,7 +399,7 @@ def _train_step(model: Segmenter, loss_fn: SegmentationLoss, optimizer: torch.op
     return result
 
 
-def _set_lr(optimizer: torch.optim.Optimizer, settings: SegmenterConfig, step: int,
+def set_lr(optimizer: torch.optim.Optimizer, settings: SegmenterConfig, step: int,
             total_steps: int) -> float:
     """Poly (power 0.9, per iteration, floored at ``min_lr``) or constant; the encoder's lr."""
     if settings.schedule == "poly":
@@ -413,7 +414,7 @@ def _set_lr(optimizer: torch.optim.Optimizer, settings: SegmenterConfig, step: i
     return optimizer.param_groups[0]["lr"]
 
 
-def _resume(path: Path, model: Segmenter, optimizer: torch.optim.Optimizer) -> dict:
+def resume_training(path: Path, model: Segmenter, optimizer: torch.optim.Optimizer) -> dict:
     payload = load_checkpoint(path, kind=SEGMENTER_KIND)
     try:
         model.load_state_dict(payload["state_dict"])
@@ -427,9 +428,11 @@ def _resume(path: Path, model: Segmenter, optimizer: torch.optim.Optimizer) -> d
     return dict(payload["training"])
 
 
-def _write_metrics(folder: Path, strategy: str, settings: SegmenterConfig, state: dict,
-                   side: int, device: torch.device, best_scores: dict | None) -> None:
-    """metrics.json: the history and the best validation scores (kept across epochs)."""
+def write_metrics(folder: Path, strategy: str, settings: SegmenterConfig, state: dict,
+                  side: int, device: torch.device, best_scores: dict | None,
+                  **extra: Any) -> None:
+    """metrics.json: the history and the best validation scores (kept across epochs);
+    ``extra`` adds a trainer's own figures (HisynSeg's rounds)."""
     path = folder / "metrics.json"
     previous = json.loads(path.read_text()) if path.is_file() else {}
     metrics = {
@@ -444,6 +447,7 @@ def _write_metrics(folder: Path, strategy: str, settings: SegmenterConfig, state
         "best_epoch": state["best_epoch"],
         "best_val": best_scores if best_scores is not None else previous.get("best_val"),
         "history": state["history"],
+        **extra,
     }
     temporary = path.with_suffix(".tmp")
     temporary.write_text(json.dumps(json_ready(metrics), indent=2) + "\n")

@@ -92,58 +92,6 @@ class PredictorCache:
         return self._predictors[key]
 
 
-def strategy_trust_map(run, strategy: str, image: np.ndarray, patch_name: str,
-                       patch_label: np.ndarray, device) -> np.ndarray | None:
-    """The per-pixel weight the strategy's loss gives this patch's pseudo-mask, with the trained
-    segmenter's predictions (None for losses that weigh every pixel alike).
-
-    The loss runs as at the end of training: its own pseudo-mask targets, the last epoch of
-    its schedule, and dropout on where the strategy compares perturbed passes (ARML).
-    """
-    import torch
-
-    from ..core.classes import DatasetSpec
-    from ..core.config import RunConfig
-    from ..core.data import read_mask
-    from ..core.losses import LossContext, LossTargets, build_loss
-    from ..core.segmenter import load_segmenter, normalise
-
-    model, payload = load_segmenter(run.segmenter_checkpoint(strategy), device)
-    saved = payload["config"]
-    settings = RunConfig.from_dict(saved["run"]).segmenter
-    spec = DatasetSpec.from_dict(payload["dataset"])
-    loss = build_loss(settings)
-    mask_name = Path(patch_name).with_suffix(".png").name
-    paths = [run.pseudo_mask_dir(target) / mask_name for target in settings.targets]
-    if not all(path.is_file() for path in paths):
-        return None
-    multiple = model.input_multiple
-    height = image.shape[0] // multiple * multiple
-    width = image.shape[1] // multiple * multiple
-    if not height or not width:
-        return None
-    masks = [read_mask(path, spec)[:height, :width] for path in paths]
-    model.eval()
-    if loss.num_passes > 1:
-        for module in model.modules():
-            if isinstance(module, torch.nn.modules.dropout._DropoutNd):
-                module.train()
-    batch = torch.from_numpy(np.ascontiguousarray(image[None, :height, :width])).to(device)
-    x = normalise(batch, saved["normalisation"]["mean"], saved["normalisation"]["std"])
-    targets = LossTargets([torch.from_numpy(m[None]).to(device, torch.int64) for m in masks],
-                          torch.from_numpy(patch_label[None]).to(device, torch.float32))
-    epochs = max(settings.epochs, 1)
-    with torch.no_grad():
-        passes = [model(x) for _ in range(loss.num_passes)]
-        result = loss(passes, targets, LossContext(spec.num_classes, epoch=epochs - 1,
-                                                   total_epochs=epochs))
-    if result.pixel_weight is None:
-        return None
-    trust = np.zeros(image.shape[:2], dtype=np.float32)
-    trust[:height, :width] = result.pixel_weight[0].float().cpu().numpy()
-    return trust
-
-
 class CompareWidget(JobWidget):
     """Predictions of several strategies of one run on the same image, with IoU and trust."""
 
@@ -241,6 +189,7 @@ class CompareWidget(JobWidget):
             from ..core.events import Batch, Done, Preview, Started
             from ..core.metrics import ConfusionMatrix
             from ..core.predict import predict_image
+            from ..core.trust_maps import strategy_trust_map
 
             device = resolve_device(device_name)
             compared, patch = load()
