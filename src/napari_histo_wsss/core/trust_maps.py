@@ -42,7 +42,7 @@ def strategy_trust_map(run: RunDirectory, strategy: str, image: np.ndarray, patc
     width = image.shape[1] // multiple * multiple
     if not height or not width:
         return None
-    masks = [read_mask(path, spec)[:height, :width] for path in paths]
+    masks = [read_mask(path, spec)[:height, :width].copy() for path in paths]
     model.eval()
     if loss.num_passes > 1:
         for module in model.modules():
