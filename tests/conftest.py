@@ -26,6 +26,34 @@ def sample_slide_path() -> Path:
     return SAMPLE_ROOT / "cmu-1-small-region-pyramid.tif"
 
 
+@pytest.fixture
+def write_segmentation():
+    """Writes a finished slide segmentation of given labels through the store API (no model)."""
+    import numpy as np
+
+    from napari_histo_wsss.core import ome_zarr_labels as store
+    from napari_histo_wsss.core.classes import WSSS4LUAD
+
+    def write(path, labels: np.ndarray, level0_downsample: float = 2.0):
+        height, width = labels.shape
+        root = store.create_segmentation(
+            path, shape=labels.shape, chunk=64, spec=WSSS4LUAD,
+            maps={"probabilities": ["tumor", "stroma", "normal"]}, blocks=(1, 1),
+            pixel_size=level0_downsample * 0.5, unit="micrometer",
+            attrs={"spec": WSSS4LUAD.to_dict(), "level0_downsample": level0_downsample,
+                   "slide": {"path": "slide.svs", "name": "slide", "mpp": 0.5,
+                             "shape": [round(height * level0_downsample),
+                                       round(width * level0_downsample)]}},
+        )
+        root[store.LABELS_PATH]["0"][:] = labels
+        root["probabilities/0"][:] = np.stack([(labels == v) * 255 for v in (1, 2, 3)])
+        store.build_pyramids(root)
+        store.mark_complete(root)
+        return path
+
+    return write
+
+
 def pytest_collection_modifyitems(config, items):
     """Skip ``gpu`` tests where CUDA is missing (CI never has a GPU)."""
     import torch

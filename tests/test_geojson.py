@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 
-from napari_histo_wsss.core import ome_zarr_labels as store
 from napari_histo_wsss.core.classes import WSSS4LUAD
 from napari_histo_wsss.core.geojson_export import (
     class_polygons,
@@ -65,26 +64,7 @@ def test_feature_collection_is_what_qupath_imports(donut):
     json.dumps(collection)  # serialisable as is
 
 
-def write_segmentation(path, labels: np.ndarray, level0_downsample: float = 2.0):
-    """A finished segmentation written through the store API (no model needed)."""
-    height, width = labels.shape
-    root = store.create_segmentation(
-        path, shape=labels.shape, chunk=64, spec=WSSS4LUAD,
-        maps={"probabilities": ["tumor", "stroma", "normal"]}, blocks=(1, 1),
-        pixel_size=level0_downsample * 0.5, unit="micrometer",
-        attrs={"spec": WSSS4LUAD.to_dict(), "level0_downsample": level0_downsample,
-               "slide": {"path": "slide.svs", "name": "slide", "mpp": 0.5,
-                         "shape": [round(height * level0_downsample),
-                                   round(width * level0_downsample)]}},
-    )
-    root[store.LABELS_PATH]["0"][:] = labels
-    root["probabilities/0"][:] = np.stack([(labels == v) * 255 for v in (1, 2, 3)])
-    store.build_pyramids(root)
-    store.mark_complete(root)
-    return path
-
-
-def test_segmentation_export_reads_a_level_that_fits(tmp_path):
+def test_segmentation_export_reads_a_level_that_fits(tmp_path, write_segmentation):
     labels = np.zeros((600, 800), np.uint8)
     labels[100:500, 100:700] = 1
     labels[200:300, 200:300] = 2

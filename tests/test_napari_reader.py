@@ -5,8 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from test_geojson import write_segmentation
-
 pytestmark = pytest.mark.gui
 PLUGIN = "napari-histo-wsss"
 
@@ -40,7 +38,7 @@ def test_corrupt_slide_adds_nothing_and_notifies_once(make_napari_viewer, tmp_pa
         f"Cannot open case-3.svs: not a readable slide (not a TIFF file: header={bytes(4)!r})"]
 
 
-def test_segmentation_overlays_the_slide(make_napari_viewer, tmp_path):
+def test_segmentation_overlays_the_slide(make_napari_viewer, tmp_path, write_segmentation):
     labels = np.zeros((300, 400), np.uint8)
     labels[50:250, 50:350] = 2
     path = write_segmentation(tmp_path / "seg.zarr", labels)

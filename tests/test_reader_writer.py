@@ -15,7 +15,6 @@ from napari_histo_wsss._reader import get_reader, read_segmentation, read_slide
 from napari_histo_wsss._sample_data import sample_labelled_patches, sample_slide
 from napari_histo_wsss._writer import write_labels
 from napari_histo_wsss.core.classes import WSSS4LUAD
-from test_geojson import write_segmentation
 
 WSI = Path(__file__).resolve().parents[2] / "shared" / "data" / "wsi"
 
@@ -81,7 +80,8 @@ def test_shared_broken_svs(notifications):
     assert notifications[0].message.startswith("Cannot open broken.svs: not a readable slide")
 
 
-def test_segmentation_opens_as_labels_and_hidden_maps_aligned_with_the_slide(tmp_path):
+def test_segmentation_opens_as_labels_and_hidden_maps_aligned_with_the_slide(
+        tmp_path, write_segmentation):
     labels = np.zeros((300, 400), np.uint8)
     labels[50:250, 50:350] = 1
     labels[100:150, 100:150] = 3
