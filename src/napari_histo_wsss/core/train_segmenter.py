@@ -146,7 +146,7 @@ def train_segmenter(
                 [torch.from_numpy(m).to(device, torch.int64) for m in masks],
                 torch.from_numpy(patches.labels[chosen]).to(device, torch.float32),
             )
-            result = _train_step(model, loss_fn, optimizer, scaler, x, batch_targets, context)
+            result = train_step(model, loss_fn, optimizer, scaler, x, batch_targets, context)
             loss_value = float(result.loss.detach())
             state["step"] += 1
             state["batch"] = index + 1
@@ -185,7 +185,7 @@ def train_segmenter(
                    **{name: f"{value:.6f}" for name, value in parts.items()},
                    **{f"val_{k}": f"{v:.6f}" for k, v in metrics.items()})
         write_metrics(folder, strategy, settings, state, side, device,
-                       scores if improved else None)
+                      scores if improved else None)
         yield Epoch(stage, epoch, train_loss, lr=lr, metrics=metrics)
         yield CheckpointSaved(stage, last_path, epoch + 1)
         if keep:
@@ -377,9 +377,9 @@ def build_optimizer(model: Segmenter, settings: SegmenterConfig) -> torch.optim.
     raise ConfigError(f"unknown optimizer '{settings.optimizer}': use sgd or adamw")
 
 
-def _train_step(model: Segmenter, loss_fn: SegmentationLoss, optimizer: torch.optim.Optimizer,
-                scaler: torch.amp.GradScaler, x: torch.Tensor, targets: LossTargets,
-                context: LossContext):
+def train_step(model: Segmenter, loss_fn: SegmentationLoss, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, x: torch.Tensor, targets: LossTargets,
+               context: LossContext):
     """Forward (as many passes as the loss needs), backward, step; mixed precision on GPU."""
     device = x.device
     amp_dtype = autocast_dtype(device)
