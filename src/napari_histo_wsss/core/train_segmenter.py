@@ -30,7 +30,7 @@ from .devices import autocast_dtype, resolve_device
 from .errors import CheckpointError, ConfigError, DatasetError
 from .events import Batch, CheckpointSaved, Done, Epoch, Event, Preview, Started, StopToken
 from .losses import IGNORE_INDEX, LossContext, LossTargets, SegmentationLoss, build_loss
-from .predict import SegmentationPredictor, evaluate, json_ready
+from .predict import GATE_CHOICE_FILE, SegmentationPredictor, evaluate, json_ready
 from .run_dir import LossLog, RunDirectory
 from .segmenter import (
     SEGMENTER_KIND,
@@ -89,6 +89,7 @@ def train_segmenter(
         for name in ("last.pt", "model.pt", "losses.csv", "metrics.json"):
             (folder / name).unlink(missing_ok=True)
     run.mark_incomplete(stage)
+    (folder / GATE_CHOICE_FILE).unlink(missing_ok=True)  # made for the model being replaced
 
     torch.manual_seed(config.seed)
     model = build_segmenter(settings, spec.num_classes).to(device)
