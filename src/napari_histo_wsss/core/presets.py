@@ -159,9 +159,9 @@ def _scale_to_cpu(config: RunConfig, num_patches: int) -> None:
     segmenter = config.segmenter
     segmenter.epochs = int(min(max(segmenter.epochs, 1), max(3, round(2500 / max(num_patches, 1)))))
     segmenter.batch_size = min(segmenter.batch_size, 16)
-    if config.hisynseg is None:  # HisynSeg keeps the 224 side of its synthetic images
-        # Native patch size, as for the classifier: the magnification inference will see.
-        segmenter.input_size = None
+    # Native patch size, as for the classifier: the magnification inference will see. HisynSeg's
+    # synthetic images take that side too, so no source patch is mirror-padded up to 224.
+    segmenter.input_size = None
     if config.hisynseg is not None:
         # Two training rounds share the segmenter budget. Synthetic images per type are half the
         # real patches (as released for WSSS4LUAD: 2 x 3,600 synthetic for 10,091 real), and a
