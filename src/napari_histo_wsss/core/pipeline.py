@@ -149,9 +149,14 @@ def run_pipeline(
     summary["strategies"] = strategies
     if val is not None:
         summary["val"] = yield from _evaluate_strategies(run, strategies, val, device)
-    # Re-scoring a finished run keeps the wall time of the run that trained it.
+    # Wall time of all invocations that trained something in this run (a strategy added later
+    # adds its time); re-scoring a finished run adds nothing.
     elapsed = round(time.perf_counter() - started, 1)
-    summary["wall_seconds"] = elapsed if trained else earlier.get("wall_seconds", elapsed)
+    before = earlier.get("wall_seconds")
+    if before is None:
+        summary["wall_seconds"] = elapsed
+    else:
+        summary["wall_seconds"] = round(before + elapsed, 1) if trained else before
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     yield Done("pipeline", summary)
 
