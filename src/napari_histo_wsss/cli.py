@@ -37,6 +37,9 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="random seed (default 0)")
     parser.add_argument("--schedule", choices=("fast", "paper"), default="fast",
                         help="fast: scaled to the dataset for a CPU; paper: published schedules")
+    parser.add_argument("--mpp", type=float,
+                        help="microns per pixel of the training patches: recorded in the run so "
+                             "slides are segmented at the same resolution")
 
 
 def spec_from_args(args):
@@ -76,11 +79,16 @@ def _run_pipeline(args, data_dir: Path, out: Path) -> int:
     from .core.metrics import format_scores
     from .core.pipeline import prepare_run, run_pipeline
 
+    resuming = (out / "run.json").is_file()
     run, config, layout = prepare_run(
         data_dir, out, args.method, spec=spec_from_args(args), schedule=args.schedule,
-        seed=args.seed, device=args.device, **stage_overrides(args),
+        seed=args.seed, device=args.device, mpp=getattr(args, "mpp", None),
+        **stage_overrides(args),
     )
     print(f"{layout.describe()}\nrun directory: {run.root}", file=sys.stderr)
+    if resuming:
+        print("continuing the existing run with the settings in its run.json (flags that "
+              "change settings apply to new runs only)", file=sys.stderr)
     strategies = args.strategies.split(",") if getattr(args, "strategies", None) else None
     done = drive(lambda stop: run_pipeline(run, config, layout, stop=stop,
                                            strategies=strategies))

@@ -33,6 +33,7 @@ def prepare_run(
     schedule: str = "fast",
     seed: int | None = None,
     device: str | None = None,
+    mpp: float | None = None,
     classifier: dict | None = None,
     pseudo_masks: dict | None = None,
     segmenter: dict | None = None,
@@ -61,6 +62,8 @@ def prepare_run(
         config.seed = seed
     if device is not None:
         config.device = device
+    if mpp is not None:
+        config.mpp = mpp
     config.classifier = replace(config.classifier, **(classifier or {}))
     config.pseudo_masks = replace(config.pseudo_masks, **(pseudo_masks or {}))
     config.segmenter = replace(config.segmenter, **(segmenter or {}))

@@ -5,6 +5,7 @@
     RUN_DIR/
       run.json                      resolved RunConfig
       status.json                   which stages are complete (written last by each stage)
+      summary.json                  the pipeline's val scores and wall time
       classifier/model.pt           stage-1 checkpoint (final or stopped); last.pt for resuming
       classifier/losses.csv
       pseudo_masks/<layer or vote>/*.png   palette pseudo-masks, named like the patches
@@ -12,7 +13,10 @@
       pseudo_masks/report.json      pseudo-mask quality on masks, where a set has them
       segmenter/<strategy>/model.pt best-on-validation segmenter; last.pt for resuming
       segmenter/<strategy>/losses.csv, metrics.json
-      hisynseg/...                  synthesis counts, examples, discriminator
+      segmenter/<strategy>/class_gate.json   whether the recipe's class gate helped on val
+      hisynseg/                     synthetic images (<type>.npz), synthesis.json (counts,
+                                    acceptance, filter figures), examples/
+      pseudo_masks/hisynseg/, segmenter/hisynseg/round1.pt   HisynSeg's self-training round
 
 A stage is complete only once ``status.json`` says so; a stage that was interrupted leaves its
 ``last.pt`` and is resumed from it.
