@@ -37,7 +37,7 @@ from napari_histo_wsss.core.events import Batch, Event
 from napari_histo_wsss.core.losses import LossContext, LossTargets, build_loss
 from napari_histo_wsss.core.presets import preset
 from napari_histo_wsss.core.run_dir import RunDirectory
-from napari_histo_wsss.core.segmenter import build_segmenter
+from napari_histo_wsss.core.segmenter import build_segmenter, normalise
 from napari_histo_wsss.core.train_classifier import (
     build_optimizer as classifier_optimizer,
 )
@@ -51,6 +51,7 @@ from napari_histo_wsss.core.train_segmenter import (
 )
 from napari_histo_wsss.core.train_segmenter import (
     input_side,
+    input_statistics,
     train_segmenter,
     train_step,
 )
@@ -122,10 +123,10 @@ def classifier_figures(patches: PatchSet, config: RunConfig, device: torch.devic
     size = training_size(settings, [patches.image(i).shape for i in range(len(patches))])
     x = model.normalise(torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8,
                                       device=device))
+    x = x.contiguous(memory_format=torch.channels_last)  # as the trainer feeds it
     labels = torch.from_numpy(patches.labels[:batch].astype(np.float32)).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
     amp_dtype = autocast_dtype(device)
 
     def step() -> None:
@@ -162,7 +163,9 @@ def segmenter_figures(patches: PatchSet, config: RunConfig, device: torch.device
     model = build_segmenter(settings, patches.spec.num_classes).to(device).train()
     optimizer = segmenter_optimizer(model, settings)
     side = input_side(settings.input_size, patches, model.input_multiple)
-    x = torch.rand(batch, 3, side, side, device=device)
+    # Built as the trainer builds it: NHWC uint8 permuted, so channels-last in memory.
+    x = normalise(torch.randint(0, 256, (batch, side, side, 3), dtype=torch.uint8,
+                                device=device), *input_statistics(settings.normalise, patches))
     masks = [torch.randint(0, patches.spec.num_classes, (batch, side, side), device=device)
              for _ in settings.targets]
     targets = LossTargets(masks, torch.from_numpy(
