@@ -26,6 +26,7 @@ from napari_histo_wsss.core.run_dir import RunDirectory
 from napari_histo_wsss.core.segmenter import load_segmenter
 from napari_histo_wsss.core.train_segmenter import (
     augment_sample,
+    epoch_order,
     input_side,
     input_statistics,
     train_segmenter,
@@ -209,3 +210,18 @@ def test_input_side_and_measured_statistics(patches):
     mean, std = input_statistics("dataset", patches)  # WSSS4LUAD publishes none
     assert all(100 < m < 250 for m in mean) and all(10 < s < 100 for s in std)
     assert input_statistics("divide255", patches) == ((0.0, 0.0, 0.0), (255.0, 255.0, 255.0))
+
+
+def test_balanced_sampling_draws_rare_class_patches_as_often_as_common_ones():
+    # 90 patches hold class 0 only, 10 hold class 1 (and class 0), none hold class 2.
+    labels = np.zeros((100, 3), np.uint8)
+    labels[:, 0] = 1
+    labels[90:, 1] = 1
+    uniform = epoch_order(labels, "uniform", seed=0, epoch=0)
+    assert sorted(uniform) == list(range(100))
+    assert np.array_equal(uniform, epoch_order(labels, "uniform", seed=0, epoch=0))
+    draws = np.concatenate([epoch_order(labels, "balanced", seed=0, epoch=e) for e in range(50)])
+    rare_share = np.mean(draws >= 90)
+    assert 0.4 < rare_share < 0.6  # 10 % of the patches, half of the draws
+    assert not np.array_equal(epoch_order(labels, "balanced", 0, 0),
+                              epoch_order(labels, "balanced", 0, 1))

@@ -33,6 +33,9 @@ def add_stage2_parsers(subparsers) -> None:
     train.add_argument("--loss", help="noise-suppression loss: ce, multilayer_ce, onss, arml, "
                                       "anm or hisynseg (default: the method's)")
     train.add_argument("--strategy", help="folder name under segmenter/ (default: the loss name)")
+    train.add_argument("--sampling", choices=("uniform", "balanced"),
+                       help="uniform: every patch once per epoch (default); balanced: patches "
+                            "with rare classes drawn more often")
     train.add_argument("--epochs-seg", type=int, help="segmenter epochs")
     train.add_argument("--batch-size", type=int, help="batch size")
     train.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
@@ -90,7 +93,7 @@ def run_train_segmenter(args) -> int:
                                     if config.dataset else None)
     layout = find_dataset(data_dir, spec)
     segmenter = override(config.segmenter, loss=args.loss, epochs=args.epochs_seg,
-                         batch_size=args.batch_size)
+                         batch_size=args.batch_size, sampling=args.sampling)
     config = replace(config, segmenter=segmenter, seed=config.seed if args.seed is None
                      else args.seed, device=args.device or config.device)
     strategy = args.strategy or segmenter.loss

@@ -100,6 +100,9 @@ class SegmenterConfig:
     #: side, so typical patches keep the magnification that inference sees.
     input_size: int | None = 224
     augment: str = "flip_blur"  # "flip_blur" | "onss" (rescale, crop, flip, photometric)
+    #: "uniform": each patch once per epoch (the papers); "balanced": patches drawn with
+    #: replacement, weighted by the rarest class in their label (see ``epoch_order``).
+    sampling: str = "uniform"
     normalise: str = "divide255"
     #: MLPS classification gate: classes with classifier probability <= this are suppressed.
     class_gate: float | None = None

@@ -41,6 +41,7 @@ from .segmenter import (
 )
 
 POLY_POWER = 0.9
+SAMPLINGS = ("uniform", "balanced")
 #: MSV-ONSS's training pipeline (mmseg): rescale ratio range and PhotoMetricDistortion ranges.
 ONSS_RESCALE = (0.75, 3.0)
 BRIGHTNESS_DELTA = 32
@@ -72,6 +73,9 @@ def train_segmenter(
     strategy = strategy or settings.loss
     stage = f"segmenter:{strategy}"
     device = device if isinstance(device, torch.device) else resolve_device(device or config.device)
+    if settings.sampling not in SAMPLINGS:
+        raise ConfigError(f"unknown sampling '{settings.sampling}': use "
+                          f"{' or '.join(SAMPLINGS)}")
     if settings.augment not in AUGMENTATIONS:
         raise ConfigError(f"unknown segmenter augmentation '{settings.augment}': use "
                           f"{' or '.join(AUGMENTATIONS)}")
@@ -126,7 +130,7 @@ def train_segmenter(
         model.train()
         context.epoch = epoch
         started = time.perf_counter()
-        order = np.random.default_rng([config.seed, epoch]).permutation(len(patches))
+        order = epoch_order(patches.labels, settings.sampling, config.seed, epoch)
         rng = np.random.default_rng([config.seed, epoch, state["batch"]])
         torch.manual_seed(config.seed + 7919 * (epoch * batches_per_epoch + state["batch"]))
         lr, result = settings.lr, None
@@ -201,6 +205,26 @@ def train_segmenter(
 
 # --------------------------------------------------------------------------------------------
 # Inputs
+
+
+def epoch_order(labels: np.ndarray, sampling: str, seed: int, epoch: int) -> np.ndarray:
+    """The patch indices of one epoch (as many as there are patches).
+
+    ``uniform`` is a permutation. ``balanced`` draws with replacement, each patch weighted by
+    1 / (number of patches holding its rarest class): a class found in 17 of 557 patches is
+    then drawn about as often as one found in 431, so a rare tissue is not learnt from a
+    handful of steps.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    count = len(labels)
+    if sampling == "uniform":
+        return rng.permutation(count)
+    holders = labels.astype(bool)
+    class_counts = holders.sum(axis=0)
+    inverse = np.where(class_counts > 0, 1.0 / np.maximum(class_counts, 1), 0.0)
+    weights = (holders * inverse).max(axis=1)
+    weights = np.where(weights > 0, weights, inverse.max(initial=1.0))  # unlabelled patches
+    return rng.choice(count, size=count, replace=True, p=weights / weights.sum())
 
 
 def read_pseudo_masks(run: RunDirectory, targets: Sequence[str],
