@@ -13,7 +13,7 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
-from magicgui.widgets import ComboBox, Container, Label
+from magicgui.widgets import ComboBox, Container, FileEdit, Label
 from qtpy.QtCore import QEvent, QObject
 from qtpy.QtWidgets import QPushButton
 
@@ -184,6 +184,17 @@ def device_field(label: str = "device") -> ComboBox:
 
     return ComboBox(label=label, choices=["auto", *available_devices()], value="auto",
                     tooltip=TOOLTIPS["device"])
+
+
+def run_folder_field() -> FileEdit:
+    """The folder of a run (its run.json and everything it produced)."""
+    return FileEdit(mode="d", label="run folder", tooltip=TOOLTIPS["run_folder"])
+
+
+def moved_dataset_field() -> FileEdit:
+    """The dataset's folder, for a run whose dataset is no longer where run.json says."""
+    return FileEdit(mode="d", label="dataset (if moved)", nullable=True,
+                    tooltip=TOOLTIPS["dataset"])
 
 
 def info_label(text: str = "") -> Label:

@@ -14,10 +14,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from magicgui.widgets import CheckBox, ComboBox, FileEdit, Select, Slider, create_widget
+from magicgui.widgets import CheckBox, ComboBox, Select, Slider, create_widget
 from qtpy.QtWidgets import QTableWidget, QTableWidgetItem
 
-from ._base import JobWidget, device_field, info_label, set_info
+from ._base import (
+    JobWidget,
+    device_field,
+    info_label,
+    moved_dataset_field,
+    run_folder_field,
+    set_info,
+)
 from ._jobs import JobState
 from ._layers import (
     class_features,
@@ -102,7 +109,7 @@ class CompareWidget(JobWidget):
         super().__init__(viewer, "Compare strategies", epochs=False, plot=False)
         import napari.layers
 
-        self.run_folder = FileEdit(mode="d", label="run folder", tooltip=TOOLTIPS["run_folder"])
+        self.run_folder = run_folder_field()
         self.run_info = info_label()
         self._context = None
         self.strategies = Select(label="strategies", choices=self._trained_strategies,
@@ -115,8 +122,7 @@ class CompareWidget(JobWidget):
                                          options={"tooltip": TOOLTIPS["image_layer"]})
         self.grid = CheckBox(text="side by side (grid)", value=False, tooltip=TOOLTIPS["grid"])
         self.device = device_field()
-        self.dataset = FileEdit(mode="d", label="dataset (if moved)", nullable=True,
-                                tooltip=TOOLTIPS["dataset"])
+        self.dataset = moved_dataset_field()
         self.extend([self.run_folder, self.run_info, self.strategies, self.source, self.index,
                      self.image_layer, self.grid, self.device])
         self.advanced.extend([self.dataset])

@@ -17,9 +17,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from magicgui.widgets import CheckBox, ComboBox, FileEdit, PushButton, Slider, create_widget
+from magicgui.widgets import CheckBox, ComboBox, PushButton, Slider, create_widget
 
-from ._base import JobWidget, device_field, info_label, set_info
+from ._base import (
+    JobWidget,
+    device_field,
+    info_label,
+    moved_dataset_field,
+    run_folder_field,
+    set_info,
+)
 from ._jobs import JobState
 from ._layers import (
     cam_colormap,
@@ -104,7 +111,7 @@ class PseudoMaskWidget(JobWidget):
         super().__init__(viewer, "Pseudo-masks", epochs=False, plot=False)
         import napari.layers
 
-        self.run_folder = FileEdit(mode="d", label="run folder", tooltip=TOOLTIPS["run_folder"])
+        self.run_folder = run_folder_field()
         self.run_info = info_label()
         self.device = device_field()
         self.source = ComboBox(label="show", choices=SOURCES, value=SOURCES[0],
@@ -114,8 +121,7 @@ class PseudoMaskWidget(JobWidget):
                                          options={"tooltip": TOOLTIPS["image_layer"]})
         self.show_button = PushButton(text="Show class maps")
         self.view_info = info_label()
-        self.dataset = FileEdit(mode="d", label="dataset (if moved)", nullable=True,
-                                tooltip=TOOLTIPS["dataset"])
+        self.dataset = moved_dataset_field()
         self.show_extra = CheckBox(text="per-scale and per-layer maps", value=False,
                                    tooltip=TOOLTIPS["show_scales"])
         self.extend([self.run_folder, self.run_info, self.device, self.source, self.index,

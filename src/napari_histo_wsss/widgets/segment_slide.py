@@ -22,7 +22,7 @@ from magicgui.widgets import CheckBox, ComboBox, FileEdit, FloatSpinBox, SpinBox
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QHBoxLayout, QPushButton, QWidget
 
-from ._base import JobWidget, device_field, info_label, set_info
+from ._base import JobWidget, device_field, info_label, run_folder_field, set_info
 from ._jobs import JobState
 from ._runs import describe_run, given_path
 from ._tooltips import TOOLTIPS
@@ -106,7 +106,7 @@ class SegmentSlideWidget(JobWidget):
                                     tooltip=TOOLTIPS["slide_layer"])
         self.slide_file = FileEdit(mode="r", label="or slide file", nullable=True,
                                    tooltip=TOOLTIPS["slide_file"])
-        self.run_folder = FileEdit(mode="d", label="run folder", tooltip=TOOLTIPS["run_folder"])
+        self.run_folder = run_folder_field()
         self.run_info = info_label()
         self.strategy = ComboBox(label="segmenter", choices=self._strategy_choices,
                                  tooltip=TOOLTIPS["strategy"])

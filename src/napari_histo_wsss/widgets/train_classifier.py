@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from magicgui.widgets import ComboBox, FileEdit, FloatSpinBox, LineEdit, SpinBox
 
-from ._base import JobWidget, device_field, info_label, set_info
+from ._base import JobWidget, device_field, info_label, run_folder_field, set_info
 from ._jobs import JobState
 from ._runs import describe_dataset, describe_run, given_path
 from ._tooltips import TOOLTIPS
@@ -55,7 +55,7 @@ class TrainClassifierWidget(JobWidget):
         self.device = device_field()
         self.epochs = preset_spin_box("epochs", TOOLTIPS["epochs"], 1000)
         self.batch_size = preset_spin_box("batch size", TOOLTIPS["batch_size"], 512)
-        self.run_folder = FileEdit(mode="d", label="run folder", tooltip=TOOLTIPS["run_folder"])
+        self.run_folder = run_folder_field()
         self.run_info = info_label()
         self.schedule = ComboBox(label="schedule", choices=("fast", "paper"), value="fast",
                                  tooltip=TOOLTIPS["schedule"])

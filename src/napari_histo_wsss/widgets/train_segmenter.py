@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from magicgui.widgets import ComboBox, FileEdit, FloatSpinBox, LineEdit, Select, SpinBox
 
-from ._base import JobWidget, device_field, info_label, set_info
+from ._base import JobWidget, device_field, info_label, run_folder_field, set_info
 from ._jobs import JobState
 from ._runs import describe_dataset, describe_run, given_path
 from ._tooltips import TOOLTIPS
@@ -42,7 +42,7 @@ class TrainSegmenterWidget(JobWidget):
         super().__init__(viewer, "Train segmenter")
         from ..core.presets import METHODS
 
-        self.run_folder = FileEdit(mode="d", label="run folder", tooltip=TOOLTIPS["run_folder"])
+        self.run_folder = run_folder_field()
         self.run_info = info_label()
         self.dataset = FileEdit(mode="d", label="dataset (new run)", nullable=True,
                                 tooltip=TOOLTIPS["dataset"])
