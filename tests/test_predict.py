@@ -249,6 +249,9 @@ def test_class_gate_is_kept_only_where_it_helps_on_val(tmp_path, val):
     choice = run.segmenter_dir("multilayer_ce") / "class_gate.json"
     choice.write_text(json.dumps({"use": False}))
     assert load_predictor(run.root, "cpu").gate is None
+    choice.write_text("{not json")
+    with pytest.raises(CheckpointError, match="unreadable class-gate choice"):
+        load_predictor(run.root, "cpu")
 
 
 def run_cli(argv: list[str]) -> int:

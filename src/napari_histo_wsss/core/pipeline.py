@@ -63,6 +63,8 @@ def prepare_run(
     if device is not None:
         config.device = device
     if mpp is not None:
+        if not mpp > 0:
+            raise ConfigError(f"the patches' microns per pixel must be positive, not {mpp}")
         config.mpp = mpp
     config.classifier = replace(config.classifier, **(classifier or {}))
     config.pseudo_masks = replace(config.pseudo_masks, **(pseudo_masks or {}))

@@ -260,8 +260,7 @@ def load_predictor(source: str | Path, device: torch.device | str | None = "auto
     gate = None
     gate_threshold = config.segmenter.class_gate
     if use_class_gate is None:
-        choice_path = checkpoint.parent / GATE_CHOICE_FILE
-        use_class_gate = not choice_path.is_file() or json.loads(choice_path.read_text())["use"]
+        use_class_gate = _gate_choice(checkpoint.parent / GATE_CHOICE_FILE)
     classifier_path = run_root / "classifier" / "model.pt" if run_root else None
     if use_class_gate and gate_threshold is not None and classifier_path \
             and classifier_path.is_file():
@@ -278,6 +277,17 @@ def load_predictor(source: str | Path, device: torch.device | str | None = "auto
                 "arch": config.segmenter.arch, "encoder": config.segmenter.encoder,
                 "method": config.method},
     )
+
+
+def _gate_choice(path: Path) -> bool:
+    """The saved class-gate choice; True (the recipe) where none was made."""
+    if not path.is_file():
+        return True
+    try:
+        return bool(json.loads(path.read_text())["use"])
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise CheckpointError("unreadable class-gate choice: delete it, or run the pipeline "
+                              "again to remake it", path) from None
 
 
 def select_class_gate(run: RunDirectory, strategy: str, eval_set: EvalSet,
