@@ -20,6 +20,7 @@ from napari_histo_wsss.core.errors import CheckpointError
 from napari_histo_wsss.core.predict import (
     ClassGate,
     SegmentationPredictor,
+    describe_gate_choice,
     evaluate,
     evaluate_mask_folder,
     load_predictor,
@@ -244,6 +245,9 @@ def test_class_gate_is_kept_only_where_it_helps_on_val(tmp_path, val):
     assert with_gate != without_gate  # a random classifier at 0.5 erases classes
     assert scores["miou"] == max(with_gate, without_gate)
     assert scores["class_gate"] == (with_gate >= without_gate)
+    verdict = "kept" if scores["class_gate"] else "dropped"
+    assert describe_gate_choice(scores).startswith(f"class gate {verdict} (val mIoU")
+    assert describe_gate_choice({"miou": 0.5}) is None
     assert (load_predictor(run.root, "cpu").gate is not None) == scores["class_gate"]
     assert load_predictor(run.root, "cpu", use_class_gate=True).gate is not None
     choice = run.segmenter_dir("multilayer_ce") / "class_gate.json"

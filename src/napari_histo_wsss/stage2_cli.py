@@ -113,13 +113,11 @@ def run_train_segmenter(args) -> int:
     if best:
         print(f"best on val:\n{format_scores(best)}", file=sys.stderr)
     if val is not None and config.segmenter.class_gate is not None:
-        from .core.predict import select_class_gate
+        from .core.predict import describe_gate_choice, select_class_gate
 
-        scores = select_class_gate(run, strategy, val, config.device)
-        if "class_gate" in scores:
-            print(f"class gate {'kept' if scores['class_gate'] else 'dropped'}: val mIoU "
-                  f"{100 * scores['miou_with_gate']:.2f} with it, "
-                  f"{100 * scores['miou_without_gate']:.2f} without", file=sys.stderr)
+        gate_choice = describe_gate_choice(select_class_gate(run, strategy, val, config.device))
+        if gate_choice:
+            print(gate_choice, file=sys.stderr)
     return 0
 
 

@@ -167,16 +167,14 @@ def run_pipeline(
 
 
 def _evaluate_strategies(run, strategies, val, device) -> Generator[Event, None, dict]:
-    from .predict import select_class_gate
+    from .predict import describe_gate_choice, select_class_gate
 
     results = {}
     for strategy in strategies:
         scores = select_class_gate(run, strategy, val, device)
         results[strategy] = scores
-        if "class_gate" in scores:
-            verdict = "kept" if scores["class_gate"] else "dropped"
-            yield Message("evaluate", f"{strategy}: class gate {verdict} (val mIoU "
-                          f"{100 * scores['miou_with_gate']:.2f} with it, "
-                          f"{100 * scores['miou_without_gate']:.2f} without)")
+        gate_choice = describe_gate_choice(scores)
+        if gate_choice:
+            yield Message("evaluate", f"{strategy}: {gate_choice}")
         yield Message("evaluate", f"{strategy} on val: " + format_scores(scores).splitlines()[0])
     return results

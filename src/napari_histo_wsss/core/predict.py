@@ -314,6 +314,15 @@ def select_class_gate(run: RunDirectory, strategy: str, eval_set: EvalSet,
             "miou_with_gate": scores["miou"], "miou_without_gate": plain["miou"]}
 
 
+def describe_gate_choice(scores: dict[str, Any]) -> str | None:
+    """One line on the class-gate choice in ``select_class_gate``'s scores (None: no choice)."""
+    if "class_gate" not in scores:
+        return None
+    return (f"class gate {'kept' if scores['class_gate'] else 'dropped'} (val mIoU "
+            f"{100 * scores['miou_with_gate']:.2f} with it, "
+            f"{100 * scores['miou_without_gate']:.2f} without)")
+
+
 def _find_checkpoint(source: Path, strategy: str | None) -> tuple[Path, Path | None]:
     """(segmenter checkpoint, run directory or None) for a file or a run directory."""
     if source.is_file():

@@ -425,7 +425,7 @@ def train_step(model: Segmenter, loss_fn: SegmentationLoss, optimizer: torch.opt
 
 
 def set_lr(optimizer: torch.optim.Optimizer, settings: SegmenterConfig, step: int,
-            total_steps: int) -> float:
+           total_steps: int) -> float:
     """Poly (power 0.9, per iteration, floored at ``min_lr``) or constant; the encoder's lr."""
     if settings.schedule == "poly":
         factor = (1 - min(step, total_steps) / max(total_steps, 1)) ** POLY_POWER
