@@ -225,3 +225,13 @@ def test_balanced_sampling_draws_rare_class_patches_as_often_as_common_ones():
     assert 0.4 < rare_share < 0.6  # 10 % of the patches, half of the draws
     assert not np.array_equal(epoch_order(labels, "balanced", 0, 0),
                               epoch_order(labels, "balanced", 0, 1))
+
+
+def test_balanced_sampling_weighs_unlabelled_patches_like_the_commonest_class():
+    labels = np.zeros((100, 3), np.uint8)
+    labels[:80, 0] = 1  # 80 patches of class 0, 20 without any label
+    draws = np.concatenate([epoch_order(labels, "balanced", seed=0, epoch=e) for e in range(50)])
+    assert 0.15 < np.mean(draws >= 80) < 0.25  # 20 % of the patches, 20 % of the draws
+    nothing = np.zeros((10, 3), np.uint8)
+    order = epoch_order(nothing, "balanced", 0, 0)  # no label anywhere: equal weights
+    assert len(order) == 10 and set(order.tolist()) <= set(range(10))

@@ -213,7 +213,7 @@ def epoch_order(labels: np.ndarray, sampling: str, seed: int, epoch: int) -> np.
     ``uniform`` is a permutation. ``balanced`` draws with replacement, each patch weighted by
     1 / (number of patches holding its rarest class): a class found in 17 of 557 patches is
     then drawn about as often as one found in 431, so a rare tissue is not learnt from a
-    handful of steps.
+    handful of steps. A patch without any label weighs as much as one of the commonest class.
     """
     rng = np.random.default_rng([seed, epoch])
     count = len(labels)
@@ -223,7 +223,8 @@ def epoch_order(labels: np.ndarray, sampling: str, seed: int, epoch: int) -> np.
     class_counts = holders.sum(axis=0)
     inverse = np.where(class_counts > 0, 1.0 / np.maximum(class_counts, 1), 0.0)
     weights = (holders * inverse).max(axis=1)
-    weights = np.where(weights > 0, weights, inverse.max(initial=1.0))  # unlabelled patches
+    commonest = inverse[inverse > 0].min() if (inverse > 0).any() else 1.0
+    weights = np.where(weights > 0, weights, commonest)
     return rng.choice(count, size=count, replace=True, p=weights / weights.sum())
 
 
