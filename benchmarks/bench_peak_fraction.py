@@ -18,9 +18,9 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from napari_histo_wsss.core.config import SegmenterConfig
+from napari_histo_wsss.core.config.run_config import SegmenterConfig
 from napari_histo_wsss.core.devices import resolve_device
-from napari_histo_wsss.core.segmenter import build_segmenter
+from napari_histo_wsss.core.models.segmenter import build_segmenter
 
 #: Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from the vendors' data sheets.
 BF16_PEAK_TFLOPS = {

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from napari_histo_wsss.core.cams import class_activation_maps, gradcam
-from napari_histo_wsss.core.classifier import build_classifier
-from napari_histo_wsss.core.config import ClassifierConfig
-from napari_histo_wsss.core.data import find_dataset
+from napari_histo_wsss.core.config.run_config import ClassifierConfig
+from napari_histo_wsss.core.data.datasets import find_dataset
 from napari_histo_wsss.core.devices import resolve_device
+from napari_histo_wsss.core.models.classifier import build_classifier
+from napari_histo_wsss.core.stage1.cams import class_activation_maps, gradcam
 
 SAMPLE = Path(__file__).resolve().parents[1] / "src" / "napari_histo_wsss" / "sample_data" / \
     "wsss4luad"

@@ -89,17 +89,17 @@ class TinySegmenter(nn.Module):
                                   nn.Conv2d(16, num_classes, 3, padding=1))
 
     def forward(self, x: torch.Tensor):
-        from napari_histo_wsss.core.segmenter import SegmenterOutput
+        from napari_histo_wsss.core.models.segmenter import SegmenterOutput
 
         return SegmenterOutput(self.body(x))
 
 
 def make_predictor(model: str, device: str):
-    from napari_histo_wsss.core.classes import WSSS4LUAD
-    from napari_histo_wsss.core.config import SegmenterConfig
+    from napari_histo_wsss.core.config.run_config import SegmenterConfig
+    from napari_histo_wsss.core.data.classes import WSSS4LUAD
     from napari_histo_wsss.core.devices import resolve_device
-    from napari_histo_wsss.core.predict import SegmentationPredictor
-    from napari_histo_wsss.core.segmenter import build_segmenter
+    from napari_histo_wsss.core.inference.predict import SegmentationPredictor
+    from napari_histo_wsss.core.models.segmenter import build_segmenter
 
     if model == "tiny":
         network = TinySegmenter(WSSS4LUAD.num_classes)
@@ -113,9 +113,9 @@ def make_predictor(model: str, device: str):
 def child(slide_path: str, out_path: str, args) -> dict:
     """One size, in its own process so that the memory high-water mark is this run's."""
     from napari_histo_wsss.core.events import Done, Started
-    from napari_histo_wsss.core.ome_zarr_labels import open_segmentation, read_attrs
-    from napari_histo_wsss.core.slide_inference import segment_slide
-    from napari_histo_wsss.core.slides import open_slide, read_region
+    from napari_histo_wsss.core.wsi.ome_zarr_labels import open_segmentation, read_attrs
+    from napari_histo_wsss.core.wsi.slide_inference import segment_slide
+    from napari_histo_wsss.core.wsi.slides import open_slide, read_region
 
     predictor = make_predictor(args.model, args.device)
     warm = np.full((args.batch_size, args.tile, args.tile, 3), 200, np.uint8)

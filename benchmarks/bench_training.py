@@ -29,27 +29,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from napari_histo_wsss.core.classifier import build_classifier
-from napari_histo_wsss.core.config import RunConfig
-from napari_histo_wsss.core.data import PatchSet, find_dataset, write_palette_mask
+from napari_histo_wsss.core.config.presets import preset
+from napari_histo_wsss.core.config.run_config import RunConfig
+from napari_histo_wsss.core.data.datasets import PatchSet, find_dataset, write_palette_mask
 from napari_histo_wsss.core.devices import autocast_dtype, resolve_device
 from napari_histo_wsss.core.events import Batch, Event
-from napari_histo_wsss.core.losses import LossContext, LossTargets, build_loss
-from napari_histo_wsss.core.presets import preset
-from napari_histo_wsss.core.run_dir import RunDirectory
-from napari_histo_wsss.core.segmenter import build_segmenter, normalise
-from napari_histo_wsss.core.train_classifier import (
+from napari_histo_wsss.core.models.classifier import build_classifier
+from napari_histo_wsss.core.models.segmenter import build_segmenter, normalise
+from napari_histo_wsss.core.runs.run_dir import RunDirectory
+from napari_histo_wsss.core.stage1.train_classifier import (
     build_optimizer as classifier_optimizer,
 )
-from napari_histo_wsss.core.train_classifier import (
+from napari_histo_wsss.core.stage1.train_classifier import (
     classification_loss,
     train_classifier,
     training_size,
 )
-from napari_histo_wsss.core.train_segmenter import (
+from napari_histo_wsss.core.stage2.losses import LossContext, LossTargets, build_loss
+from napari_histo_wsss.core.stage2.train_segmenter import (
     build_optimizer as segmenter_optimizer,
 )
-from napari_histo_wsss.core.train_segmenter import (
+from napari_histo_wsss.core.stage2.train_segmenter import (
     input_side,
     input_statistics,
     train_segmenter,

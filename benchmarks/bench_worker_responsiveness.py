@@ -37,7 +37,7 @@ def training_job(run_folder: Path, steps: int, input_size: int, batch_size: int,
         from napari_histo_wsss.core.devices import resolve_device
         from napari_histo_wsss.core.events import Batch, Started
         from napari_histo_wsss.core.pipeline import prepare_run
-        from napari_histo_wsss.core.train_classifier import train_classifier
+        from napari_histo_wsss.core.stage1.train_classifier import train_classifier
 
         run, config, layout = prepare_run(
             SAMPLE, run_folder, "cam-ce", device="cpu",

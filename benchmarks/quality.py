@@ -17,9 +17,9 @@ import platform
 import time
 from pathlib import Path
 
-from napari_histo_wsss.cli_progress import drive
+from napari_histo_wsss.cli.progress import drive
+from napari_histo_wsss.core.config.presets import METHODS
 from napari_histo_wsss.core.pipeline import prepare_run, run_pipeline
-from napari_histo_wsss.core.presets import METHODS
 
 
 def run_method(data_dir: Path, out: Path, method: str, args) -> list[dict]:

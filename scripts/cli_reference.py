@@ -21,7 +21,7 @@ INTRO = (
 
 def reference() -> str:
     os.environ["COLUMNS"] = "100"  # argparse wraps to the terminal: make the text stable
-    from napari_histo_wsss.cli import build_parser
+    from napari_histo_wsss.cli.main import build_parser
 
     parser = build_parser()
     commands = next(action for action in parser._actions

@@ -31,8 +31,8 @@ def write_segmentation():
     """Writes a finished slide segmentation of given labels through the store API (no model)."""
     import numpy as np
 
-    from napari_histo_wsss.core import ome_zarr_labels as store
-    from napari_histo_wsss.core.classes import WSSS4LUAD
+    from napari_histo_wsss.core.data.classes import WSSS4LUAD
+    from napari_histo_wsss.core.wsi import ome_zarr_labels as store
 
     def write(path, labels: np.ndarray, level0_downsample: float = 2.0):
         height, width = labels.shape

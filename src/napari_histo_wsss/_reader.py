@@ -30,7 +30,7 @@ def get_reader(path: str | list[str]):
         path = path[0]
     path = Path(path)
     if path.suffix.lower() == ".zarr" or path.is_dir():
-        from .core.ome_zarr_labels import is_segmentation
+        from .core.wsi.ome_zarr_labels import is_segmentation
 
         if is_segmentation(path):
             return read_segmentation
@@ -45,7 +45,7 @@ def get_reader(path: str | list[str]):
 def read_slide(path: str | list[str]) -> list[tuple]:
     """A slide as one multiscale RGB image layer in microns when the mpp is known."""
     from .core.errors import SlideError
-    from .core.slides import open_slide
+    from .core.wsi.slides import open_slide
 
     try:
         slide = open_slide(_single(path))
@@ -55,7 +55,7 @@ def read_slide(path: str | list[str]) -> list[tuple]:
 
 
 def slide_layer_data(slide) -> tuple[Any, dict[str, Any], str]:
-    """``(data, kwargs, "image")`` for a :class:`~napari_histo_wsss.core.slides.Slide`."""
+    """``(data, kwargs, "image")`` for a :class:`~napari_histo_wsss.core.wsi.slides.Slide`."""
     pixel = slide.mpp if slide.mpp is not None else 1.0
     kwargs: dict[str, Any] = {
         "name": slide.name,
@@ -75,7 +75,7 @@ def slide_layer_data(slide) -> tuple[Any, dict[str, Any], str]:
 def read_segmentation(path: str | list[str]) -> list[tuple]:
     """Per-class maps (hidden) and the label pyramid, aligned with the slide's layer."""
     from .core.errors import SlideError
-    from .core.ome_zarr_labels import open_segmentation
+    from .core.wsi.ome_zarr_labels import open_segmentation
 
     try:
         segmentation = open_segmentation(_single(path))
@@ -85,10 +85,10 @@ def read_segmentation(path: str | list[str]) -> list[tuple]:
 
 
 def segmentation_layer_data(segmentation) -> list[tuple]:
-    """Layer data tuples for a :class:`~napari_histo_wsss.core.ome_zarr_labels.Segmentation`."""
+    """Layer data tuples for a :class:`~napari_histo_wsss.core.wsi.ome_zarr_labels.Segmentation`."""
     from napari.utils.colormaps import Colormap, DirectLabelColormap
 
-    from .core.ome_zarr_labels import label_colours
+    from .core.wsi.ome_zarr_labels import label_colours
 
     mpp = segmentation.slide_mpp
     slide_pixel = mpp if mpp is not None else 1.0
@@ -138,7 +138,7 @@ def read_labels_zarr(path: str | list[str]) -> list[tuple]:
     from napari.utils.colormaps import DirectLabelColormap
 
     from .core.errors import SlideError
-    from .core.ome_zarr_labels import open_ngff_labels
+    from .core.wsi.ome_zarr_labels import open_ngff_labels
 
     try:
         labels = open_ngff_labels(_single(path))

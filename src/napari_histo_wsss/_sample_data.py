@@ -21,7 +21,7 @@ _GAP = 16
 def sample_slide() -> list[tuple]:
     """The bundled H&E slide region as a multiscale image."""
     from ._reader import slide_layer_data
-    from .core.slides import open_slide
+    from .core.wsi.slides import open_slide
 
     return [slide_layer_data(open_slide(SLIDE_PATH))]
 
@@ -35,7 +35,7 @@ def sample_labelled_patches() -> list[tuple]:
     from napari.utils.colormaps import DirectLabelColormap
     from PIL import Image
 
-    from .core.classes import WSSS4LUAD
+    from .core.data.classes import WSSS4LUAD
 
     background = WSSS4LUAD.background_index
     colours = {

@@ -14,7 +14,7 @@ import numpy as np
 
 def write_labels(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
     """Write one labels layer to ``path`` (``.zarr`` added when missing); returns the path."""
-    from .core.ome_zarr_labels import write_label_pyramid
+    from .core.wsi.ome_zarr_labels import write_label_pyramid
 
     out = Path(path)
     if out.suffix.lower() != ".zarr":

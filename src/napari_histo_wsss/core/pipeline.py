@@ -13,15 +13,15 @@ from collections.abc import Generator
 from dataclasses import replace
 from pathlib import Path
 
-from .classes import DatasetSpec
-from .config import RunConfig
-from .data import DatasetLayout, find_dataset
+from .config.presets import preset
+from .config.run_config import RunConfig
+from .data.classes import DatasetSpec
+from .data.datasets import DatasetLayout, find_dataset
 from .devices import release_memory, resolve_device
 from .errors import ConfigError
 from .events import Done, Event, Message, StopToken
-from .metrics import format_scores
-from .presets import preset
-from .run_dir import RunDirectory
+from .inference.metrics import format_scores
+from .runs.run_dir import RunDirectory
 
 
 def prepare_run(
@@ -109,7 +109,7 @@ def run_pipeline(
         return finished
 
     if config.method == "hisynseg":
-        from .train_hisynseg import train_hisynseg
+        from .hisynseg.train import train_hisynseg
 
         if not run.is_complete("segmenter:hisynseg"):
             finished = yield from stage(train_hisynseg(
@@ -119,9 +119,9 @@ def run_pipeline(
                 return
         strategies = ["hisynseg"]
     else:
-        from .pseudo_masks import generate_pseudo_masks, pseudo_mask_report
-        from .train_classifier import train_classifier
-        from .train_segmenter import train_segmenter
+        from .stage1.pseudo_masks import generate_pseudo_masks, pseudo_mask_report
+        from .stage1.train_classifier import train_classifier
+        from .stage2.train_segmenter import train_segmenter
 
         if not run.is_complete("classifier"):
             finished = yield from stage(train_classifier(
@@ -167,7 +167,7 @@ def run_pipeline(
 
 
 def _evaluate_strategies(run, strategies, val, device) -> Generator[Event, None, dict]:
-    from .predict import describe_gate_choice, select_class_gate
+    from .inference.predict import describe_gate_choice, select_class_gate
 
     results = {}
     for strategy in strategies:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 def describe_dataset(folder) -> str:
     """One line about a dataset folder: its classes and sizes; raises HistoWsssError."""
-    from ..core.data import find_dataset
+    from ..core.data.datasets import find_dataset
 
     layout = find_dataset(folder)
     parts = [f"{layout.spec.name}: {', '.join(layout.spec.class_names)}",
@@ -21,7 +21,7 @@ def describe_dataset(folder) -> str:
 
 def describe_run(folder) -> str:
     """One line about a run folder: method and the state of each stage."""
-    from ..core.run_dir import RunDirectory
+    from ..core.runs.run_dir import RunDirectory
 
     if folder is None or not str(folder) or str(folder) == ".":
         return "choose a run folder"
@@ -47,10 +47,10 @@ def describe_run(folder) -> str:
 def open_run(folder, dataset: Path | None = None):
     """(run, config, layout) of an existing run; its dataset is found where the run says
     unless ``dataset`` points elsewhere (a moved dataset). Raises HistoWsssError."""
-    from ..core.classes import DatasetSpec
-    from ..core.data import find_dataset
+    from ..core.data.classes import DatasetSpec
+    from ..core.data.datasets import find_dataset
     from ..core.errors import ConfigError
-    from ..core.run_dir import RunDirectory
+    from ..core.runs.run_dir import RunDirectory
 
     if folder is None or not str(folder) or str(folder) == ".":
         raise ConfigError("choose a run folder first")

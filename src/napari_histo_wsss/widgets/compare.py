@@ -87,8 +87,8 @@ class PredictorCache:
         self._predictors: dict[tuple, Any] = {}
 
     def get(self, run_root: Path, strategy: str, device):
-        from ..core.predict import load_predictor
-        from ..core.run_dir import RunDirectory
+        from ..core.inference.predict import load_predictor
+        from ..core.runs.run_dir import RunDirectory
 
         checkpoint = RunDirectory(run_root).segmenter_checkpoint(strategy)
         key = (strategy, str(device), checkpoint.stat().st_mtime_ns if checkpoint.is_file()
@@ -193,9 +193,9 @@ class CompareWidget(JobWidget):
         def make_job(stop):
             from ..core.devices import resolve_device
             from ..core.events import Batch, Done, Preview, Started
-            from ..core.metrics import ConfusionMatrix
-            from ..core.predict import predict_image
-            from ..core.trust_maps import strategy_trust_map
+            from ..core.inference.metrics import ConfusionMatrix
+            from ..core.inference.predict import predict_image
+            from ..core.stage2.trust_maps import strategy_trust_map
 
             device = resolve_device(device_name)
             compared, patch = load()
@@ -248,7 +248,7 @@ class CompareWidget(JobWidget):
             run = self._context[0]
 
             def load_patch():
-                from ..core.data import read_mask
+                from ..core.data.datasets import read_mask
 
                 name = patches.paths[index].name
                 mask_path = run.pseudo_mask_dir("final") / Path(name).with_suffix(".png").name

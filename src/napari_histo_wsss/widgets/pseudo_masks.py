@@ -76,8 +76,8 @@ class ClassifierCache:
         self._model = None
 
     def get(self, checkpoint: Path, device):
-        from ..core.classifier import load_classifier
         from ..core.errors import CheckpointError
+        from ..core.models.classifier import load_classifier
 
         if not checkpoint.is_file():
             raise CheckpointError("no trained classifier yet: train one first", checkpoint)
@@ -91,7 +91,7 @@ class ClassifierCache:
 
 def main_map_name(model, recipe) -> str:
     """The map the recipe's own mask comes from: the fusion, else the deepest layer."""
-    from ..core.pseudo_masks import FUSED, layer_folder
+    from ..core.stage1.pseudo_masks import FUSED, layer_folder
 
     if recipe.fuse_weights:
         return FUSED
@@ -218,7 +218,7 @@ class PseudoMaskWidget(JobWidget):
         def make_job(stop):
             from ..core.devices import resolve_device
             from ..core.events import Preview
-            from ..core.pseudo_masks import pseudo_masks_for_images
+            from ..core.stage1.pseudo_masks import pseudo_masks_for_images
 
             device = resolve_device(device_name)
             model = classifier.get(run.classifier_checkpoint, device)
@@ -361,8 +361,8 @@ class PseudoMaskWidget(JobWidget):
         def make_job(stop):
             from ..core.devices import resolve_device
             from ..core.events import Message
-            from ..core.metrics import format_scores
-            from ..core.pseudo_masks import generate_pseudo_masks, pseudo_mask_report
+            from ..core.inference.metrics import format_scores
+            from ..core.stage1.pseudo_masks import generate_pseudo_masks, pseudo_mask_report
 
             device = resolve_device(device_name)
             patches = layout.patches()

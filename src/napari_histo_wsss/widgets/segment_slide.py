@@ -48,7 +48,7 @@ class LiveSegmentation:
     def __init__(self, path: Path):
         import zarr
 
-        from ..core.ome_zarr_labels import LABELS_PATH
+        from ..core.wsi.ome_zarr_labels import LABELS_PATH
 
         group = zarr.open_group(str(path), mode="r")[LABELS_PATH]
         datasets = group.attrs["multiscales"][0]["datasets"]
@@ -178,7 +178,7 @@ class SegmentSlideWidget(JobWidget):
         return [(layer.name, layer) for layer in layers]
 
     def _strategy_choices(self, *_: Any) -> list[str]:
-        from ..core.run_dir import RunDirectory
+        from ..core.runs.run_dir import RunDirectory
 
         folder = given_path(self.run_folder.value) if hasattr(self, "run_folder") else None
         trained = RunDirectory(folder).segmenter_strategies() if folder is not None else []
@@ -210,7 +210,7 @@ class SegmentSlideWidget(JobWidget):
     # -- the job -------------------------------------------------------------------------------
     def build_job(self):
         from ..core.errors import ConfigError
-        from ..core.run_dir import RunDirectory
+        from ..core.runs.run_dir import RunDirectory
 
         slide_path, layer = self._slide_source()
         run_folder = given_path(self.run_folder.value)
@@ -231,8 +231,8 @@ class SegmentSlideWidget(JobWidget):
 
         def make_job(stop):
             from ..core.devices import resolve_device
-            from ..core.predict import load_predictor
-            from ..core.slide_inference import segment_slide
+            from ..core.inference.predict import load_predictor
+            from ..core.wsi.slide_inference import segment_slide
 
             predictor = load_predictor(run_folder, resolve_device(device_name),
                                        strategy=strategy)
@@ -263,7 +263,7 @@ class SegmentSlideWidget(JobWidget):
 
     def _start_live_layer(self) -> None:
         """Show the output zarr as a multiscale labels layer that fills in."""
-        from ..core.ome_zarr_labels import open_segmentation
+        from ..core.wsi.ome_zarr_labels import open_segmentation
 
         out = Path(self.output.value)
         segmentation = open_segmentation(out)
@@ -304,7 +304,7 @@ class SegmentSlideWidget(JobWidget):
         from napari.layers import Layer
 
         from .._reader import segmentation_layer_data
-        from ..core.ome_zarr_labels import open_segmentation
+        from ..core.wsi.ome_zarr_labels import open_segmentation
 
         self._refresh_timer.stop()
         for data, kwargs, kind in segmentation_layer_data(open_segmentation(out)):
@@ -381,7 +381,7 @@ class SegmentSlideWidget(JobWidget):
 
         def make_job(stop):
             from ..core.events import Done
-            from ..core.geojson_export import segmentation_to_geojson
+            from ..core.wsi.geojson_export import segmentation_to_geojson
 
             collection = segmentation_to_geojson(source, destination)
             yield Done("export", {"path": destination,

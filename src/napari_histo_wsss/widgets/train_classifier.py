@@ -41,7 +41,7 @@ class TrainClassifierWidget(JobWidget):
 
     def __init__(self, viewer: napari.viewer.Viewer):
         super().__init__(viewer, "Train classifier")
-        from ..core.config import ClassifierConfig
+        from ..core.config.run_config import ClassifierConfig
 
         self.dataset = FileEdit(mode="d", label="dataset", tooltip=TOOLTIPS["dataset"])
         self.dataset_info = info_label()
@@ -100,7 +100,7 @@ class TrainClassifierWidget(JobWidget):
     def _show_run(self, *_: Any) -> None:
         """Describe the run folder; an existing run's settings replace (and lock) the fields."""
         from ..core.errors import HistoWsssError
-        from ..core.run_dir import RunDirectory
+        from ..core.runs.run_dir import RunDirectory
 
         folder = given_path(self.run_folder.value)
         existing = None
@@ -154,7 +154,7 @@ class TrainClassifierWidget(JobWidget):
             from ..core.devices import resolve_device
             from ..core.events import Message
             from ..core.pipeline import prepare_run
-            from ..core.train_classifier import train_classifier
+            from ..core.stage1.train_classifier import train_classifier
 
             run, config, layout = prepare_run(
                 data_dir, out, method, schedule=schedule, seed=seed, device=device_name,
@@ -168,7 +168,7 @@ class TrainClassifierWidget(JobWidget):
 
     def on_job_starting(self) -> None:
         """Put the epochs already trained (a resumed run) on the loss plot."""
-        from ..core.run_dir import LossLog, RunDirectory
+        from ..core.runs.run_dir import LossLog, RunDirectory
 
         folder = given_path(self.run_folder.value)
         losses = RunDirectory(folder).classifier_dir / "losses.csv" if folder else None

@@ -28,7 +28,7 @@ HISYNSEG = "hisynseg"
 
 def strategy_names() -> list[str]:
     """The noise-suppression losses for pseudo-masks (HisynSeg trains from synthetic images)."""
-    from ..core.losses import LOSSES
+    from ..core.stage2.losses import LOSSES
 
     return [name for name in LOSSES if name != HISYNSEG]
 
@@ -40,7 +40,7 @@ class TrainSegmenterWidget(JobWidget):
 
     def __init__(self, viewer: napari.viewer.Viewer):
         super().__init__(viewer, "Train segmenter")
-        from ..core.presets import METHODS
+        from ..core.config.presets import METHODS
 
         self.run_folder = run_folder_field()
         self.run_info = info_label()
@@ -89,7 +89,7 @@ class TrainSegmenterWidget(JobWidget):
     def _show_run(self, *_: Any) -> None:
         """Describe the run; an existing run fixes the dataset, method and strategy choices."""
         from ..core.errors import HistoWsssError
-        from ..core.run_dir import RunDirectory
+        from ..core.runs.run_dir import RunDirectory
 
         folder = given_path(self.run_folder.value)
         existing = None
@@ -126,7 +126,7 @@ class TrainSegmenterWidget(JobWidget):
 
     def build_job(self):
         from ..core.errors import ConfigError
-        from ..core.run_dir import RunDirectory
+        from ..core.runs.run_dir import RunDirectory
 
         out = given_path(self.run_folder.value)
         if out is None:

@@ -1,0 +1,61 @@
+"""Flags and argument handling that several commands share (one place, no import cycle)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_dataset_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags that say what the dataset's labels mean when it is not a built-in one."""
+    parser.add_argument("--classes", help="class names in label order, e.g. tumour,stroma,normal")
+    parser.add_argument("--background", type=int,
+                        help="mask value of white background / excluded pixels (= class count)")
+
+
+def add_training_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by the pipeline and the stage commands (DESIGN.md section 4)."""
+    parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--backbone", help="timm model name or res38d (default "
+                        "tf_efficientnet_lite0, ImageNet weights shipped offline)")
+    parser.add_argument("--weights", help="local weights file for the backbone (offline use)")
+    parser.add_argument("--epochs-cls", type=int, help="classifier epochs")
+    parser.add_argument("--epochs-seg", type=int, help="segmenter epochs")
+    parser.add_argument("--batch-size", type=int, help="batch size of both stages")
+    parser.add_argument("--seed", type=int, help="random seed (default 0)")
+    parser.add_argument("--schedule", choices=("fast", "paper"), default="fast",
+                        help="fast: scaled to the dataset for a CPU; paper: published schedules")
+    parser.add_argument("--mpp", type=float,
+                        help="microns per pixel of the training patches: recorded in the run so "
+                             "slides are segmented at the same resolution")
+
+
+def spec_from_args(args):
+    """The dataset description from ``--classes/--background``, or None to detect it."""
+    if not getattr(args, "classes", None):
+        if getattr(args, "background", None) is not None:
+            from ..core.errors import ConfigError
+
+            raise ConfigError("--background needs --classes")
+        return None
+    from ..core.data.classes import custom_spec
+
+    return custom_spec(args.classes, args.background)
+
+
+def stage_overrides(args) -> dict[str, dict]:
+    """Per-section config changes from the shared training flags (None means keep)."""
+    def given(**values):
+        return {k: v for k, v in values.items() if v is not None}
+
+    batch = getattr(args, "batch_size", None)
+    backbone = getattr(args, "backbone", None)
+    weights = getattr(args, "weights", None)
+    # ResNet38 is a classifier backbone only; the segmenter then keeps its default encoder.
+    shared_encoder = backbone is not None and backbone != "res38d"
+    return {
+        "classifier": given(backbone=backbone, weights=weights,
+                            epochs=getattr(args, "epochs_cls", None), batch_size=batch),
+        "segmenter": given(epochs=getattr(args, "epochs_seg", None), batch_size=batch,
+                           encoder=backbone if shared_encoder else None,
+                           weights=weights if shared_encoder else None),
+    }

@@ -1,0 +1,74 @@
+"""``histo-wsss``: the command line over the core jobs (DESIGN.md section 4).
+
+Every user-caused problem ends as one line on stderr and exit code 2; Ctrl-C stops a training
+job cleanly after the current batch, with a checkpoint to resume from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .. import __version__
+from ..core.errors import HistoWsssError
+
+
+def cmd_version(args) -> int:
+    import torch
+
+    from ..core.devices import available_devices
+
+    print(json.dumps({"napari-histo-wsss": __version__, "torch": str(torch.__version__),
+                      "devices": available_devices()}, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .pipeline import add_pipeline_parsers
+    from .slides import add_segment_slide_parser
+    from .stage1 import add_stage1_parsers
+    from .stage2 import add_stage2_parsers
+
+    parser = argparse.ArgumentParser(
+        prog="histo-wsss",
+        description="Weakly-supervised tissue segmentation of H&E histopathology: patch labels "
+                    "-> CAM classifier -> pseudo-masks -> segmenter -> whole slides.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    add_pipeline_parsers(commands)
+    add_stage1_parsers(commands)
+    add_stage2_parsers(commands)
+    add_segment_slide_parser(commands)
+
+    version = commands.add_parser("info", help="versions and the devices available here")
+    version.set_defaults(func=cmd_version)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except HistoWsssError as error:
+        print(f"histo-wsss: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("histo-wsss: aborted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("histo-wsss: error: out of memory; try a smaller --batch-size", file=sys.stderr)
+        return 2
+    except RuntimeError as error:
+        if "out of memory" in str(error).lower():
+            print("histo-wsss: error: the device ran out of memory; try a smaller --batch-size "
+                  "or --device cpu", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

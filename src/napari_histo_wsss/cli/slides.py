@@ -1,0 +1,88 @@
+"""``histo-wsss segment-slide``: a trained run applied to whole slides, on the command line.
+
+One slide writes ``--out OUT.zarr``; several write ``OUT_DIR/<slide name>.zarr``, here one
+after another or, with ``--scheduler``, as tasks on a dask.distributed cluster (one model per
+worker). ``--geojson`` adds QuPath annotations (a file for one slide, a folder for several).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from functools import partial
+from pathlib import Path
+
+
+def add_segment_slide_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``segment-slide`` on the CLI's subcommands."""
+    parser = subparsers.add_parser(
+        "segment-slide",
+        help="segment whole slides with a trained run into OME-Zarr (+ GeoJSON for QuPath)",
+        description="Tiled, seam-free segmentation of whole slides into OME-Zarr label and "
+                    "probability pyramids. An interrupted run resumes when run again.",
+    )
+    parser.add_argument("run_dir", metavar="RUN_DIR",
+                        help="run directory (or segmenter checkpoint) to predict with")
+    parser.add_argument("slides", nargs="+", metavar="SLIDE",
+                        help="slide files (SVS, NDPI, OME-TIFF, pyramidal TIFF, OME-Zarr...)")
+    parser.add_argument("--out", required=True, metavar="OUT",
+                        help="OUT.zarr for one slide, a folder for several")
+    parser.add_argument("--geojson", metavar="F",
+                        help="also export class polygons for QuPath (file, or folder for several)")
+    resolution = parser.add_mutually_exclusive_group()
+    resolution.add_argument("--mpp", type=float,
+                            help="microns per pixel to work at (default: the model's)")
+    resolution.add_argument("--level", type=int, help="pyramid level to work at")
+    parser.add_argument("--tile", type=int, default=512, help="model input size (default 512)")
+    parser.add_argument("--halo", type=int, default=64,
+                        help="context margin on each side of a tile (default 64)")
+    parser.add_argument("--blend", choices=("crop", "linear", "gaussian"), default="gaussian",
+                        help="how overlapping tiles are merged (default gaussian)")
+    parser.add_argument("--batch-size", type=int, default=8, help="tiles per batch (default 8)")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--no-tissue-mask", action="store_true",
+                        help="predict every tile, background included")
+    parser.add_argument("--no-resume", action="store_true",
+                        help="start again even if OUT holds an interrupted run")
+    parser.add_argument("--scheduler", metavar="ADDRESS",
+                        help="dask.distributed scheduler, e.g. tcp://host:8786")
+    parser.set_defaults(func=run_segment_slide)
+    return parser
+
+
+def run_segment_slide(args) -> int:
+    """Run the command; 0 on success, 1 when stopped, 2 when some slide failed."""
+    from ..core.inference.predict import load_predictor
+    from ..core.wsi.geojson_export import segmentation_to_geojson
+    from ..core.wsi.slide_inference import segment_slides
+    from .progress import drive
+
+    slides = [Path(slide) for slide in args.slides]
+    out = Path(args.out)
+    outputs = [out] if len(slides) == 1 else out
+    options = {
+        "target_mpp": args.mpp, "level": args.level, "tile": args.tile, "halo": args.halo,
+        "blend": args.blend, "batch_size": args.batch_size,
+        "tissue_mask": not args.no_tissue_mask, "resume": not args.no_resume,
+    }
+    if args.scheduler:
+        predictor = partial(load_predictor, args.run_dir, args.device)
+    else:
+        predictor = load_predictor(args.run_dir, args.device)
+    done = drive(lambda stop: segment_slides(
+        predictor, slides, outputs, scheduler=args.scheduler, stop=stop, **options))
+    if done is None or done.stopped:
+        print("stopped; run the same command again to resume", file=sys.stderr)
+        return 1
+    result = done.result
+    for zarr_path in result.outputs:
+        print(zarr_path)
+        if args.geojson:
+            geojson = Path(args.geojson)
+            if len(slides) > 1:
+                geojson = geojson / f"{zarr_path.stem}.geojson"
+            segmentation_to_geojson(zarr_path, geojson)
+            print(geojson)
+    for problem in result.failures.values():
+        print(f"histo-wsss: error: {problem}", file=sys.stderr)
+    return 2 if result.failures else 0

@@ -1,0 +1,96 @@
+"""``train-classifier`` and ``pseudo-masks``: stage 1 of the pipeline as two commands.
+
+``train-classifier`` sets up (or reopens) the run directory exactly as ``pipeline`` does, so the
+stages can be run one by one and continued with ``pipeline`` later.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..core.config.presets import METHODS
+
+
+def add_stage1_parsers(subparsers) -> None:
+    """Register the two stage-1 commands on the ``histo-wsss`` sub-command parser."""
+    from .flags import add_dataset_flags, add_training_flags
+
+    train = subparsers.add_parser(
+        "train-classifier", help="stage 1: train the CAM classifier on the patch labels "
+                                 "(resumes an interrupted run)")
+    train.add_argument("data_dir", metavar="DATA_DIR")
+    train.add_argument("--method", required=True, choices=METHODS)
+    train.add_argument("--out", required=True, metavar="RUN_DIR")
+    add_training_flags(train)
+    add_dataset_flags(train)
+    train.set_defaults(func=cmd_train_classifier)
+
+    masks = subparsers.add_parser(
+        "pseudo-masks", help="stage 1: pseudo-masks of every training patch from the run's "
+                             "classifier")
+    masks.add_argument("run_dir", metavar="RUN_DIR")
+    masks.add_argument("data_dir", metavar="DATA_DIR", nargs="?",
+                       help="dataset folder (default: the one the run was trained on)")
+    masks.add_argument("--device", help="auto (default: the run's), cpu, cuda, cuda:N or mps")
+    masks.add_argument("--report", action="store_true",
+                       help="also score the recipe on DATA_DIR's val masks (stage-1 mIoU)")
+    masks.set_defaults(func=cmd_pseudo_masks)
+
+
+def cmd_train_classifier(args: argparse.Namespace) -> int:
+    from ..core.devices import resolve_device
+    from ..core.pipeline import prepare_run
+    from ..core.stage1.train_classifier import train_classifier
+    from .flags import spec_from_args, stage_overrides
+    from .progress import drive
+
+    run, config, layout = prepare_run(
+        args.data_dir, args.out, args.method, spec=spec_from_args(args),
+        schedule=args.schedule, seed=args.seed, device=args.device, mpp=args.mpp,
+        **stage_overrides(args),
+    )
+    device = resolve_device(args.device or config.device)
+    print(f"{layout.describe()}\nrun directory: {run.root}", file=sys.stderr)
+    patches = layout.patches()
+    done = drive(lambda stop: train_classifier(run, config, patches, device=device, stop=stop))
+    if done is None or done.stopped:
+        print(f"stopped; run the same command again to resume ({run.root})", file=sys.stderr)
+        return 1
+    print(done.result)
+    return 0
+
+
+def cmd_pseudo_masks(args: argparse.Namespace) -> int:
+    from ..core.data.classes import DatasetSpec
+    from ..core.data.datasets import find_dataset
+    from ..core.devices import resolve_device
+    from ..core.errors import ConfigError, DatasetError
+    from ..core.inference.metrics import format_scores
+    from ..core.runs.run_dir import RunDirectory
+    from ..core.stage1.pseudo_masks import generate_pseudo_masks, pseudo_mask_report
+    from .progress import drive
+
+    run = RunDirectory(args.run_dir)
+    config = run.config()
+    if not run.classifier_checkpoint.is_file():
+        raise ConfigError("no trained classifier here: run `histo-wsss train-classifier` first",
+                          run.root)
+    layout = find_dataset(Path(args.data_dir or config.data_dir),
+                          DatasetSpec.from_dict(config.dataset))
+    val = layout.eval_set("val") if args.report else None
+    if args.report and val is None:
+        raise DatasetError("--report needs val/img and val/mask folders", layout.root)
+    device = resolve_device(args.device or config.device)
+    patches = layout.patches()
+    done = drive(lambda stop: generate_pseudo_masks(run, config, patches, device=device,
+                                                    stop=stop))
+    if done is None or done.stopped:
+        print("stopped; run the same command again to regenerate", file=sys.stderr)
+        return 1
+    print(done.result)
+    if val is not None:
+        print(f"pseudo-masks on val ({len(val)} images):\n"
+              f"{format_scores(pseudo_mask_report(run, config, val, device))}")
+    return 0

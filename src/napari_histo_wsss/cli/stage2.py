@@ -1,0 +1,187 @@
+"""``histo-wsss train-segmenter`` and ``histo-wsss evaluate`` (DESIGN.md section 4).
+
+``evaluate SOURCE IMAGES_DIR MASKS_DIR`` scores either a model (SOURCE is a run directory or a
+segmenter checkpoint; it predicts the images) or a folder of predicted palette masks named like
+the images. For a mask folder the classes come from ``--classes/--background``, else from the
+palette of the ground-truth masks when it is a built-in dataset's, else from the dataset the
+masks folder belongs to (``DATA/val/mask`` -> ``DATA``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from .flags import add_dataset_flags, spec_from_args
+
+TTA_CHOICES = ("none", "flip", "d4", "multiscale")
+
+
+def add_stage2_parsers(subparsers) -> None:
+    """Register ``train-segmenter`` and ``evaluate`` on the CLI's subcommands."""
+    train = subparsers.add_parser(
+        "train-segmenter",
+        help="train the segmenter on a run's pseudo-masks (resumes an interrupted run)",
+        description="Stage 2: train a segmenter on RUN_DIR/pseudo_masks with a "
+                    "noise-suppression loss; writes RUN_DIR/segmenter/<strategy>/.",
+    )
+    train.add_argument("run_dir", metavar="RUN_DIR")
+    train.add_argument("data_dir", nargs="?", metavar="DATA_DIR",
+                       help="dataset folder (default: the one the run was made from)")
+    train.add_argument("--loss", help="noise-suppression loss: ce, multilayer_ce, onss, arml, "
+                                      "anm or hisynseg (default: the method's)")
+    train.add_argument("--strategy", help="folder name under segmenter/ (default: the loss name)")
+    train.add_argument("--sampling", choices=("uniform", "balanced"),
+                       help="uniform: every patch once per epoch (default); balanced: patches "
+                            "with rare classes drawn more often")
+    train.add_argument("--epochs-seg", type=int, help="segmenter epochs")
+    train.add_argument("--batch-size", type=int, help="batch size")
+    train.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
+    train.add_argument("--seed", type=int, help="random seed (default: the run's)")
+    train.add_argument("--restart", action="store_true",
+                       help="train from scratch instead of resuming segmenter/<strategy>/last.pt")
+    add_dataset_flags(train)
+    train.set_defaults(func=run_train_segmenter)
+
+    evaluate = subparsers.add_parser(
+        "evaluate",
+        help="score a run's segmenter, or a folder of predicted masks, on images with masks",
+        description="One confusion matrix over the set, background excluded: per-class IoU, "
+                    "mIoU, FwIoU, Dice, pixel accuracy.",
+    )
+    evaluate.add_argument("source", metavar="SOURCE",
+                          help="run directory, segmenter checkpoint, or folder of predicted "
+                               "palette masks named like the images")
+    evaluate.add_argument("images_dir", metavar="IMAGES_DIR")
+    evaluate.add_argument("masks_dir", metavar="MASKS_DIR")
+    evaluate.add_argument("--json", action="store_true",
+                          help="print one JSON object (miou, fwiou, dice, per_class, ...)")
+    evaluate.add_argument("--strategy", help="which trained segmenter of the run (default: "
+                                             "the best on validation)")
+    evaluate.add_argument("--tta", choices=TTA_CHOICES, help="test-time augmentation "
+                                                            "(default: the method's)")
+    evaluate.add_argument("--no-class-gate", action="store_true",
+                          help="do not gate classes with the stage-1 classifier (MLPS); by "
+                               "default the gate is used where the pipeline found it helps "
+                               "on val")
+    evaluate.add_argument("--save-masks", metavar="DIR",
+                          help="also write the predicted palette masks into DIR")
+    evaluate.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
+    add_dataset_flags(evaluate)
+    evaluate.set_defaults(func=run_evaluate)
+
+
+def run_train_segmenter(args) -> int:
+    """Train one strategy; 0 when finished, 1 when stopped (run again to resume)."""
+    from ..core.config.run_config import override
+    from ..core.data.classes import DatasetSpec
+    from ..core.data.datasets import find_dataset
+    from ..core.errors import ConfigError
+    from ..core.inference.metrics import format_scores
+    from ..core.runs.run_dir import RunDirectory
+    from ..core.stage2.train_segmenter import train_segmenter
+    from .progress import drive
+
+    run = RunDirectory(args.run_dir)
+    config = run.config()
+    data_dir = args.data_dir or config.data_dir
+    if not data_dir:
+        raise ConfigError("the run does not name its dataset: give DATA_DIR", run.root)
+    spec = spec_from_args(args) or (DatasetSpec.from_dict(config.dataset)
+                                    if config.dataset else None)
+    layout = find_dataset(data_dir, spec)
+    segmenter = override(config.segmenter, loss=args.loss, epochs=args.epochs_seg,
+                         batch_size=args.batch_size, sampling=args.sampling)
+    config = replace(config, segmenter=segmenter, seed=config.seed if args.seed is None
+                     else args.seed, device=args.device or config.device)
+    strategy = args.strategy or segmenter.loss
+    val = layout.eval_set("val")
+    print(f"{layout.describe()}\nsegmenter: {segmenter.arch} on {segmenter.encoder}, loss "
+          f"{segmenter.loss} -> {run.segmenter_dir(strategy)}", file=sys.stderr)
+    done = drive(lambda stop: train_segmenter(
+        run, config, layout.patches(), strategy=strategy, device=config.device, stop=stop,
+        resume=not args.restart, val=val))
+    if done is None or done.stopped:
+        print(f"stopped; run the same command again to resume ({run.root})", file=sys.stderr)
+        return 1
+    print(done.result)
+    metrics_path = run.segmenter_dir(strategy) / "metrics.json"
+    best = json.loads(metrics_path.read_text()).get("best_val") if metrics_path.is_file() \
+        else None
+    if best:
+        print(f"best on val:\n{format_scores(best)}", file=sys.stderr)
+    if val is not None and config.segmenter.class_gate is not None:
+        from ..core.inference.predict import describe_gate_choice, select_class_gate
+
+        gate_choice = describe_gate_choice(select_class_gate(run, strategy, val, config.device))
+        if gate_choice:
+            print(gate_choice, file=sys.stderr)
+    return 0
+
+
+def run_evaluate(args) -> int:
+    from ..core.data.datasets import load_eval_set
+    from ..core.errors import ConfigError
+    from ..core.inference.metrics import format_scores
+    from ..core.inference.predict import evaluate, evaluate_mask_folder, json_ready, load_predictor
+
+    source = Path(args.source).expanduser()
+    if _is_model(source):
+        predictor = load_predictor(source, args.device, args.strategy, tta=args.tta,
+                                   use_class_gate=False if args.no_class_gate else None)
+        eval_set = load_eval_set(args.images_dir, args.masks_dir, predictor.spec)
+        scores = evaluate(predictor, eval_set, save_masks=args.save_masks)
+    else:
+        if args.save_masks or args.strategy or args.tta:
+            raise ConfigError("--save-masks, --strategy and --tta need a run directory or a "
+                              "checkpoint as SOURCE, not a folder of masks", source)
+        spec = spec_from_args(args) or mask_spec(Path(args.masks_dir))
+        eval_set = load_eval_set(args.images_dir, args.masks_dir, spec)
+        scores = evaluate_mask_folder(source, eval_set)
+    if args.json:
+        print(json.dumps(json_ready(scores)))
+    else:
+        print(format_scores(scores))
+    return 0
+
+
+def _is_model(source: Path) -> bool:
+    """A checkpoint file or a run directory (as opposed to a folder of masks)."""
+    from ..core.errors import DatasetError
+
+    if source.is_file():
+        return True
+    if not source.is_dir():
+        raise DatasetError("no such run directory, checkpoint or mask folder", source)
+    return (source / "run.json").is_file() or (source / "segmenter").is_dir()
+
+
+def mask_spec(masks_dir: Path):
+    """The classes of ground-truth masks: a built-in dataset whose colours the masks' palette
+    starts with, else the dataset that holds the masks folder (``DATA/val/mask``)."""
+    from PIL import Image
+
+    from ..core.data.classes import BUILTIN_SPECS
+    from ..core.data.datasets import IMAGE_SUFFIXES, find_dataset
+    from ..core.errors import ConfigError, HistoWsssError
+
+    first = next((p for p in sorted(masks_dir.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES),
+                 None) if masks_dir.is_dir() else None
+    if first is not None:
+        with Image.open(first) as mask:
+            palette = mask.getpalette() if mask.mode == "P" else None
+        for spec in BUILTIN_SPECS.values():
+            colours = [channel for colour in spec.colours for channel in colour]
+            if palette is not None and palette[: len(colours)] == colours:
+                return spec
+    try:
+        return find_dataset(masks_dir.parent.parent).spec
+    except HistoWsssError:
+        raise ConfigError(
+            "cannot tell which classes these masks hold: give --classes A,B,C (and "
+            "--background N)",
+            masks_dir,
+        ) from None
+

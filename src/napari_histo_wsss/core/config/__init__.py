@@ -1,0 +1,1 @@
+"""Run configuration: the settings dataclasses and the method presets that fill them."""

@@ -1,0 +1,179 @@
+"""Method presets: each fills every knob with a paper's recipe (METHODS.md sections 10-11).
+
+Presets set the recipe, not the backbone: the default backbone everywhere is EfficientNet-Lite0
+with ImageNet weights that ship with the package, so every command runs offline and on a CPU.
+``--backbone res38d --weights FILE`` reproduces the papers' set-up for users who have them.
+
+Two schedules: ``paper`` keeps the published epochs and batch sizes (for a GPU); ``fast`` scales
+them to the dataset so the whole pipeline on a few hundred patches finishes in minutes on a CPU.
+Epoch-indexed switches (PDA, ARS start) are scaled with the epochs so the recipe keeps its shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..errors import ConfigError
+from .run_config import (
+    ClassifierConfig,
+    HisynSegConfig,
+    PseudoMaskConfig,
+    RunConfig,
+    SegmenterConfig,
+)
+
+METHODS = ("mlps", "msv-onss", "arml", "esfan", "hisynseg", "cam-ce")
+
+#: The released codes' paper schedules (stage-1 epochs, stage-2 epochs); HisynSeg per round.
+_PAPER_EPOCHS = {
+    "mlps": (20, 30),
+    "msv-onss": (20, 20),
+    "arml": (20, 10),
+    "esfan": (20, 20),
+    "hisynseg": (0, 25),
+    "cam-ce": (20, 20),
+}
+
+
+def _mlps() -> RunConfig:
+    return RunConfig(
+        method="mlps",
+        classifier=ClassifierConfig(train_modules=("pda",), batch_size=20),
+        pseudo_masks=PseudoMaskConfig(cam_method="gradcam", layers=("-1", "-2", "-3")),
+        segmenter=SegmenterConfig(
+            arch="deeplabv3plus", loss="multilayer_ce", targets=("layer-1", "layer-2", "layer-3"),
+            target_weights=(0.6, 0.2, 0.2), lr=0.01, head_lr_mult=10.0, batch_size=20,
+            class_gate=0.1,
+        ),
+    )
+
+
+def _msv_onss() -> RunConfig:
+    return RunConfig(
+        method="msv-onss",
+        classifier=ClassifierConfig(
+            train_modules=("pda", "coord_attention"), batch_size=16, input_size=512,
+        ),
+        pseudo_masks=PseudoMaskConfig(
+            cam_method="gradcampp", layers=("-1",), scales=(1.0, 0.75, 1.25),
+        ),
+        segmenter=SegmenterConfig(
+            arch="pspnet", aux_head=True, loss="onss", lr=0.005, head_lr_mult=1.0, min_lr=1e-4,
+            batch_size=16, augment="onss", normalise="dataset", tta="multiscale",
+        ),
+    )
+
+
+def _arml() -> RunConfig:
+    return RunConfig(
+        method="arml",
+        classifier=ClassifierConfig(train_modules=("ars",), augment="arml"),
+        pseudo_masks=PseudoMaskConfig(cam_method="gradcam", layers=("-1",)),
+        segmenter=SegmenterConfig(
+            arch="pspnet", encoder_depth=3, loss="arml",
+            loss_params={"swv_weight": 0.8, "srm_weight": 0.2},
+            lr=0.005, head_lr_mult=1.0,
+        ),
+    )
+
+
+def _esfan() -> RunConfig:
+    return RunConfig(
+        method="esfan",
+        classifier=ClassifierConfig(train_modules=("esf",), side_loss_weights=(0.2, 0.3, 0.5)),
+        pseudo_masks=PseudoMaskConfig(
+            cam_method="cam", layers=("-3", "-2", "-1"), fuse_weights=(0.47, 0.05, 0.47),
+            gating="predicted", gate_threshold=0.31, white_plane=True,
+        ),
+        segmenter=SegmenterConfig(
+            arch="pspnet", encoder_depth=3, loss="anm", lr=0.01, head_lr_mult=1.0,
+        ),
+    )
+
+
+def _hisynseg() -> RunConfig:
+    return RunConfig(
+        method="hisynseg",
+        segmenter=SegmenterConfig(
+            arch="deeplabv3plus", cam_head=True, loss="hisynseg", optimizer="adamw",
+            lr=1e-4, head_lr_mult=1.0, weight_decay=0.05, schedule="constant", batch_size=32,
+            normalise="imagenet", tta="d4",
+        ),
+        hisynseg=HisynSegConfig(),
+    )
+
+
+def _cam_ce() -> RunConfig:
+    """The baseline: plain CAM pseudo-masks and plain cross-entropy."""
+    return RunConfig(
+        method="cam-ce",
+        pseudo_masks=PseudoMaskConfig(cam_method="cam", layers=("-1",)),
+        segmenter=SegmenterConfig(arch="deeplabv3plus", loss="ce"),
+    )
+
+
+_BUILDERS = {
+    "mlps": _mlps,
+    "msv-onss": _msv_onss,
+    "arml": _arml,
+    "esfan": _esfan,
+    "hisynseg": _hisynseg,
+    "cam-ce": _cam_ce,
+}
+
+
+def preset(method: str, schedule: str = "fast", num_patches: int | None = None) -> RunConfig:
+    """The run configuration of ``method``; ``fast`` scales epochs to ``num_patches``."""
+    method = method.lower()
+    if method not in _BUILDERS:
+        raise ConfigError(f"unknown method '{method}': choose one of {', '.join(METHODS)}")
+    if schedule not in ("fast", "paper"):
+        raise ConfigError(f"unknown schedule '{schedule}': use fast or paper")
+    config = _BUILDERS[method]()
+    config.schedule = schedule
+    classifier_epochs, segmenter_epochs = _PAPER_EPOCHS[method]
+    config.classifier.epochs = classifier_epochs
+    config.segmenter.epochs = segmenter_epochs
+    if schedule == "fast":
+        _scale_to_cpu(config, num_patches or 500)
+    return config
+
+
+def _scale_to_cpu(config: RunConfig, num_patches: int) -> None:
+    """Fewer epochs, native patch size and smaller batches, keeping each recipe's proportions.
+
+    About 1,500 classifier and 1,000 segmenter images per epoch budget on two CPU cores; epoch
+    switches (PDA from the 4th of 20 epochs) move with the epoch count.
+    """
+    classifier = config.classifier
+    paper_epochs = max(classifier.epochs, 1)
+    classifier.epochs = int(min(paper_epochs, max(3, round(3000 / max(num_patches, 1)))))
+    ratio = classifier.epochs / paper_epochs
+    classifier.pda_start_epoch = max(1, round(classifier.pda_start_epoch * ratio))
+    classifier.ars_start_epoch = max(1, round(classifier.ars_start_epoch * ratio))
+    # Per-epoch gamma decay is compressed too, so the schedule still ends where 20 epochs would.
+    classifier.pda_gamma_decay = classifier.pda_gamma_decay ** (1 / ratio)
+    # Native patch size: no upsampling (MSV trains at 512 in the paper), no resampled scale.
+    classifier.input_size = None
+    classifier.batch_size = min(classifier.batch_size, 16)
+    segmenter = config.segmenter
+    segmenter.epochs = int(min(max(segmenter.epochs, 1), max(3, round(2500 / max(num_patches, 1)))))
+    segmenter.batch_size = min(segmenter.batch_size, 16)
+    # Native patch size, as for the classifier: the magnification inference will see. HisynSeg's
+    # synthetic images take that side too, so no source patch is mirror-padded up to 224.
+    segmenter.input_size = None
+    if config.hisynseg is not None:
+        # Two training rounds share the segmenter budget. Synthetic images per type are half the
+        # real patches (as released for WSSS4LUAD: 2 x 3,600 synthetic for 10,091 real), and a
+        # ResNet-10-T filter trains in about 60 % of ResNet-18's time.
+        hisynseg = config.hisynseg
+        segmenter.epochs = min(segmenter.epochs, max(3, round(1500 / max(num_patches, 1))))
+        hisynseg.images_per_type = min(hisynseg.images_per_type, max(8, num_patches // 2))
+        hisynseg.discriminator_images = min(hisynseg.discriminator_images, max(16, num_patches))
+        hisynseg.discriminator_arch = "resnet10t"
+        hisynseg.discriminator_batch_size = min(hisynseg.discriminator_batch_size, 32)
+
+
+def with_overrides(config: RunConfig, **changes) -> RunConfig:
+    """A copy of ``config`` with top-level fields replaced (None values are ignored)."""
+    return dataclasses.replace(config, **{k: v for k, v in changes.items() if v is not None})

@@ -1,0 +1,205 @@
+"""Run configuration: every knob of the pipeline, as plain dataclasses that round-trip to JSON.
+
+A method preset (``presets.py``) fills these with a paper's recipe; each field can still be set on
+its own, so recipes can be mixed. The resolved config is written into the run directory and into
+every checkpoint, so a run can be inspected and reproduced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+
+@dataclass
+class ClassifierConfig:
+    """Stage 1: the multi-label CAM classifier."""
+
+    backbone: str = "tf_efficientnet_lite0"
+    #: None: ImageNet weights (the offline EfficientNet-Lite0 file for that backbone, timm's
+    #: download otherwise); "none": random init; a path: a local weights file.
+    weights: str | None = None
+    output_stride: int = 16
+    #: Side of the square training inputs: larger patches are randomly cropped, smaller ones
+    #: resized up. None: the patches' most common side, so typical patches are not resampled.
+    input_size: int | None = 224
+    #: Feature modules: "pda", "coord_attention", "ars" act in training only (absent from the
+    #: CAM network); "esf" is part of the network, CAM network included.
+    train_modules: tuple[str, ...] = ()
+    pda_start_epoch: int = 3
+    pda_gamma: float = 1.0
+    pda_gamma_decay: float = 0.98
+    pda_gamma_floor: float = 0.65
+    ars_start_epoch: int = 2
+    #: Deep-supervision weights for side heads then the main head (ESFAN 0.2/0.3/0.5).
+    side_loss_weights: tuple[float, ...] = ()
+    augment: str = "flips"  # "flips" | "arml" (flips + blur + colour jitter)
+    normalise: str = "divide255"  # "divide255" | "imagenet" | "dataset"
+    epochs: int = 20
+    batch_size: int = 20
+    #: With momentum 0.9, lr 0.001 takes the released steps lr / (1 - momentum) = 0.01: the
+    #: released optimiser (lr 0.01) has effectively no momentum (METHODS.md 0). Momentum
+    #: smooths the few hundred noisy steps of a CPU schedule; lr 0.01 with it diverges.
+    lr: float = 0.001
+    weight_decay: float = 5e-4
+    new_layer_lr_mult: float = 10.0
+    momentum: float = 0.9
+
+
+@dataclass
+class PseudoMaskConfig:
+    """Turning class maps into pseudo-masks."""
+
+    cam_method: str = "gradcam"  # "cam" | "gradcam" | "gradcampp"
+    #: Backbone layers whose maps make pseudo-masks; negative numbers count from the deepest.
+    layers: tuple[str, ...] = ("-1",)
+    #: When set, the layers' maps are fused with these weights into one pseudo-mask (ESFAN).
+    fuse_weights: tuple[float, ...] | None = None
+    #: Several scales are voted pixel-wise (MSV: 1.0, 0.75, 1.25; ties resolve to the first).
+    scales: tuple[float, ...] = (1.0,)
+    gating: str = "label"  # "label" (patch label) | "predicted" (classifier probability)
+    gate_threshold: float = 0.31
+    #: None follows the dataset description.
+    white_plane: bool | None = None
+    batch_size: int = 16
+
+
+@dataclass
+class SegmenterConfig:
+    """Stage 2: the segmenter and its noise-suppression strategy."""
+
+    arch: str = "deeplabv3plus"  # "deeplabv3plus" | "pspnet" | "unet"
+    encoder: str = "tf_efficientnet_lite0"
+    weights: str | None = None  # as ClassifierConfig.weights
+    encoder_depth: int | None = None  # None: the architecture's default
+    aux_head: bool = False  # MSV's auxiliary FCN head (loss weight 0.4)
+    cam_head: bool = False  # HisynSeg's classification/CAM head
+    loss: str = "ce"  # "ce" | "multilayer_ce" | "onss" | "arml" | "anm" | ...
+    loss_params: dict[str, Any] = field(default_factory=dict)
+    #: Pseudo-mask folders (under ``pseudo_masks/``) the loss reads, main target first, and
+    #: their weights for multi-layer CE. "final" is the recipe's own mask (deepest layer, vote
+    #: or fusion); "layer-1", "layer-2", ... are the per-layer masks of a multi-layer recipe.
+    targets: tuple[str, ...] = ("final",)
+    target_weights: tuple[float, ...] = (1.0,)
+    optimizer: str = "sgd"  # "sgd" | "adamw"
+    lr: float = 0.01
+    head_lr_mult: float = 10.0
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "poly"  # "poly" | "constant"
+    min_lr: float = 0.0  # floor of the poly schedule (mmseg's min_lr; MSV-ONSS 1e-4)
+    epochs: int = 20
+    batch_size: int = 20
+    #: Side of the square training inputs (rounded down to the encoder's stride): larger
+    #: patches are randomly cropped, smaller ones resized up. None: the patches' most common
+    #: side, so typical patches keep the magnification that inference sees.
+    input_size: int | None = 224
+    augment: str = "flip_blur"  # "flip_blur" | "onss" (rescale, crop, flip, photometric)
+    #: "uniform": each patch once per epoch (the papers); "balanced": patches drawn with
+    #: replacement, weighted by the rarest class in their label (see ``epoch_order``).
+    sampling: str = "uniform"
+    normalise: str = "divide255"
+    #: MLPS classification gate: classes with classifier probability <= this are suppressed.
+    class_gate: float | None = None
+    tta: str = "none"  # "none" | "flip" | "d4" | "multiscale"
+
+
+@dataclass
+class HisynSegConfig:
+    """HisynSeg: synthesis, the real-vs-synthetic filter and self-training."""
+
+    images_per_type: int = 3600
+    discriminator_images: int = 10000
+    discriminator_epochs: int = 5
+    #: timm model of the real-vs-synthetic filter (random init): ResNet-18 as released.
+    discriminator_arch: str = "resnet18"
+    discriminator_batch_size: int = 256
+    accept_threshold: float = 0.5
+    bezier_points: int = 5
+    bezier_rad: float = 0.2
+    bezier_edgy: float = 0.05
+    self_training: bool = True
+    consistency_weight: float = 1.0
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs; written as ``run.json`` in the run directory."""
+
+    method: str = "mlps"
+    data_dir: str = ""
+    dataset: dict[str, Any] = field(default_factory=dict)  # DatasetSpec.to_dict()
+    seed: int = 0
+    device: str = "auto"
+    #: "fast" scales the schedules to the dataset and a CPU; "paper" uses the papers' schedules.
+    schedule: str = "fast"
+    #: Microns per pixel of the training patches, where known (slide inference matches it).
+    mpp: float | None = None
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    pseudo_masks: PseudoMaskConfig = field(default_factory=PseudoMaskConfig)
+    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
+    hisynseg: HisynSegConfig | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        data = dict(data)
+        sections = {
+            "classifier": ClassifierConfig,
+            "pseudo_masks": PseudoMaskConfig,
+            "segmenter": SegmenterConfig,
+            "hisynseg": HisynSegConfig,
+        }
+        for name, section in sections.items():
+            if data.get(name) is not None:
+                data[name] = section_from_dict(section, data[name])
+        return _build(cls, data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunConfig:
+        path = Path(path)
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise ConfigError("run configuration not found", path) from None
+        except (json.JSONDecodeError, TypeError) as error:
+            raise ConfigError(f"unreadable run configuration ({error})", path) from None
+
+
+def section_from_dict(section: type, data: dict[str, Any]):
+    """Build a config section, turning JSON lists back into tuples."""
+    values = {}
+    hints = {f.name: f for f in dataclasses.fields(section)}
+    for key, value in data.items():
+        if key not in hints:
+            raise ConfigError(f"unknown setting '{key}' for {section.__name__}")
+        values[key] = tuple(value) if isinstance(value, list) else value
+    return section(**values)
+
+
+def _build(cls, data: dict[str, Any]):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(f"unknown settings {sorted(unknown)} for {cls.__name__}")
+    return cls(**data)
+
+
+def override(section, **changes):
+    """A copy of a config section with the non-None ``changes`` applied (CLI flags)."""
+    changes = {k: v for k, v in changes.items() if v is not None}
+    valid = {f.name for f in dataclasses.fields(section)}
+    unknown = set(changes) - valid
+    if unknown:
+        raise ConfigError(f"unknown settings {sorted(unknown)} for {type(section).__name__}")
+    return dataclasses.replace(section, **changes)

@@ -1,0 +1,1 @@
+"""Datasets: class descriptions, weakly-labelled patches and evaluation images with masks."""

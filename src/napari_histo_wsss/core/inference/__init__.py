@@ -1,0 +1,1 @@
+"""Prediction with a trained segmenter, tiled windows and the evaluation metrics."""

@@ -1,0 +1,1 @@
+"""Networks: backbones, stage-1 feature modules, the CAM classifier and the segmenters."""

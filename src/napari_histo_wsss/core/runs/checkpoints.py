@@ -1,0 +1,94 @@
+"""One-file checkpoints that load with ``torch.load(weights_only=True)``.
+
+A checkpoint is a plain dict of tensors and JSON-like values: the state dict, the model kind and
+its config, the dataset description (class names, colours), normalisation, versions and training
+provenance. Nothing in it is an arbitrary pickled object, so opening a checkpoint from someone
+else can never run code.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ... import __version__
+from ..data.classes import DatasetSpec
+from ..errors import CheckpointError
+
+FORMAT_VERSION = 1
+
+
+def save_checkpoint(
+    path: str | Path,
+    *,
+    kind: str,
+    state_dict: dict[str, torch.Tensor],
+    config: dict[str, Any],
+    spec: DatasetSpec,
+    training: dict[str, Any] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint atomically (temp file + rename) so a crash never leaves half a file.
+
+    ``kind`` names the model family ("classifier", "segmenter", ...); ``training`` holds
+    provenance and resume state (epoch, step, best metric, losses, seed).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
+        "config": config,
+        "dataset": spec.to_dict(),
+        "training": training or {},
+        "optimizer_state": optimizer_state,
+        "versions": {
+            "napari_histo_wsss": __version__,
+            "torch": str(torch.__version__),
+            "python": platform.python_version(),
+        },
+        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(payload, temporary)
+    temporary.replace(path)
+    return path
+
+
+def load_checkpoint(path: str | Path, kind: str | None = None) -> dict[str, Any]:
+    """Read a checkpoint safely; ``kind`` checks it holds the expected model family."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError("checkpoint file not found", path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a bad file; all mean the same
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
+        raise CheckpointError(f"not a readable checkpoint ({first_line})", path) from None
+    if not isinstance(payload, dict) or "state_dict" not in payload or "kind" not in payload:
+        raise CheckpointError("not a napari-histo-wsss checkpoint (no state_dict/kind)", path)
+    if kind is not None and payload["kind"] != kind:
+        raise CheckpointError(
+            f"holds a {payload['kind']} model, but a {kind} checkpoint is needed here", path
+        )
+    return payload
+
+
+def checkpoint_spec(payload: dict[str, Any]) -> DatasetSpec:
+    return DatasetSpec.from_dict(payload["dataset"])
+
+
+def check_same_classes(payload: dict[str, Any], spec: DatasetSpec, path: str | Path) -> None:
+    """Refuse a checkpoint trained on other classes than the dataset at hand."""
+    theirs = tuple(payload["dataset"]["class_names"])
+    if theirs != spec.class_names:
+        raise CheckpointError(
+            f"was trained on classes {list(theirs)}, but the dataset has "
+            f"{list(spec.class_names)}",
+            path,
+        )

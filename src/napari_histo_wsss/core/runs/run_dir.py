@@ -1,0 +1,137 @@
+"""The run directory: one folder holding everything a run produced.
+
+::
+
+    RUN_DIR/
+      run.json                      resolved RunConfig
+      status.json                   which stages are complete (written last by each stage)
+      summary.json                  the pipeline's val scores and wall time
+      classifier/model.pt           stage-1 checkpoint (final or stopped); last.pt for resuming
+      classifier/losses.csv
+      pseudo_masks/<layer or vote>/*.png   palette pseudo-masks, named like the patches
+      pseudo_masks/cams.zarr        normalised class maps for inspection
+      pseudo_masks/report.json      pseudo-mask quality on masks, where a set has them
+      segmenter/<strategy>/model.pt best-on-validation segmenter; last.pt for resuming
+      segmenter/<strategy>/losses.csv, metrics.json
+      segmenter/<strategy>/class_gate.json   whether the recipe's class gate helped on val
+      hisynseg/                     synthetic images (<type>.npz), synthesis.json (counts,
+                                    acceptance, filter figures), examples/
+      pseudo_masks/hisynseg/, segmenter/hisynseg/round1.pt   HisynSeg's self-training round
+
+A stage is complete only once ``status.json`` says so; a stage that was interrupted leaves its
+``last.pt`` and is resumed from it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from ..config.run_config import RunConfig
+from ..errors import ConfigError
+
+
+class RunDirectory:
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser()
+
+    # -- layout ---------------------------------------------------------------------------------
+    @property
+    def config_path(self) -> Path:
+        return self.root / "run.json"
+
+    @property
+    def status_path(self) -> Path:
+        return self.root / "status.json"
+
+    @property
+    def classifier_dir(self) -> Path:
+        return self.root / "classifier"
+
+    @property
+    def classifier_checkpoint(self) -> Path:
+        return self.classifier_dir / "model.pt"
+
+    @property
+    def pseudo_mask_root(self) -> Path:
+        return self.root / "pseudo_masks"
+
+    def pseudo_mask_dir(self, name: str) -> Path:
+        return self.pseudo_mask_root / name
+
+    @property
+    def cams_path(self) -> Path:
+        return self.pseudo_mask_root / "cams.zarr"
+
+    def segmenter_dir(self, strategy: str) -> Path:
+        return self.root / "segmenter" / strategy
+
+    def segmenter_checkpoint(self, strategy: str) -> Path:
+        return self.segmenter_dir(strategy) / "model.pt"
+
+    def segmenter_strategies(self) -> list[str]:
+        """Strategies with a trained segmenter, in the order they were trained."""
+        folder = self.root / "segmenter"
+        if not folder.is_dir():
+            return []
+        found = [p for p in folder.iterdir() if (p / "model.pt").is_file()]
+        return [p.name for p in sorted(found, key=lambda p: (p / "model.pt").stat().st_mtime)]
+
+    # -- config and status ------------------------------------------------------------------------
+    def create(self, config: RunConfig) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        config.save(self.config_path)
+
+    def exists(self) -> bool:
+        return self.config_path.is_file()
+
+    def config(self) -> RunConfig:
+        if not self.exists():
+            raise ConfigError("not a run directory (no run.json)", self.root)
+        return RunConfig.load(self.config_path)
+
+    def status(self) -> dict[str, Any]:
+        if not self.status_path.is_file():
+            return {}
+        return json.loads(self.status_path.read_text())
+
+    def is_complete(self, stage: str) -> bool:
+        return bool(self.status().get(stage, {}).get("complete"))
+
+    def mark_complete(self, stage: str, **info: Any) -> None:
+        """Record a finished stage; written atomically so a crash never half-writes status."""
+        status = self.status()
+        status[stage] = {"complete": True, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                         **info}
+        temporary = self.status_path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(status, indent=2) + "\n")
+        temporary.replace(self.status_path)
+
+    def mark_incomplete(self, stage: str) -> None:
+        status = self.status()
+        if stage in status:
+            del status[stage]
+            self.status_path.write_text(json.dumps(status, indent=2) + "\n")
+
+
+class LossLog:
+    """Appends per-epoch figures to a CSV beside the checkpoint (readable while training runs)."""
+
+    def __init__(self, path: str | Path, fields: list[str]):
+        self.path = Path(path)
+        self.fields = fields
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.is_file():
+            with self.path.open("w", newline="") as handle:
+                csv.writer(handle).writerow(fields)
+
+    def append(self, **row: Any) -> None:
+        with self.path.open("a", newline="") as handle:
+            csv.writer(handle).writerow([row.get(name, "") for name in self.fields])
+
+    def rows(self) -> list[dict[str, str]]:
+        with self.path.open(newline="") as handle:
+            return list(csv.DictReader(handle))

@@ -1,0 +1,1 @@
+"""Stage 1: the CAM classifier's training, class maps and the pseudo-masks made from them."""

@@ -1,0 +1,91 @@
+"""Class activation maps of a batch: CAM, Grad-CAM and Grad-CAM++ at any named layers.
+
+The released codes run one forward and one backward per image, class and layer (12 backward
+passes per LUAD patch for MLPS). Here one forward serves a whole batch and every layer, and one
+backward per class gives that class's gradient at every requested layer for every image (images
+are independent in eval mode, so the gradient of the summed logit is each image's own). At the
+classifier input no backward is needed at all: after global average pooling and a linear
+classifier, dz_c/dA = w_c / (h w) everywhere, so Grad-CAM there is the CAM divided by h w.
+
+Grad-CAM has no ReLU (METHODS.md 1.2); Grad-CAM++ follows METHODS.md 2.2.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from ..models.classifier import CamClassifier
+
+CAM_METHODS = ("cam", "gradcam", "gradcampp")
+
+
+class ClassMaps(NamedTuple):
+    logits: torch.Tensor  # (N, C)
+    maps: dict[str, torch.Tensor]  # layer name -> (N, C, h, w) at the layer's resolution
+
+
+def gradcam(activation: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+    """sum_k mean_ij(g_k) A_k for one class: (N, K, h, w) twice -> (N, h, w)."""
+    weights = gradient.mean(dim=(2, 3))
+    return torch.einsum("nk,nkij->nij", weights, activation)
+
+
+def gradcampp(activation: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM++ for one class: a = g^2 / (2 g^2 + sum_ij(A) g^3), w_k = sum_ij a ReLU(g)."""
+    squared = gradient.pow(2)
+    denominator = 2 * squared + activation.sum(dim=(2, 3), keepdim=True) * gradient.pow(3) + 1e-6
+    alpha = torch.where(gradient != 0, squared / denominator, torch.zeros_like(gradient))
+    weights = (alpha * F.relu(gradient)).sum(dim=(2, 3))
+    return torch.einsum("nk,nkij->nij", weights, activation)
+
+
+_FROM_GRADIENT = {"gradcam": gradcam, "gradcampp": gradcampp}
+
+
+def class_activation_maps(model: CamClassifier, images: torch.Tensor,
+                          layers: tuple[str, ...] | list[str], method: str = "gradcam"
+                          ) -> ClassMaps:
+    """Maps of every class at every layer for a batch of network inputs (already normalised).
+
+    ``method``: "cam" = ReLU(w_c . A) (layers with a classifier: the deepest and side heads),
+    "gradcam" or "gradcampp" (any layer). The model must be in eval mode.
+    """
+    if method not in CAM_METHODS:
+        raise ConfigError(f"unknown CAM method '{method}': choose from {', '.join(CAM_METHODS)}")
+    if method == "cam":
+        with torch.no_grad():
+            logits, activations = model.cam_forward(images, layers)
+            maps = {name: F.relu(model.class_scores(name, activation))
+                    for name, activation in activations.items()}
+        return ClassMaps(logits, maps)
+
+    with torch.enable_grad():
+        logits, activations = model.cam_forward(images, layers)
+        analytic = {name: a for name, a in activations.items() if name == model.feature_layer}
+        traced = {name: a for name, a in activations.items() if name not in analytic}
+        per_class: dict[str, list[torch.Tensor]] = {name: [] for name in activations}
+        for c in range(logits.shape[1]):
+            if traced:
+                gradients = torch.autograd.grad(
+                    logits[:, c].sum(), list(traced.values()),
+                    retain_graph=c + 1 < logits.shape[1],
+                )
+                for (name, activation), gradient in zip(traced.items(), gradients, strict=True):
+                    per_class[name].append(_FROM_GRADIENT[method](activation.detach(), gradient))
+            for name, activation in analytic.items():
+                per_class[name].append(_FROM_GRADIENT[method](
+                    activation.detach(), _classifier_input_gradient(model, activation, c)))
+    maps = {name: torch.stack(class_maps, dim=1) for name, class_maps in per_class.items()}
+    return ClassMaps(logits.detach(), maps)
+
+
+def _classifier_input_gradient(model: CamClassifier, activation: torch.Tensor,
+                               class_index: int) -> torch.Tensor:
+    """dz_c/dA at the classifier input: w_c / (h w) at every position (GAP + linear head)."""
+    height, width = activation.shape[-2:]
+    weight = model.classifier.weight[class_index].detach().view(1, -1, 1, 1)
+    return (weight / (height * width)).expand_as(activation)

@@ -1,0 +1,1 @@
+"""Whole slides: lazy reading, tissue masks, tiled segmentation to OME-Zarr and GeoJSON."""

@@ -1,0 +1,117 @@
+"""Show a finished run in napari: what ``histo-wsss demo`` opens at the end.
+
+Val images are laid out side by side with their ground truth and each trained strategy's
+prediction; training patches below them with their pseudo-mask and one CAM layer per class.
+Layers share positions, so toggling them compares results in place.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..core.data.datasets import find_dataset, read_mask
+from ..core.devices import resolve_device
+from ..core.runs.run_dir import RunDirectory
+from ._jobs import avoid_triton_llvm_clash
+from ._layers import cam_colormap, class_features, display_labels, labels_colormap
+
+GAP = 20  # pixels between images in the layout
+
+
+def _row(images: list[np.ndarray], top: int) -> tuple[np.ndarray, list[tuple[int, int]], int]:
+    """Paste images left to right on a white canvas; returns canvas, offsets and its height."""
+    height = max(image.shape[0] for image in images)
+    width = sum(image.shape[1] for image in images) + GAP * (len(images) - 1)
+    canvas = np.full((height, width, *images[0].shape[2:]), 255, dtype=images[0].dtype)
+    offsets, x = [], 0
+    for image in images:
+        canvas[: image.shape[0], x: x + image.shape[1]] = image
+        offsets.append((top, x))
+        x += image.shape[1] + GAP
+    return canvas, offsets, height
+
+
+def _paste(shape, arrays, offsets, top, fill=0):
+    canvas = np.full(shape, fill, dtype=arrays[0].dtype)
+    for array, (_, x) in zip(arrays, offsets, strict=True):
+        canvas[..., : array.shape[-2], x: x + array.shape[-1]] = array
+    return canvas
+
+
+def add_run_layers(viewer, run_dir: Path, max_images: int = 6, max_patches: int = 6) -> None:
+    """Add the run's val results and training-patch pseudo-masks/CAMs to ``viewer``."""
+    avoid_triton_llvm_clash()  # the canvas may have loaded Mesa's LLVM already
+    from ..core.inference.predict import load_predictor, predict_image
+
+    run = RunDirectory(run_dir)
+    config = run.config()
+    layout = find_dataset(config.data_dir)
+    spec = layout.spec
+    colormap = labels_colormap(spec)
+    features = class_features(spec)
+
+    val = layout.eval_set("val")
+    if val is not None and len(val):
+        pairs = [val.pair(i) for i in range(min(max_images, len(val)))]
+        canvas, offsets, height = _row([image for image, _ in pairs], 0)
+        viewer.add_image(canvas, name="val images", rgb=True)
+        truth = _paste(canvas.shape[:2], [display_labels(m, spec.num_classes) for _, m in pairs],
+                       offsets, 0)
+        viewer.add_labels(truth, name="ground truth", colormap=colormap, features=features,
+                          opacity=0.5, visible=False)
+        device = resolve_device(config.device)
+        for strategy in run.segmenter_strategies():
+            predictor = load_predictor(run.root, device, strategy=strategy)
+            predictions = [display_labels(predict_image(predictor, image)[0], spec.num_classes)
+                           for image, _ in pairs]
+            viewer.add_labels(_paste(canvas.shape[:2], predictions, offsets, 0),
+                              name=f"prediction: {strategy}", colormap=colormap,
+                              features=features, opacity=0.5)
+        top = height + 4 * GAP
+    else:
+        top = 0
+
+    pseudo_dir = run.pseudo_mask_dir("final")
+    if pseudo_dir.is_dir():
+        patches = layout.patches()
+        chosen = list(range(min(max_patches, len(patches))))
+        images = [patches.image(i) for i in chosen]
+        canvas, offsets, _ = _row(images, top)
+        viewer.add_image(canvas, name="training patches", rgb=True, translate=(top, 0))
+        masks = [display_labels(read_mask(pseudo_dir / patches.paths[i].with_suffix(".png").name,
+                                          spec), spec.num_classes) for i in chosen]
+        viewer.add_labels(_paste(canvas.shape[:2], masks, offsets, top), name="pseudo-masks",
+                          colormap=colormap, features=features, opacity=0.5,
+                          translate=(top, 0))
+        _add_cams(viewer, run, chosen, images, offsets, canvas.shape[:2], top, spec)
+
+
+def _add_cams(viewer, run, chosen, images, offsets, shape, top, spec) -> None:
+    """One additive layer per class from the stored class maps (first map, upsampled)."""
+    if not run.cams_path.exists():
+        return
+    import zarr
+    from skimage.transform import resize
+
+    group = zarr.open_group(str(run.cams_path), mode="r")
+    for class_index, name in enumerate(spec.class_names):
+        maps = []
+        for index, image in zip(chosen, images, strict=True):
+            stored = np.asarray(group[f"{index:06d}"][0, class_index], dtype=np.float32)
+            maps.append(resize(stored, image.shape[:2], order=1).astype(np.float32))
+        viewer.add_image(_paste(shape, maps, offsets, top), name=f"CAM {name}",
+                         colormap=cam_colormap(name, spec.colours[class_index]),
+                         blending="additive", opacity=0.6, contrast_limits=(0, 1),
+                         translate=(top, 0), visible=class_index == 0)
+
+
+def show_run(run_dir: Path) -> None:
+    """Open napari on a finished run and block until the window is closed."""
+    import napari
+
+    viewer = napari.Viewer(title=f"napari-histo-wsss: {run_dir}")
+    add_run_layers(viewer, run_dir)
+    viewer.reset_view()
+    napari.run()

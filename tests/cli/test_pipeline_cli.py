@@ -1,0 +1,65 @@
+"""`histo-wsss pipeline` end to end on the bundled real patches: every stage, scores, resuming."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from napari_histo_wsss.cli import main
+from napari_histo_wsss.core.runs.run_dir import RunDirectory
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, sample_dataset_dir):
+    """MLPS on the 42 bundled patches, one short epoch per stage."""
+    out = tmp_path_factory.mktemp("pipeline") / "run"
+    argv = ["pipeline", str(sample_dataset_dir), "--method", "mlps", "--out", str(out),
+            "--epochs-cls", "1", "--epochs-seg", "1", "--batch-size", "8", "--mpp", "0.5",
+            "--device", "cpu"]
+    status = main(argv)
+    return argv, out, status
+
+
+def test_pipeline_runs_every_stage_and_scores_on_val(finished_run, capsys):
+    _, out, status = finished_run
+    assert status == 0
+    run = RunDirectory(out)
+    config = run.config()
+    assert config.mpp == 0.5 and config.classifier.epochs == 1 and config.segmenter.epochs == 1
+    for stage in ("classifier", "pseudo_masks", "segmenter:multilayer_ce"):
+        assert run.is_complete(stage), stage
+    summary = json.loads((out / "summary.json").read_text())
+    scores = summary["val"]["multilayer_ce"]
+    assert 0.0 <= scores["miou"] <= 1.0 and scores["images"] == 7
+    # The MLPS class gate was judged on val, and the better of the two was reported.
+    choice = json.loads((run.segmenter_dir("multilayer_ce") / "class_gate.json").read_text())
+    assert scores["miou"] == pytest.approx(max(choice["miou_with_gate"],
+                                               choice["miou_without_gate"]))
+    assert summary["wall_seconds"] > 0
+
+
+def test_running_again_reuses_the_run_and_another_method_is_refused(finished_run, capsys):
+    argv, out, _ = finished_run
+    run = RunDirectory(out)
+    finished_at = {stage: info["finished_at"] for stage, info in run.status().items()}
+    wall = json.loads((out / "summary.json").read_text())["wall_seconds"]
+    capsys.readouterr()
+
+    assert main(argv) == 0
+    assert "continuing the existing run" in capsys.readouterr().err
+    assert {stage: info["finished_at"] for stage, info in run.status().items()} == finished_at
+    assert json.loads((out / "summary.json").read_text())["wall_seconds"] == wall
+
+    other = [*argv[:3], "esfan", *argv[4:]]
+    assert main(other) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "--method mlps" in error and str(out) in error
+
+
+def test_a_resolution_that_is_not_positive_is_refused(tmp_path, sample_dataset_dir, capsys):
+    out = tmp_path / "run"
+    assert main(["pipeline", str(sample_dataset_dir), "--method", "mlps", "--out", str(out),
+                 "--mpp", "0"]) == 2
+    assert "microns per pixel must be positive" in capsys.readouterr().err
+    assert not (out / "run.json").exists()

@@ -1,0 +1,115 @@
+"""Config round-trips, presets, run directories, devices and safe checkpoints."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from napari_histo_wsss.core.config.presets import METHODS, preset
+from napari_histo_wsss.core.config.run_config import RunConfig
+from napari_histo_wsss.core.data.classes import BCSS_WSSS, WSSS4LUAD
+from napari_histo_wsss.core.devices import resolve_device
+from napari_histo_wsss.core.errors import CheckpointError, ConfigError
+from napari_histo_wsss.core.runs.checkpoints import (
+    check_same_classes,
+    checkpoint_spec,
+    load_checkpoint,
+    save_checkpoint,
+)
+from napari_histo_wsss.core.runs.run_dir import LossLog, RunDirectory
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_presets_round_trip_through_json(tmp_path, method):
+    config = preset(method, schedule="paper")
+    config.save(tmp_path / "run.json")
+    assert RunConfig.load(tmp_path / "run.json") == config
+
+
+def test_fast_schedule_keeps_the_recipe_shape():
+    paper = preset("mlps", "paper")
+    fast = preset("mlps", "fast", num_patches=557)
+    assert fast.classifier.epochs < paper.classifier.epochs
+    assert 0 < fast.classifier.pda_start_epoch < fast.classifier.epochs
+    # Gamma after the fast schedule's epochs equals gamma after the paper's 20 epochs.
+    assert fast.classifier.pda_gamma_decay ** fast.classifier.epochs == pytest.approx(
+        paper.classifier.pda_gamma_decay ** paper.classifier.epochs
+    )
+    assert fast.pseudo_masks == paper.pseudo_masks
+
+
+def test_unknown_method_and_settings_are_clear():
+    with pytest.raises(ConfigError, match="unknown method 'nope'"):
+        preset("nope")
+    data = preset("mlps").to_dict()
+    data["classifier"]["bogus"] = 1
+    with pytest.raises(ConfigError, match="unknown setting 'bogus'"):
+        RunConfig.from_dict(data)
+
+
+def test_run_directory_status(tmp_path):
+    run = RunDirectory(tmp_path / "run")
+    run.create(preset("esfan"))
+    assert run.exists() and run.config().method == "esfan"
+    assert not run.is_complete("classifier")
+    run.mark_complete("classifier", epochs=3)
+    assert run.is_complete("classifier")
+    run.mark_incomplete("classifier")
+    assert not run.is_complete("classifier")
+    with pytest.raises(ConfigError, match="not a run directory"):
+        RunDirectory(tmp_path / "empty").config()
+
+
+def test_loss_log_appends(tmp_path):
+    log = LossLog(tmp_path / "losses.csv", ["epoch", "loss"])
+    log.append(epoch=0, loss=1.5)
+    LossLog(tmp_path / "losses.csv", ["epoch", "loss"]).append(epoch=1, loss=1.0)
+    assert [row["loss"] for row in log.rows()] == ["1.5", "1.0"]
+
+
+def test_checkpoint_round_trip_and_checks(tmp_path):
+    state = {"weight": torch.arange(6.0).reshape(2, 3)}
+    path = save_checkpoint(
+        tmp_path / "model.pt", kind="classifier", state_dict=state,
+        config=preset("mlps").to_dict(), spec=WSSS4LUAD, training={"epoch": 2},
+    )
+    payload = load_checkpoint(path, kind="classifier")
+    assert torch.equal(payload["state_dict"]["weight"], state["weight"])
+    assert checkpoint_spec(payload) == WSSS4LUAD
+    check_same_classes(payload, WSSS4LUAD, path)
+    with pytest.raises(CheckpointError, match="trained on classes"):
+        check_same_classes(payload, BCSS_WSSS, path)
+    with pytest.raises(CheckpointError, match="holds a classifier model"):
+        load_checkpoint(path, kind="segmenter")
+
+
+class ArbitraryObject:
+    """Anything that is not a tensor or plain value must not be unpickled from a checkpoint."""
+
+
+def test_checkpoint_with_arbitrary_objects_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"kind": "classifier", "state_dict": {}, "x": ArbitraryObject()}, path,
+               pickle_module=pickle)
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(path)
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="junk.pt: not a readable checkpoint"):
+        load_checkpoint(tmp_path / "junk.pt")
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_device_resolution(monkeypatch):
+    monkeypatch.delenv("HISTO_WSSS_DEVICE", raising=False)
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type in {"cpu", "cuda", "mps"}
+    with pytest.raises(ConfigError, match="unknown device"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            resolve_device("cuda:0")
+    monkeypatch.setenv("HISTO_WSSS_DEVICE", "cpu")
+    assert resolve_device("cuda").type == "cpu"

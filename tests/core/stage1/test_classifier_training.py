@@ -1,0 +1,172 @@
+"""Real stage-1 training on the bundled WSSS4LUAD patches with the offline Lite0 weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from napari_histo_wsss.core.config.presets import preset
+from napari_histo_wsss.core.data.classes import custom_spec
+from napari_histo_wsss.core.data.datasets import PatchSet, find_dataset
+from napari_histo_wsss.core.errors import CheckpointError, DatasetError
+from napari_histo_wsss.core.events import (
+    Batch,
+    CheckpointSaved,
+    Done,
+    Epoch,
+    Started,
+    StopToken,
+)
+from napari_histo_wsss.core.models.classifier import build_classifier, load_classifier
+from napari_histo_wsss.core.runs.checkpoints import load_checkpoint
+from napari_histo_wsss.core.runs.run_dir import LossLog, RunDirectory
+from napari_histo_wsss.core.stage1.train_classifier import (
+    build_optimizer,
+    classification_loss,
+    fit_to_size,
+    train_classifier,
+)
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def patches(sample_dataset_dir):
+    patches = find_dataset(sample_dataset_dir).patches()
+    patches.decode_all()
+    return patches
+
+
+@pytest.fixture(scope="module")
+def config(patches):
+    """MLPS with PDA from the 2nd epoch, 2 epochs of 5 steps on 64 px crops."""
+    config = preset("mlps", "fast", num_patches=len(patches))
+    config.dataset = patches.spec.to_dict()
+    config.classifier = dataclasses.replace(
+        config.classifier, epochs=2, batch_size=8, input_size=64, pda_start_epoch=1)
+    return config
+
+
+def _train(root, config, patches, stop_after=None, resume=True):
+    run = RunDirectory(root)
+    if not run.exists():
+        run.create(config)
+    stop = StopToken()
+    events = []
+    for event in train_classifier(run, config, patches, device=CPU, stop=stop, resume=resume):
+        events.append(event)
+        if isinstance(event, Batch) and stop_after is not None and event.index + 1 == stop_after:
+            stop.request()
+    return run, events
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, config, patches):
+    return _train(tmp_path_factory.mktemp("cls-a"), config, patches)
+
+
+def _state(run):
+    return load_checkpoint(run.classifier_checkpoint, kind="classifier")["state_dict"]
+
+
+def test_loss_decreases_on_a_fixed_batch(config, patches):
+    torch.manual_seed(0)
+    settings = config.classifier
+    model = build_classifier(settings, 3, patches.spec).train()
+    optimizer = build_optimizer(model, settings)
+    generator = torch.Generator().manual_seed(0)
+    chosen = [0, 5, 10, 15, 20, 25, 30, 35]
+    x = model.normalise(torch.stack([fit_to_size(patches.image(i), 64, generator)
+                                     for i in chosen]))
+    y = torch.from_numpy(patches.labels[chosen].astype(np.float32))
+    losses = []
+    for _ in range(8):
+        loss = classification_loss(model(x, epoch=0), y, settings)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_events_checkpoint_and_loss_log(finished):
+    run, events = finished
+    assert isinstance(events[0], Started)
+    assert (events[0].total_epochs, events[0].batches_per_epoch) == (2, 5)
+    assert len([e for e in events if isinstance(e, Batch)]) == 10
+    epochs = [e for e in events if isinstance(e, Epoch)]
+    assert [e.epoch for e in epochs] == [0, 1] and all(e.lr is not None for e in epochs)
+    assert any(isinstance(e, CheckpointSaved) for e in events)
+    assert events[-1] == Done("classifier", run.classifier_checkpoint, stopped=False)
+    assert run.is_complete("classifier")
+    rows = LossLog(run.classifier_dir / "losses.csv", []).rows()
+    assert [row["epoch"] for row in rows] == ["1", "2"]
+    assert all(float(row["train_loss"]) > 0 for row in rows)
+    model, payload = load_classifier(run.classifier_checkpoint, spec=custom_spec(
+        "tumor,stroma,normal"))
+    assert payload["training"]["finished"] and payload["training"]["step"] == 10
+    assert not model.training
+
+
+def test_stop_then_resume_ends_with_the_uninterrupted_weights(tmp_path, config, patches,
+                                                               finished):
+    run, events = _train(tmp_path / "b", config, patches, stop_after=3)
+    assert events[-1].stopped and not run.is_complete("classifier")
+    model, payload = load_classifier(run.classifier_checkpoint)
+    assert payload["training"]["step"] == 3 and payload["training"]["stopped"]
+    last = load_checkpoint(run.classifier_dir / "last.pt", kind="classifier")
+    assert last["optimizer_state"]["state"]  # momentum buffers saved for resuming
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 64, 64)).logits.shape == (1, 3)
+
+    run, events = _train(tmp_path / "b", config, patches)
+    assert len([e for e in events if isinstance(e, Batch)]) == 7
+    assert run.is_complete("classifier")
+    reference = _state(finished[0])
+    resumed = _state(run)
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+
+
+def test_same_seed_same_weights_other_seed_other_weights(tmp_path, config, patches, finished):
+    reference = _state(finished[0])
+    again = _state(_train(tmp_path / "c", config, patches)[0])
+    assert all(torch.equal(reference[k], again[k]) for k in reference)
+    other = dataclasses.replace(config, seed=1)
+    different = _state(_train(tmp_path / "d", other, patches)[0])
+    assert not torch.equal(reference["classifier.weight"], different["classifier.weight"])
+
+
+def test_labels_that_do_not_fit_the_classes_are_rejected(tmp_path, config, patches):
+    wide = PatchSet(patches.paths, np.zeros((len(patches), 4), np.uint8), patches.spec)
+    run = RunDirectory(tmp_path)
+    run.create(config)
+    with pytest.raises(DatasetError, match="4 entries but the dataset has 3 classes"):
+        next(train_classifier(run, config, wide, device=CPU))
+
+
+def test_checkpoints_of_another_class_set_are_rejected(tmp_path, config, patches, finished):
+    other = custom_spec("tumour,stroma,lymphocytes")
+    with pytest.raises(CheckpointError, match="was trained on classes"):
+        load_classifier(finished[0].classifier_checkpoint, spec=other)
+
+    relabelled = PatchSet(patches.paths, patches.labels, other)
+    other_config = dataclasses.replace(config, dataset=other.to_dict())
+    run = RunDirectory(tmp_path)
+    run.create(other_config)
+    shutil.copytree(finished[0].classifier_dir, run.classifier_dir)
+    with pytest.raises(CheckpointError, match="was trained on classes"):
+        next(train_classifier(run, other_config, relabelled, device=CPU))
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path, config, patches, finished):
+    changed = dataclasses.replace(
+        config, classifier=dataclasses.replace(config.classifier, lr=0.05))
+    run = RunDirectory(tmp_path)
+    run.create(changed)
+    shutil.copytree(finished[0].classifier_dir, run.classifier_dir)
+    with pytest.raises(CheckpointError, match="other classifier settings"):
+        next(train_classifier(run, changed, patches, device=CPU))

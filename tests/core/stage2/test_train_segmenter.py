@@ -1,0 +1,237 @@
+"""Stage-2 training on the bundled real patches with pseudo-masks written here."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from napari_histo_wsss.core.config.run_config import RunConfig, SegmenterConfig
+from napari_histo_wsss.core.data.datasets import EvalSet, find_dataset, write_palette_mask
+from napari_histo_wsss.core.errors import DatasetError
+from napari_histo_wsss.core.events import (
+    Batch,
+    CheckpointSaved,
+    Done,
+    Epoch,
+    Started,
+    StopToken,
+)
+from napari_histo_wsss.core.models.segmenter import load_segmenter
+from napari_histo_wsss.core.runs.checkpoints import load_checkpoint
+from napari_histo_wsss.core.runs.run_dir import RunDirectory
+from napari_histo_wsss.core.stage2.losses import IGNORE_INDEX
+from napari_histo_wsss.core.stage2.train_segmenter import (
+    augment_sample,
+    epoch_order,
+    input_side,
+    input_statistics,
+    train_segmenter,
+)
+
+TARGETS = ("final", "layer-1", "layer-2", "layer-3")
+
+
+@pytest.fixture(scope="module")
+def layout(sample_dataset_dir):
+    return find_dataset(sample_dataset_dir)
+
+
+@pytest.fixture(scope="module")
+def val(layout):
+    """Three of the seven real validation images."""
+    full = layout.eval_set("val")
+    return EvalSet(full.image_paths[:3], full.mask_paths[:3], full.spec)
+
+
+@pytest.fixture(scope="module")
+def patches(layout):
+    """Every third patch (14, all label combinations): two batches of 6 per epoch."""
+    patches = layout.patches()
+    return patches.subset(range(0, len(patches), 3))
+
+
+def label_pseudo_mask(image: np.ndarray, label: np.ndarray, background: int,
+                      shift: int = 0) -> np.ndarray:
+    """A plausible pseudo-mask: the label's classes in horizontal bands, white -> background."""
+    classes = np.flatnonzero(label)
+    rows = np.arange(image.shape[0]) + shift
+    mask = classes[(rows * len(classes) // image.shape[0]) % len(classes)]
+    mask = np.repeat(mask[:, None], image.shape[1], axis=1).astype(np.uint8)
+    mask[image.mean(axis=-1) > 220] = background
+    return mask
+
+
+def make_run(root, patches, layout, **segmenter) -> tuple[RunDirectory, RunConfig]:
+    settings = SegmenterConfig(arch="pspnet", encoder_depth=3, loss="ce", epochs=2,
+                               batch_size=6, input_size=None)
+    config = RunConfig(dataset=layout.spec.to_dict(), data_dir=str(layout.root),
+                       segmenter=dataclasses.replace(settings, **segmenter))
+    run = RunDirectory(root)
+    run.create(config)
+    for shift, folder in enumerate(TARGETS):
+        for index, path in enumerate(patches.paths):
+            mask = label_pseudo_mask(patches.image(index), patches.labels[index],
+                                     layout.spec.background_index, shift=7 * shift)
+            write_palette_mask(run.pseudo_mask_dir(folder) / path.name, mask, layout.spec)
+    return run, config
+
+
+def test_training_events_files_and_best_checkpoint(tmp_path, patches, layout, val):
+    run, config = make_run(tmp_path / "run", patches, layout)
+    events = list(train_segmenter(run, config, patches, device="cpu", val=val))
+    started = events[0]
+    assert isinstance(started, Started) and started.stage == "segmenter:ce"
+    assert started.batches_per_epoch == len(patches) // 6
+    batches = [e for e in events if isinstance(e, Batch)]
+    assert len(batches) == 2 * started.batches_per_epoch
+    assert all(np.isfinite(b.loss) for b in batches)
+    epochs = [e for e in events if isinstance(e, Epoch)]
+    assert [e.epoch for e in epochs] == [0, 1]
+    assert set(epochs[0].metrics) == {"miou", "fwiou", "dice"} and epochs[0].lr > 0
+    done = events[-1]
+    assert isinstance(done, Done) and not done.stopped
+    assert done.result == run.segmenter_checkpoint("ce")
+    assert run.is_complete("segmenter:ce")
+
+    folder = run.segmenter_dir("ce")
+    metrics = json.loads((folder / "metrics.json").read_text())
+    history = [entry["miou"] for entry in metrics["history"]]
+    best_epoch = int(np.argmax(history)) + 1
+    assert metrics["best_epoch"] == best_epoch
+    assert metrics["best_val"]["miou"] == pytest.approx(max(history))
+    assert set(metrics["best_val"]["per_class"]) == set(layout.spec.class_names)
+    best_saves = [e for e in events if isinstance(e, CheckpointSaved) and e.best]
+    assert best_saves[-1].epoch == best_epoch
+    model, payload = load_segmenter(done.result)
+    assert payload["training"]["best_epoch"] == best_epoch
+    assert payload["config"]["input_size"] == 160  # the patches' own side
+    assert len((folder / "losses.csv").read_text().splitlines()) == 3
+
+    # Resuming a finished strategy returns at once.
+    again = list(train_segmenter(run, config, patches, device="cpu", val=val))
+    assert not any(isinstance(e, Batch) for e in again)
+    assert again[-1].result == done.result
+
+
+def test_stop_saves_a_usable_model_and_resume_continues(tmp_path, patches, layout):
+    run, config = make_run(tmp_path / "run", patches, layout)
+    stop = StopToken()
+    first = []
+    for event in train_segmenter(run, config, patches, device="cpu", stop=stop):
+        first.append(event)
+        if isinstance(event, Batch) and event.index == 0:
+            stop.request()
+    done = first[-1]
+    assert isinstance(done, Done) and done.stopped
+    assert not run.is_complete("segmenter:ce")
+    load_segmenter(done.result)  # usable at once
+    last = load_checkpoint(run.segmenter_dir("ce") / "last.pt", kind="segmenter")
+    assert (last["training"]["epoch"], last["training"]["batch"]) == (0, 1)
+    assert last["optimizer_state"] is not None
+
+    second = list(train_segmenter(run, config, patches, device="cpu"))
+    per_epoch = len(patches) // 6
+    resumed = [(e.epoch, e.index) for e in second if isinstance(e, Batch)]
+    assert resumed[0] == (0, 1)
+    assert len(resumed) == 2 * per_epoch - 1
+    assert not second[-1].stopped and run.is_complete("segmenter:ce")
+    final = load_checkpoint(run.segmenter_dir("ce") / "last.pt", kind="segmenter")
+    assert final["training"]["step"] == 2 * per_epoch
+
+
+def test_missing_or_mismatched_pseudo_masks_are_explained(tmp_path, patches, layout):
+    run, config = make_run(tmp_path / "run", patches, layout)
+    shutil.rmtree(run.pseudo_mask_dir("final"))
+    with pytest.raises(DatasetError, match="no pseudo-masks 'final'") as error:
+        list(train_segmenter(run, config, patches, device="cpu"))
+    assert str(run.pseudo_mask_dir("final")) in str(error.value)
+
+    multi = dataclasses.replace(config, segmenter=dataclasses.replace(
+        config.segmenter, loss="multilayer_ce", targets=("layer-1", "layer-2", "layer-3"),
+        target_weights=(0.6, 0.2, 0.2)))
+    (run.pseudo_mask_dir("layer-2") / patches.paths[5].name).unlink()
+    with pytest.raises(DatasetError, match="no pseudo-mask for training patch"):
+        list(train_segmenter(run, multi, patches, device="cpu"))
+
+    write_palette_mask(run.pseudo_mask_dir("layer-2") / patches.paths[5].name,
+                       np.zeros((32, 32), np.uint8), layout.spec)
+    with pytest.raises(DatasetError, match="but patch"):
+        list(train_segmenter(run, multi, patches, device="cpu"))
+
+
+@pytest.mark.parametrize("changes", [
+    {"loss": "ce"},
+    {"loss": "multilayer_ce", "targets": ("layer-1", "layer-2", "layer-3"),
+     "target_weights": (0.6, 0.2, 0.2)},
+    {"loss": "onss", "aux_head": True, "augment": "onss", "normalise": "dataset",
+     "min_lr": 1e-4},
+    {"loss": "arml"},
+    {"loss": "anm"},
+    {"loss": "hisynseg", "cam_head": True, "optimizer": "adamw", "lr": 1e-4,
+     "schedule": "constant", "normalise": "imagenet"},
+], ids=lambda changes: changes["loss"])
+def test_every_strategy_trains(tmp_path, patches, layout, changes):
+    subset = patches.subset(range(8))
+    run, config = make_run(tmp_path / "run", subset, layout, epochs=1, batch_size=4, **changes)
+    events = list(train_segmenter(run, config, subset, device="cpu"))
+    losses = [e.loss for e in events if isinstance(e, Batch)]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    assert events[-1].result.is_file()
+    header = (run.segmenter_dir(changes["loss"]) / "losses.csv").read_text().splitlines()[0]
+    if changes.get("aux_head"):
+        assert "aux" in header.split(",")
+
+
+def test_augmentation_keeps_masks_aligned_and_pads_with_ignore():
+    rng = np.random.default_rng(0)
+    mask = np.zeros((100, 100), np.uint8)
+    mask[:, 30:] = 1
+    image = np.stack([mask * 200 + 20] * 3, axis=-1).astype(np.uint8)
+    for _ in range(10):
+        out_image, (out_mask,) = augment_sample(image, [mask], 96, "flip_blur", rng)
+        assert out_image.shape == (96, 96, 3) and out_mask.shape == (96, 96)
+        assert np.mean((out_image[..., 0] > 120) == (out_mask == 1)) > 0.97
+    padded = 0
+    for _ in range(20):
+        out_image, (out_mask,) = augment_sample(image, [mask], 128, "onss", rng)
+        assert out_image.shape == (128, 128, 3) and out_image.dtype == np.uint8
+        padded += int((out_mask == IGNORE_INDEX).any())
+    assert padded > 0  # rescales below 128 pixels are padded with the ignore label
+
+
+def test_input_side_and_measured_statistics(patches):
+    assert input_side(None, patches, 32) == 160
+    assert input_side(224, patches, 16) == 224
+    assert input_side(100, patches, 32) == 96
+    mean, std = input_statistics("dataset", patches)  # WSSS4LUAD publishes none
+    assert all(100 < m < 250 for m in mean) and all(10 < s < 100 for s in std)
+    assert input_statistics("divide255", patches) == ((0.0, 0.0, 0.0), (255.0, 255.0, 255.0))
+
+
+def test_balanced_sampling_draws_rare_class_patches_as_often_as_common_ones():
+    # 90 patches hold class 0 only, 10 hold class 1 (and class 0), none hold class 2.
+    labels = np.zeros((100, 3), np.uint8)
+    labels[:, 0] = 1
+    labels[90:, 1] = 1
+    uniform = epoch_order(labels, "uniform", seed=0, epoch=0)
+    assert sorted(uniform) == list(range(100))
+    assert np.array_equal(uniform, epoch_order(labels, "uniform", seed=0, epoch=0))
+    draws = np.concatenate([epoch_order(labels, "balanced", seed=0, epoch=e) for e in range(50)])
+    rare_share = np.mean(draws >= 90)
+    assert 0.4 < rare_share < 0.6  # 10 % of the patches, half of the draws
+    assert not np.array_equal(epoch_order(labels, "balanced", 0, 0),
+                              epoch_order(labels, "balanced", 0, 1))
+
+
+def test_balanced_sampling_weighs_unlabelled_patches_like_the_commonest_class():
+    labels = np.zeros((100, 3), np.uint8)
+    labels[:80, 0] = 1  # 80 patches of class 0, 20 without any label
+    draws = np.concatenate([epoch_order(labels, "balanced", seed=0, epoch=e) for e in range(50)])
+    assert 0.15 < np.mean(draws >= 80) < 0.25  # 20 % of the patches, 20 % of the draws
+    nothing = np.zeros((10, 3), np.uint8)
+    order = epoch_order(nothing, "balanced", 0, 0)  # no label anywhere: equal weights
+    assert len(order) == 10 and set(order.tolist()) <= set(range(10))

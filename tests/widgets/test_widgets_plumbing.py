@@ -1,0 +1,176 @@
+"""The shared widget plumbing: job runner states, stop and failure, settings, layer helpers.
+
+Jobs here are small generators of real core events, so these tests take a second; the
+widgets driving real training jobs are tested in ``test_widgets_workflow.py``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from napari_histo_wsss.core.data.classes import WSSS4LUAD
+from napari_histo_wsss.core.errors import DatasetError
+from napari_histo_wsss.core.events import Batch, Done, Started
+from napari_histo_wsss.widgets import _settings
+from napari_histo_wsss.widgets._jobs import JobRunner, JobState, describe_error
+from napari_histo_wsss.widgets._layers import (
+    class_features,
+    display_labels,
+    labels_colormap,
+    put_layer,
+)
+
+
+@pytest.fixture(autouse=True)
+def private_settings(tmp_path, monkeypatch):
+    monkeypatch.setenv(_settings.CONFIG_DIR_ENV_VAR, str(tmp_path / "config"))
+
+
+def counting_job(steps: int, delay: float = 0.01):
+    """A job that honours the stop token between steps, like the core's training loops."""
+
+    def make_job(stop):
+        yield Started("count", total_epochs=1, batches_per_epoch=steps)
+        for index in range(steps):
+            if stop.requested:
+                yield Done("count", index, stopped=True)
+                return
+            time.sleep(delay)
+            yield Batch("count", epoch=0, index=index, total=steps, loss=1.0 / (index + 1))
+        yield Done("count", steps)
+
+    return make_job
+
+
+def failing_job(stop):
+    yield Started("broken", total_epochs=1, batches_per_epoch=1)
+    raise DatasetError("no label in the file name", "/data/patch.png")
+
+
+def test_settings_round_trip_and_broken_file(tmp_path):
+    _settings.save_settings("train_classifier", {"epochs": 3, "run_folder": "/runs/a"})
+    _settings.save_settings("compare", {"grid": True})
+    assert _settings.load_settings("train_classifier") == {"epochs": 3, "run_folder": "/runs/a"}
+    assert _settings.load_settings("compare") == {"grid": True}
+    _settings.settings_path().write_text("{not json")
+    assert _settings.load_settings("compare") == {}
+
+
+def test_describe_error_is_one_line():
+    assert describe_error(DatasetError("bad label", "/d/x.png")) == "/d/x.png: bad label"
+    assert describe_error(RuntimeError("CUDA out of memory.\nTried to allocate")) == \
+        "out of memory: try a smaller batch size, or the CPU"
+    assert describe_error(ValueError("first\nsecond")) == "ValueError: first"
+
+
+def test_display_labels_and_colours():
+    mask = np.array([[0, 1, 2, 3, 255]], dtype=np.uint8)  # tumor, stroma, normal, bg, unlabelled
+    assert display_labels(mask, WSSS4LUAD.num_classes).tolist() == [[1, 2, 3, 0, 0]]
+    colormap = labels_colormap(WSSS4LUAD)
+    assert np.allclose(colormap.color_dict[1], [0, 64 / 255, 128 / 255, 1])
+    assert colormap.color_dict[0][3] == 0  # background is transparent
+    assert class_features(WSSS4LUAD)["class"] == ["background", "tumor", "stroma", "normal"]
+
+
+@pytest.mark.gui
+def test_runner_done_then_stopped(qtbot):
+    runner = JobRunner("counting")
+    states, events = [], []
+    runner.state_changed.connect(states.append)
+    runner.event.connect(events.append)
+
+    runner.start(counting_job(5))
+    qtbot.waitUntil(lambda: not runner.busy, timeout=10_000)
+    assert states == [JobState.RUNNING, JobState.DONE]
+    assert [type(e).__name__ for e in events] == ["Started"] + ["Batch"] * 5 + ["Done"]
+
+    states.clear()
+    runner.start(counting_job(10_000, delay=0.005))
+    qtbot.waitUntil(lambda: sum(isinstance(e, Batch) for e in events) > 8, timeout=10_000)
+    runner.stop()
+    assert runner.state is JobState.STOPPING
+    qtbot.waitUntil(lambda: not runner.busy, timeout=10_000)
+    assert states == [JobState.RUNNING, JobState.STOPPING, JobState.STOPPED]
+    assert runner.last_done.stopped and runner.last_done.result < 10_000
+
+
+@pytest.mark.gui
+def test_runner_failure_is_one_notification(qtbot, monkeypatch):
+    shown = []
+    monkeypatch.setattr("napari.utils.notifications.show_error", shown.append)
+    runner = JobRunner("Train classifier")
+    runner.start(failing_job)
+    qtbot.waitUntil(lambda: not runner.busy, timeout=10_000)
+    assert runner.state is JobState.FAILED
+    assert shown == ["Train classifier: /data/patch.png: no label in the file name"]
+
+
+@pytest.mark.gui
+def test_window_close_stops_gracefully_and_shutdown_detaches(qtbot):
+    """napari cancels tasks with quit() on close: the job must still end with its checkpoint."""
+    runner = JobRunner("counting")
+    events = []
+    runner.event.connect(events.append)
+    runner.start(counting_job(10_000, delay=0.005))
+    qtbot.waitUntil(lambda: len(events) > 3, timeout=10_000)
+    runner._worker.quit()
+    qtbot.waitUntil(lambda: not runner.busy, timeout=10_000)
+    assert runner.state is JobState.STOPPED and runner.last_done.stopped
+
+    runner.start(counting_job(10_000, delay=0.005))
+    worker = runner._worker
+    qtbot.waitUntil(lambda: len(events) > 10, timeout=10_000)
+    seen = len(events)
+    finished = []
+    worker.finished.connect(lambda: finished.append(True))  # before shutdown: no race
+    runner.shutdown()
+    qtbot.waitUntil(lambda: bool(finished), timeout=10_000)
+    qtbot.wait(50)
+    assert len(events) <= seen + 1  # nothing more reaches a closed widget
+
+
+@pytest.mark.gui
+def test_put_layer_updates_in_place(make_napari_viewer):
+    viewer = make_napari_viewer()
+    first = put_layer(viewer, "labels", "mask", np.zeros((8, 8), np.uint8), opacity=0.3)
+    first.opacity = 0.8  # the user's change survives the next image
+    second = put_layer(viewer, "labels", "mask", np.ones((16, 16), np.uint8), opacity=0.3)
+    assert second is first and second.opacity == 0.8 and second.data.shape == (16, 16)
+    image = put_layer(viewer, "image", "mask", np.zeros((4, 4, 3), np.uint8), rgb=True)
+    assert image is not first and len(viewer.layers) == 1
+
+
+@pytest.mark.gui
+def test_closing_the_dock_stops_the_job_gracefully(make_napari_viewer, qtbot):
+    """The dock's close button orphans the widget: its job must stop (checkpoint first)."""
+    from napari_histo_wsss.widgets._base import JobWidget
+
+    endings = []
+
+    def recording_job(stop):
+        for index in range(10_000):
+            if stop.requested:
+                endings.append(("stopped", index))
+                yield Done("count", index, stopped=True)
+                return
+            time.sleep(0.005)
+            yield Batch("count", epoch=0, index=index, total=10_000)
+
+    class CountingWidget(JobWidget):
+        def build_job(self):
+            return recording_job, "cpu"
+
+    viewer = make_napari_viewer()
+    widget = CountingWidget(viewer, "counting", plot=False)
+    widget.finish_layout()
+    viewer.window.add_dock_widget(widget, name="counting")
+    widget.toggle_button.click()
+    worker = widget.runner._worker
+    qtbot.waitUntil(lambda: widget.progress.batch_bar.value() > 3, timeout=10_000)
+    with qtbot.waitSignal(worker.finished, timeout=10_000):
+        viewer.window.remove_dock_widget(widget.native)
+    assert endings and endings[0][0] == "stopped"
+    widget.native.deleteLater()
