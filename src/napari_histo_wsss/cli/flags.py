@@ -13,7 +13,7 @@ def add_dataset_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def add_training_flags(parser: argparse.ArgumentParser) -> None:
-    """Flags shared by the pipeline and the stage commands (DESIGN.md section 4)."""
+    """Flags shared by the pipeline and the stage commands (docs/architecture.md)."""
     parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
     parser.add_argument("--backbone", help="timm model name or res38d (default "
                         "tf_efficientnet_lite0, ImageNet weights shipped offline)")

@@ -1,4 +1,4 @@
-"""``histo-wsss``: the command line over the core jobs (DESIGN.md section 4).
+"""``histo-wsss``: the command line over the core jobs (docs/architecture.md).
 
 Every user-caused problem ends as one line on stderr and exit code 2; Ctrl-C stops a training
 job cleanly after the current batch, with a checkpoint to resume from.

@@ -1,4 +1,4 @@
-"""``histo-wsss train-segmenter`` and ``histo-wsss evaluate`` (DESIGN.md section 4).
+"""``histo-wsss train-segmenter`` and ``histo-wsss evaluate`` (docs/architecture.md).
 
 ``evaluate SOURCE IMAGES_DIR MASKS_DIR`` scores either a model (SOURCE is a run directory or a
 segmenter checkpoint; it predicts the images) or a folder of predicted palette masks named like

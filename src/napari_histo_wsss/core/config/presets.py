@@ -1,4 +1,4 @@
-"""Method presets: each fills every knob with a paper's recipe (METHODS.md sections 10-11).
+"""Method presets: each fills every knob with a paper's recipe (docs/algorithms.md 10-11).
 
 Presets set the recipe, not the backbone: the default backbone everywhere is EfficientNet-Lite0
 with ImageNet weights that ship with the package, so every command runs offline and on a CPU.

@@ -43,7 +43,7 @@ class ClassifierConfig:
     epochs: int = 20
     batch_size: int = 20
     #: With momentum 0.9, lr 0.001 takes the released steps lr / (1 - momentum) = 0.01: the
-    #: released optimiser (lr 0.01) has effectively no momentum (METHODS.md 0). Momentum
+    #: released optimiser (lr 0.01) has effectively no momentum (docs/algorithms.md 0). Momentum
     #: smooths the few hundred noisy steps of a CPU schedule; lr 0.01 with it diverges.
     lr: float = 0.001
     weight_decay: float = 5e-4

@@ -50,7 +50,7 @@ def label_format_of(text: str) -> str:
 def parse_label(path: str | Path, num_classes: int | None = None) -> np.ndarray:
     """The patch-level label vector of a training file name, as uint8 0/1.
 
-    Robust form of METHODS.md 7.2: keep the 0/1 digits between the last brackets, in order.
+    Robust form of docs/algorithms.md 7.2: keep the 0/1 digits between the last brackets, in order.
     """
     text = label_text(path)
     if text is None:

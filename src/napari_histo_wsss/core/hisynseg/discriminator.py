@@ -4,10 +4,10 @@ Synthetic images carry seams, pasted blobs and warps that real tissue never show
 learns to tell real MULTI-label patches (several tissues, as in a synthetic image) from
 unfiltered synthetic images of one type; new synthetic images are then kept only while it
 takes them for real (P(real) > threshold), so the segmenter trains on the most plausible ones
-(METHODS.md 5.2). As released: one discriminator per synthesis type, timm ResNet-18 from random
-init, Adam 1e-3, cross-entropy, H/V flips, ImageNet normalisation, 80/20 split, the epoch with the
-best validation accuracy. The fast schedule uses timm's ResNet-10-T (about 60 % of ResNet-18's
-training time on a CPU) with smaller batches; everything else is the same.
+(docs/algorithms.md 5.2). As released: one discriminator per synthesis type, timm ResNet-18 from
+random init, Adam 1e-3, cross-entropy, H/V flips, ImageNet normalisation, 80/20 split, the epoch
+with the best validation accuracy. The fast schedule uses timm's ResNet-10-T (about 60 % of
+ResNet-18's training time on a CPU) with smaller batches; everything else is the same.
 """
 
 from __future__ import annotations

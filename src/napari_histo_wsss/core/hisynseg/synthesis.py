@@ -1,9 +1,9 @@
 """HisynSeg's synthetic training images: Mosaic transformation and Bezier-blob mixing.
 
 Only single-label patches are tissue sources: each is a pure sample of its class, so an image
-assembled from pieces of them comes with an exact pixel mask (METHODS.md 5.1). Every image is
-drawn on the fly from a numpy ``Generator``, so a seed reproduces it. Warps apply one transform to
-the image (bilinear) and the mask (nearest), so masks stay aligned with their images.
+assembled from pieces of them comes with an exact pixel mask (docs/algorithms.md 5.1). Every image
+is drawn on the fly from a numpy ``Generator``, so a seed reproduces it. Warps apply one transform
+to the image (bilinear) and the mask (nearest), so masks stay aligned with their images.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """HisynSeg: a segmenter trained on synthetic images with exact masks, then on its own masks.
 
-There is no CAM stage (METHODS.md 5). The job runs, each part resumable:
+There is no CAM stage (docs/algorithms.md 5). The job runs, each part resumable:
 
 1. Synthesis: per type (Mosaic, Bezier) a discriminator learns real multi-label patches vs
    unfiltered synthetic images, then keeps new synthetic images it takes for real

@@ -1,4 +1,4 @@
-"""The evaluation protocol shared by all five methods (METHODS.md 7.5).
+"""The evaluation protocol shared by all five methods (docs/algorithms.md 7.5).
 
 One confusion matrix is accumulated over a whole set (not per-image averages), over the tissue
 classes only: pixels whose ground truth is background are excluded, whatever was predicted there.

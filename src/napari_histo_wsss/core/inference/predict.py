@@ -1,5 +1,5 @@
 """Prediction with a trained segmenter: test-time augmentation, the class gate, any image size,
-and evaluation on images with masks (METHODS.md 1.4, 2.4, 5.5, 7.5).
+and evaluation on images with masks (docs/algorithms.md 1.4, 2.4, 5.5, 7.5).
 
 ``SegmentationPredictor.predict_batch`` maps uint8 (N, H, W, 3) images to float32 (N, C, H, W)
 class probabilities; it is what ``core.tiling`` and slide inference call per tile. Images up to

@@ -1,7 +1,7 @@
 """Feature backbones by name: named feature maps, shallow to deep.
 
 Any timm model that supports ``features_only`` works (its feature modules are the layer names,
-e.g. ``blocks.2``); ``res38d`` is the wide ResNet-38 of the papers (METHODS.md section 0).
+e.g. ``blocks.2``); ``res38d`` is the wide ResNet-38 of the papers (docs/algorithms.md 0).
 Presets name layers relative to the deepest one ("-1", "-2", "-3"), so one recipe fits every
 backbone.
 

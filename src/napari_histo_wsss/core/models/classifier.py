@@ -1,10 +1,10 @@
 """The stage-1 CAM classifier: backbone -> feature modules -> dropout -> GAP -> 1x1 classifier.
 
 The classifier is a 1x1 convolution without bias on globally pooled features, so the class
-activation map of class c at any position is w_c . F there (METHODS.md notation). Training-time
-modules (PDA, coordinate attention, ARS) run only when ``forward`` is given an epoch; the CAM
-network (``epoch=None``, ``cam_forward``) is the plain backbone + classifier, plus ESF where the
-recipe has it. ESFAN's side heads give CAMs of intermediate layers.
+activation map of class c at any position is w_c . F there (docs/algorithms.md notation).
+Training-time modules (PDA, coordinate attention, ARS) run only when ``forward`` is given an epoch;
+the CAM network (``epoch=None``, ``cam_forward``) is the plain backbone + classifier, plus ESF
+where the recipe has it. ESFAN's side heads give CAMs of intermediate layers.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ class CamClassifier(nn.Module):
         self.register_buffer("input_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("input_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         if backbone.pretrained:
-            # Pretrained statistics and affine parameters stay as they are (METHODS.md 0):
+            # Pretrained statistics and affine parameters stay as they are (docs/algorithms.md 0):
             # batches of 16-20 patches would only make them worse.
             for module in backbone.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):

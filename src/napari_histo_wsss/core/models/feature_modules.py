@@ -1,9 +1,9 @@
-"""Stage-1 feature modules that change what the classifier's CAMs cover (METHODS.md 1-4).
+"""Stage-1 feature modules that change what the classifier's CAMs cover (docs/algorithms.md 1-4).
 
 Each module acts on the deepest feature map F between the backbone and the 1x1 classifier.
 PDA, coordinate attention and ARS are training-time regularisers: the CAM network never runs
-them (METHODS.md 9.1), they only shape the features the classifier learns on. The ESF block is
-part of ESFAN's network itself, CAM network included, so it declares ``at_inference = True``.
+them (docs/algorithms.md 9.1), they only shape the features the classifier learns on. The ESF block
+is part of ESFAN's network itself, CAM network included, so it declares ``at_inference = True``.
 
 Adding a module is one class with ``name`` and ``forward(features, classifier_weight, epoch)``
 plus one line in ``MODULES``.
@@ -57,7 +57,7 @@ def pda_gamma(config: ClassifierConfig, epoch: int) -> float:
 
 
 class ProgressiveDropoutAttention(FeatureModule):
-    """PDA (METHODS.md 1.1): hide each class's peak activations, re-weight F by what is left.
+    """PDA (docs/algorithms.md 1.1): hide each class's peak activations, re-weight F by the rest.
 
     A_c = ReLU(w_c . F); positions above gamma * max A_c are zeroed; M = mean_c(A_c) over all
     classes, present or not; F' = F * M, with gradients through M.
@@ -93,7 +93,7 @@ class ProgressiveDropoutAttention(FeatureModule):
 
 
 class CoordinateAttention(FeatureModule):
-    """MSV's CA block (METHODS.md 2.1): F * s_h (per row) * s_w (per column).
+    """MSV's CA block (docs/algorithms.md 2.1): F * s_h (per row) * s_w (per column).
 
     The released block's BatchNorm is frozen at its initial state (an identity), so it is
     left out; the convolutions are trained.
@@ -175,7 +175,7 @@ class InverseActivationGate(nn.Module):
 
 
 class ActivationRelocalisation(FeatureModule):
-    """ARS (METHODS.md 3.1): criss-cross attention then AMM, from ``ars_start_epoch``."""
+    """ARS (docs/algorithms.md 3.1): criss-cross attention then AMM, from ``ars_start_epoch``."""
 
     name = "ars"
 
@@ -197,7 +197,7 @@ class ActivationRelocalisation(FeatureModule):
 
 
 class EdgeSemanticFusion(FeatureModule):
-    """ESF block (METHODS.md 4.1) on the deepest features, in training and CAM networks alike.
+    """ESF block (docs/algorithms.md 4.1) on the deepest features, in training and CAM networks.
 
     Edge gate e (fixed Laplacian of the channel sum + a 3x3 conv), channel gate a (squeeze-
     excitation), pyramid context P (pooled 1/2/3/6 grids), image gate g; output

@@ -7,7 +7,7 @@ are independent in eval mode, so the gradient of the summed logit is each image'
 classifier input no backward is needed at all: after global average pooling and a linear
 classifier, dz_c/dA = w_c / (h w) everywhere, so Grad-CAM there is the CAM divided by h w.
 
-Grad-CAM has no ReLU (METHODS.md 1.2); Grad-CAM++ follows METHODS.md 2.2.
+Grad-CAM has no ReLU (docs/algorithms.md 1.2); Grad-CAM++ follows docs/algorithms.md 2.2.
 """
 
 from __future__ import annotations

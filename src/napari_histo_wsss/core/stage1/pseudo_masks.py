@@ -1,4 +1,4 @@
-"""Class maps -> pseudo-masks (METHODS.md 1.2, 2.2, 4.2), the generation job and its report.
+"""Class maps -> pseudo-masks (docs/algorithms.md 1.2, 2.2, 4.2), the generation job and its report.
 
 Per patch: class maps at each configured layer (and scale) are upsampled to the patch, min-max
 normalised jointly over all classes (absent classes included, as released), gated by the patch

@@ -1,4 +1,4 @@
-"""Stage-1 training: the multi-label CAM classifier on patch labels (METHODS.md 1.1-4.1).
+"""Stage-1 training: the multi-label CAM classifier on patch labels (docs/algorithms.md 1.1-4.1).
 
 Multi-label soft-margin loss (plus ESFAN's weighted side-head losses), SGD with the released
 four parameter groups (pretrained weights lr, pretrained biases 2 lr without decay, new weights

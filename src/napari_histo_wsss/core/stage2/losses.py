@@ -1,4 +1,6 @@
-"""Noise-suppression losses for training a segmenter on pseudo-masks (METHODS.md 1.3-5.3, 7.4).
+"""Noise-suppression losses for training a segmenter on pseudo-masks.
+
+See docs/algorithms.md 1.3-5.3 and 7.4.
 
 Pseudo-masks are wrong in places; each method down-weights the pixels it distrusts in its own
 way. Every strategy is a ``SegmentationLoss`` looked up by name in ``LOSSES`` (adding one is a
@@ -23,7 +25,7 @@ from ..errors import ConfigError
 from ..models.segmenter import AUX_LOSS_WEIGHT, SegmenterOutput
 
 IGNORE_INDEX = 255
-#: The constant logit MLPS/ARML/ESFAN append at background pixels (METHODS.md 1.3, 7.4).
+#: The constant logit MLPS/ARML/ESFAN append at background pixels (docs/algorithms.md 1.3, 7.4).
 BACKGROUND_LOGIT = 100.0
 
 
