@@ -9,6 +9,7 @@ strategy is one decorated function or class; nothing else lists its name.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
@@ -48,6 +49,11 @@ class Registry(Generic[T]):
                 f"unknown {self.kind} '{name}': choose one of {', '.join(self._entries)}"
             ) from None
 
+    def remove(self, name: str) -> None:
+        """Forget ``name`` (a registration meant to be temporary, as in tests)."""
+        self.get(name)
+        del self._entries[name]
+
     def check(self, name: str) -> str:
         """``name`` if it is registered (a config check that needs no entry)."""
         self.get(name)
@@ -70,3 +76,27 @@ class Registry(Generic[T]):
 
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}: {', '.join(self._entries)})"
+
+
+class RegistryNames:
+    """The names of a registry in a module imported only when the names are first needed.
+
+    For argparse ``choices``: building the parser must not import torch (``histo-wsss --help``
+    would take seconds), while checking a value or printing a command's usage may.
+    """
+
+    def __init__(self, module: str, registry: str):
+        self.module = module
+        self.registry = registry
+
+    def _names(self) -> tuple[str, ...]:
+        return getattr(importlib.import_module(self.module), self.registry).names()
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())

@@ -11,7 +11,7 @@ from napari_histo_wsss.core.config.run_config import ClassifierConfig
 from napari_histo_wsss.core.errors import ConfigError
 from napari_histo_wsss.core.models.classifier import build_classifier, side_head_layers
 from napari_histo_wsss.core.models.feature_modules import (
-    MODULES,
+    FEATURE_MODULES,
     CrissCrossAttention,
     InverseActivationGate,
     build_module,
@@ -22,7 +22,7 @@ CONFIG = ClassifierConfig()
 
 
 def test_registry_names():
-    assert set(MODULES) == {"pda", "coord_attention", "ars", "esf"}
+    assert set(FEATURE_MODULES) == {"pda", "coord_attention", "ars", "esf"}
     with pytest.raises(ConfigError, match="unknown stage-1 module"):
         build_module("cbam", 8, 3, CONFIG)
 

@@ -12,8 +12,10 @@ Epoch-indexed switches (PDA, ARS start) are scaled with the epochs so the recipe
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
 
-from ..errors import ConfigError
+from ..registry import Registry
 from .run_config import (
     ClassifierConfig,
     HisynSegConfig,
@@ -22,19 +24,44 @@ from .run_config import (
     SegmenterConfig,
 )
 
-METHODS = ("mlps", "msv-onss", "arml", "esfan", "hisynseg", "cam-ce")
 
-#: The released codes' paper schedules (stage-1 epochs, stage-2 epochs); HisynSeg per round.
-_PAPER_EPOCHS = {
-    "mlps": (20, 30),
-    "msv-onss": (20, 20),
-    "arml": (20, 10),
-    "esfan": (20, 20),
-    "hisynseg": (0, 25),
-    "cam-ce": (20, 20),
-}
+@dataclass(frozen=True)
+class MethodPreset:
+    """Everything known about one method: its recipe and the released codes' paper schedule."""
+
+    build: Callable[[], RunConfig]
+    #: Paper epochs of stage 1 and stage 2 (HisynSeg: per training round).
+    classifier_epochs: int
+    segmenter_epochs: int
+
+    @property
+    def has_classifier(self) -> bool:
+        """False for HisynSeg, which trains its segmenter from synthetic images instead."""
+        return self.classifier_epochs > 0
 
 
+#: Method presets by the name users give (``--method``).
+METHODS: Registry[MethodPreset] = Registry("method")
+#: How a preset's paper schedule is adapted: ``schedule(config, num_patches)`` edits it in place.
+PRESET_SCHEDULES: Registry[Callable[[RunConfig, int], None]] = Registry("schedule")
+
+
+def method_preset(name: str, classifier_epochs: int, segmenter_epochs: int):
+    """Decorator: register a recipe builder as the method ``name`` with its paper epochs."""
+
+    def register(build: Callable[[], RunConfig]) -> Callable[[], RunConfig]:
+        METHODS.add(name, MethodPreset(build, classifier_epochs, segmenter_epochs))
+        return build
+
+    return register
+
+
+def methods_with_classifier() -> tuple[str, ...]:
+    """The methods whose first stage is a CAM classifier."""
+    return tuple(name for name, method in METHODS.items() if method.has_classifier)
+
+
+@method_preset("mlps", classifier_epochs=20, segmenter_epochs=30)
 def _mlps() -> RunConfig:
     return RunConfig(
         method="mlps",
@@ -48,6 +75,7 @@ def _mlps() -> RunConfig:
     )
 
 
+@method_preset("msv-onss", classifier_epochs=20, segmenter_epochs=20)
 def _msv_onss() -> RunConfig:
     return RunConfig(
         method="msv-onss",
@@ -64,6 +92,7 @@ def _msv_onss() -> RunConfig:
     )
 
 
+@method_preset("arml", classifier_epochs=20, segmenter_epochs=10)
 def _arml() -> RunConfig:
     return RunConfig(
         method="arml",
@@ -77,6 +106,7 @@ def _arml() -> RunConfig:
     )
 
 
+@method_preset("esfan", classifier_epochs=20, segmenter_epochs=20)
 def _esfan() -> RunConfig:
     return RunConfig(
         method="esfan",
@@ -91,6 +121,7 @@ def _esfan() -> RunConfig:
     )
 
 
+@method_preset("hisynseg", classifier_epochs=0, segmenter_epochs=25)
 def _hisynseg() -> RunConfig:
     return RunConfig(
         method="hisynseg",
@@ -103,6 +134,7 @@ def _hisynseg() -> RunConfig:
     )
 
 
+@method_preset("cam-ce", classifier_epochs=20, segmenter_epochs=20)
 def _cam_ce() -> RunConfig:
     """The baseline: plain CAM pseudo-masks and plain cross-entropy."""
     return RunConfig(
@@ -112,33 +144,19 @@ def _cam_ce() -> RunConfig:
     )
 
 
-_BUILDERS = {
-    "mlps": _mlps,
-    "msv-onss": _msv_onss,
-    "arml": _arml,
-    "esfan": _esfan,
-    "hisynseg": _hisynseg,
-    "cam-ce": _cam_ce,
-}
-
-
 def preset(method: str, schedule: str = "fast", num_patches: int | None = None) -> RunConfig:
     """The run configuration of ``method``; ``fast`` scales epochs to ``num_patches``."""
-    method = method.lower()
-    if method not in _BUILDERS:
-        raise ConfigError(f"unknown method '{method}': choose one of {', '.join(METHODS)}")
-    if schedule not in ("fast", "paper"):
-        raise ConfigError(f"unknown schedule '{schedule}': use fast or paper")
-    config = _BUILDERS[method]()
+    recipe = METHODS.get(method.lower())
+    adapt = PRESET_SCHEDULES.get(schedule)
+    config = recipe.build()
     config.schedule = schedule
-    classifier_epochs, segmenter_epochs = _PAPER_EPOCHS[method]
-    config.classifier.epochs = classifier_epochs
-    config.segmenter.epochs = segmenter_epochs
-    if schedule == "fast":
-        _scale_to_cpu(config, num_patches or 500)
+    config.classifier.epochs = recipe.classifier_epochs
+    config.segmenter.epochs = recipe.segmenter_epochs
+    adapt(config, num_patches or 500)
     return config
 
 
+@PRESET_SCHEDULES.register("fast")
 def _scale_to_cpu(config: RunConfig, num_patches: int) -> None:
     """Fewer epochs, native patch size and smaller batches, keeping each recipe's proportions.
 
@@ -172,6 +190,11 @@ def _scale_to_cpu(config: RunConfig, num_patches: int) -> None:
         hisynseg.discriminator_images = min(hisynseg.discriminator_images, max(16, num_patches))
         hisynseg.discriminator_arch = "resnet10t"
         hisynseg.discriminator_batch_size = min(hisynseg.discriminator_batch_size, 32)
+
+
+@PRESET_SCHEDULES.register("paper")
+def _keep_paper_schedule(config: RunConfig, num_patches: int) -> None:
+    """The published epochs and batch sizes, for a GPU."""
 
 
 def with_overrides(config: RunConfig, **changes) -> RunConfig:

@@ -20,7 +20,7 @@ from ..errors import ConfigError
 class ClassifierConfig:
     """Stage 1: the multi-label CAM classifier."""
 
-    backbone: str = "tf_efficientnet_lite0"
+    backbone: str = "tf_efficientnet_lite0"  # a BACKBONES name or any timm model
     #: None: ImageNet weights (the offline EfficientNet-Lite0 file for that backbone, timm's
     #: download otherwise); "none": random init; a path: a local weights file.
     weights: str | None = None
@@ -28,8 +28,9 @@ class ClassifierConfig:
     #: Side of the square training inputs: larger patches are randomly cropped, smaller ones
     #: resized up. None: the patches' most common side, so typical patches are not resampled.
     input_size: int | None = 224
-    #: Feature modules: "pda", "coord_attention", "ars" act in training only (absent from the
-    #: CAM network); "esf" is part of the network, CAM network included.
+    #: FEATURE_MODULES names (models/feature_modules.py): "pda", "coord_attention", "ars" act in
+    #: training only (absent from the CAM network); "esf" is part of the network, CAM network
+    #: included.
     train_modules: tuple[str, ...] = ()
     pda_start_epoch: int = 3
     pda_gamma: float = 1.0
@@ -55,14 +56,14 @@ class ClassifierConfig:
 class PseudoMaskConfig:
     """Turning class maps into pseudo-masks."""
 
-    cam_method: str = "gradcam"  # "cam" | "gradcam" | "gradcampp"
+    cam_method: str = "gradcam"  # a CAM_METHODS name (stage1/cams.py)
     #: Backbone layers whose maps make pseudo-masks; negative numbers count from the deepest.
     layers: tuple[str, ...] = ("-1",)
     #: When set, the layers' maps are fused with these weights into one pseudo-mask (ESFAN).
     fuse_weights: tuple[float, ...] | None = None
     #: Several scales are voted pixel-wise (MSV: 1.0, 0.75, 1.25; ties resolve to the first).
     scales: tuple[float, ...] = (1.0,)
-    gating: str = "label"  # "label" (patch label) | "predicted" (classifier probability)
+    gating: str = "label"  # a GATINGS name (stage1/pseudo_masks.py): "label" or "predicted"
     gate_threshold: float = 0.31
     #: None follows the dataset description.
     white_plane: bool | None = None
@@ -73,13 +74,13 @@ class PseudoMaskConfig:
 class SegmenterConfig:
     """Stage 2: the segmenter and its noise-suppression strategy."""
 
-    arch: str = "deeplabv3plus"  # "deeplabv3plus" | "pspnet" | "unet"
+    arch: str = "deeplabv3plus"  # an ARCHITECTURES name (models/segmenter.py)
     encoder: str = "tf_efficientnet_lite0"
     weights: str | None = None  # as ClassifierConfig.weights
     encoder_depth: int | None = None  # None: the architecture's default
     aux_head: bool = False  # MSV's auxiliary FCN head (loss weight 0.4)
     cam_head: bool = False  # HisynSeg's classification/CAM head
-    loss: str = "ce"  # "ce" | "multilayer_ce" | "onss" | "arml" | "anm" | ...
+    loss: str = "ce"  # a LOSSES name (stage2/losses.py)
     loss_params: dict[str, Any] = field(default_factory=dict)
     #: Pseudo-mask folders (under ``pseudo_masks/``) the loss reads, main target first, and
     #: their weights for multi-layer CE. "final" is the recipe's own mask (deepest layer, vote
@@ -106,7 +107,7 @@ class SegmenterConfig:
     normalise: str = "divide255"
     #: MLPS classification gate: classes with classifier probability <= this are suppressed.
     class_gate: float | None = None
-    tta: str = "none"  # "none" | "flip" | "d4" | "multiscale"
+    tta: str = "none"  # a TTA_MODES name (inference/predict.py)
 
 
 @dataclass
@@ -131,12 +132,13 @@ class HisynSegConfig:
 class RunConfig:
     """Everything a run needs; written as ``run.json`` in the run directory."""
 
-    method: str = "mlps"
+    method: str = "mlps"  # a METHODS name (config/presets.py)
     data_dir: str = ""
     dataset: dict[str, Any] = field(default_factory=dict)  # DatasetSpec.to_dict()
     seed: int = 0
     device: str = "auto"
-    #: "fast" scales the schedules to the dataset and a CPU; "paper" uses the papers' schedules.
+    #: A PRESET_SCHEDULES name (config/presets.py): "fast" scales the schedules to the dataset
+    #: and a CPU; "paper" uses the papers' schedules.
     schedule: str = "fast"
     #: Microns per pixel of the training patches, where known (slide inference matches it).
     mpp: float | None = None

@@ -10,6 +10,7 @@ patches), larger ones tile by tile with blended overlaps.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +24,10 @@ from ..data.datasets import EvalSet, read_mask, write_palette_mask
 from ..devices import autocast_dtype, resolve_device
 from ..errors import CheckpointError, ConfigError, DatasetError
 from ..models.segmenter import Segmenter, load_segmenter, normalise
+from ..registry import Registry
 from ..runs.run_dir import RunDirectory
 from .metrics import ConfusionMatrix
 
-TTA_MODES = ("none", "flip", "d4", "multiscale")
 #: MSV's test scales (relative to the native patch size), softmax-averaged.
 MULTISCALE_RATIOS = (0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
 WHOLE_IMAGE_LIMIT = 1024
@@ -34,12 +35,6 @@ WHOLE_IMAGE_LIMIT = 1024
 GATE_CHOICE_FILE = "class_gate.json"
 TILE = 512
 TILE_OVERLAP = 64
-#: (quarter turns, horizontal flip) of each logit-averaged TTA mode.
-_TRANSFORMS = {
-    "none": ((0, False),),
-    "flip": ((0, False), (0, True)),
-    "d4": tuple((turns, flip) for turns in range(4) for flip in (False, True)),
-}
 
 
 class ClassGate:
@@ -82,8 +77,7 @@ class SegmentationPredictor:
     def __init__(self, model: Segmenter, spec: DatasetSpec, *, mean, std, input_size: int,
                  mpp: float | None = None, tta: str = "none", gate: ClassGate | None = None,
                  config: dict[str, Any] | None = None):
-        if tta not in TTA_MODES:
-            raise ConfigError(f"unknown TTA '{tta}': use one of {', '.join(TTA_MODES)}")
+        TTA_MODES.check(tta)
         self.model = model.eval()
         self.spec = spec
         self.mean, self.std = tuple(mean), tuple(std)
@@ -107,18 +101,10 @@ class SegmentationPredictor:
         x = normalise(batch, self.mean, self.std)
         dtype = autocast_dtype(self.device)
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-            if self.tta == "multiscale":
-                probabilities = self._multiscale(x)
-                if present is not None:
-                    probabilities = _restricted(probabilities, present)
-            else:
-                logits = self._averaged_logits(x)
-                if present is not None:
-                    logits = logits.masked_fill(~present, float("-inf"))
-                probabilities = torch.softmax(logits, dim=1)
+            probabilities = TTA_MODES.get(self.tta)(self, x, present)
         return probabilities.float().cpu().numpy()
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
         """One forward pass on any size: padded to the encoder's stride, cropped back."""
         height, width = x.shape[-2:]
         multiple = self.model.input_multiple
@@ -130,30 +116,57 @@ class SegmentationPredictor:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x).logits[..., :height, :width].float()
 
-    def _averaged_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Mean logits over the TTA transforms, each undone on its output (ttach's merge)."""
+
+
+#: Test-time augmentations by ``SegmenterConfig.tta``: ``predict(predictor, x, present)`` maps
+#: normalised (N, 3, H, W) inputs to (N, C, H, W) probabilities, keeping only the classes
+#: ``present`` (N, C, H, W) allows where the class gate gives it (else None).
+TTA_MODES: Registry[Callable[[SegmentationPredictor, torch.Tensor, torch.Tensor | None],
+                             torch.Tensor]] = Registry("TTA mode")
+
+
+def logit_averaging(transforms: tuple[tuple[int, bool], ...]):
+    """A TTA mode averaging logits over (quarter turns, horizontal flip) views, each undone on
+    its output (ttach's merge); the gate removes classes before the softmax."""
+
+    def predict(predictor: SegmentationPredictor, x: torch.Tensor,
+                present: torch.Tensor | None) -> torch.Tensor:
         total = None
-        transforms = _TRANSFORMS[self.tta]
         for turns, flip in transforms:
             view = torch.rot90(x, turns, dims=(2, 3))
             view = view.flip(-1) if flip else view
-            logits = self._logits(view)
+            logits = predictor.logits(view)
             logits = logits.flip(-1) if flip else logits
             logits = torch.rot90(logits, -turns, dims=(2, 3))
             total = logits if total is None else total + logits
-        return total / len(transforms)
+        logits = total / len(transforms)
+        if present is not None:
+            logits = logits.masked_fill(~present, float("-inf"))
+        return torch.softmax(logits, dim=1)
 
-    def _multiscale(self, x: torch.Tensor) -> torch.Tensor:
-        """MSV's test: softmax at each scale, resized back and averaged."""
-        size = x.shape[-2:]
-        total = 0.0
-        for ratio in MULTISCALE_RATIOS:
-            scaled_size = [max(1, round(side * ratio)) for side in size]
-            scaled = F.interpolate(x, size=scaled_size, mode="bilinear", align_corners=False)
-            probabilities = torch.softmax(self._logits(scaled), dim=1)
-            total = total + F.interpolate(probabilities, size=size, mode="bilinear",
-                                          align_corners=False)
-        return total / len(MULTISCALE_RATIOS)
+    return predict
+
+
+TTA_MODES.add("none", logit_averaging(((0, False),)))
+TTA_MODES.add("flip", logit_averaging(((0, False), (0, True))))
+TTA_MODES.add("d4", logit_averaging(tuple((turns, flip) for turns in range(4)
+                                          for flip in (False, True))))
+
+
+@TTA_MODES.register("multiscale")
+def multiscale(predictor: SegmentationPredictor, x: torch.Tensor,
+               present: torch.Tensor | None) -> torch.Tensor:
+    """MSV's test: softmax at each scale, resized back and averaged (then gated)."""
+    size = x.shape[-2:]
+    total = 0.0
+    for ratio in MULTISCALE_RATIOS:
+        scaled_size = [max(1, round(side * ratio)) for side in size]
+        scaled = F.interpolate(x, size=scaled_size, mode="bilinear", align_corners=False)
+        probabilities = torch.softmax(predictor.logits(scaled), dim=1)
+        total = total + F.interpolate(probabilities, size=size, mode="bilinear",
+                                      align_corners=False)
+    probabilities = total / len(MULTISCALE_RATIOS)
+    return probabilities if present is None else _restricted(probabilities, present)
 
 
 def _restricted(probabilities: torch.Tensor, present: torch.Tensor) -> torch.Tensor:

@@ -24,8 +24,12 @@ from functools import lru_cache
 import numpy as np
 
 from ..errors import ConfigError
+from ..registry import Registry
 
-BLEND_MODES = ("crop", "linear", "gaussian")
+#: Blend modes by name: ``profile(tile, halo, first) -> (tile,)`` weights along one axis of a
+#: window (``first``: the window starts at the image's edge); a window's weights are the outer
+#: product of its row and column profiles.
+BLEND_MODES: Registry[Callable[[int, int, bool], np.ndarray]] = Registry("blend mode")
 
 PredictBatch = Callable[[np.ndarray], np.ndarray]
 
@@ -85,8 +89,7 @@ def blend_window(
     Only ``crop`` needs the flags: the first window's margin has no earlier neighbour, so it
     keeps it. The other modes have positive weights everywhere and need no special case.
     """
-    if blend not in BLEND_MODES:
-        raise ConfigError(f"unknown blend mode '{blend}': use one of {', '.join(BLEND_MODES)}")
+    BLEND_MODES.check(blend)
     return _blend_window(blend, tile, halo, first_row, first_col).copy()
 
 
@@ -98,20 +101,41 @@ def _blend_window(blend: str, tile: int, halo: int, first_row: bool, first_col: 
 
 
 def _profile(blend: str, tile: int, halo: int, first: bool) -> np.ndarray:
-    position = np.arange(tile, dtype=np.float64) + 0.5
-    if blend == "gaussian":
-        sigma = tile / 8.0
-        return np.exp(-0.5 * ((position - tile / 2.0) / sigma) ** 2)
+    return BLEND_MODES.get(blend)(tile, halo, first)
+
+
+def _centres(tile: int) -> np.ndarray:
+    return np.arange(tile, dtype=np.float64) + 0.5
+
+
+@BLEND_MODES.register("crop")
+def crop_profile(tile: int, halo: int, first: bool) -> np.ndarray:
+    """Each window's centre only; the first window also keeps its outer margin."""
     if halo == 0:
         return np.ones(tile)
-    if blend == "crop":
-        profile = ((position > halo) & (position < tile - halo)).astype(np.float64)
-        if first:
-            profile[: tile - halo] = 1.0
-        return profile
+    position = _centres(tile)
+    profile = ((position > halo) & (position < tile - halo)).astype(np.float64)
+    if first:
+        profile[: tile - halo] = 1.0
+    return profile
+
+
+@BLEND_MODES.register("linear")
+def linear_profile(tile: int, halo: int, first: bool) -> np.ndarray:
+    """Ramps across the overlap that sum to one between neighbours."""
+    if halo == 0:
+        return np.ones(tile)
+    position = _centres(tile)
     ramp_up = position / (2 * halo)
     ramp_down = (tile - position) / (2 * halo)
     return np.minimum(1.0, np.minimum(ramp_up, ramp_down))
+
+
+@BLEND_MODES.register("gaussian")
+def gaussian_profile(tile: int, halo: int, first: bool) -> np.ndarray:
+    """A Gaussian of the distance to the window centre, sigma = tile / 8."""
+    sigma = tile / 8.0
+    return np.exp(-0.5 * ((_centres(tile) - tile / 2.0) / sigma) ** 2)
 
 
 class RowBlender:

@@ -1,7 +1,8 @@
 """Feature backbones by name: named feature maps, shallow to deep.
 
-Any timm model that supports ``features_only`` works (its feature modules are the layer names,
-e.g. ``blocks.2``); ``res38d`` is the wide ResNet-38 of the papers (docs/algorithms.md 0).
+Builders are registered by name in ``BACKBONES``: ``res38d`` is the wide ResNet-38 of the papers
+(docs/algorithms.md 0); any other name is a timm model that supports ``features_only`` (its
+feature modules are the layer names, e.g. ``blocks.2``), built by the ``timm`` entry.
 Presets name layers relative to the deepest one ("-1", "-2", "-3"), so one recipe fits every
 backbone.
 
@@ -12,7 +13,7 @@ loading, or a local file given as ``weights`` for machines without network.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import lru_cache
 from pathlib import Path
 
@@ -21,10 +22,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
+from ..registry import Registry
 
 #: The backbone whose ImageNet weights ship offline with the package.
 OFFLINE_BACKBONE = "tf_efficientnet_lite0"
 RES38D = "res38d"
+#: The ``BACKBONES`` entry that builds every timm model without an entry of its own.
+ANY_TIMM_MODEL = "timm"
 
 
 class Backbone(nn.Module):
@@ -62,16 +66,22 @@ class Backbone(nn.Module):
 
 
 class TimmBackbone(Backbone):
-    """A timm ``features_only`` model; layer names are timm's feature module names."""
+    """A timm ``features_only`` model; layer names are timm's feature module names.
 
-    def __init__(self, name: str, weights: str | None, output_stride: int):
+    ``weights`` None downloads timm's ImageNet weights unless ``download`` is False (a builder
+    that has them offline loads them itself with ``load_weights``).
+    """
+
+    def __init__(self, name: str, weights: str | None, output_stride: int,
+                 download: bool = True):
         super().__init__()
         import timm
 
+        self.name = name
         try:
             self.body = timm.create_model(
                 name, features_only=True, output_stride=output_stride,
-                pretrained=weights is None and name != OFFLINE_BACKBONE,
+                pretrained=weights is None and download,
             )
         except RuntimeError as error:  # timm: unknown model or no pretrained weights
             raise ConfigError(f"cannot build backbone '{name}' ({error})") from None
@@ -83,16 +93,15 @@ class TimmBackbone(Backbone):
         self.layer_names = tuple(self.body.feature_info.module_name())
         self.channels = tuple(self.body.feature_info.channels())
         self.pretrained = weights != "none"
-        if weights is None and name == OFFLINE_BACKBONE:
-            self._load(_offline_lite0_state_dict(), name, source="efficientnet-lite0 package")
-        elif weights not in (None, "none"):
-            self._load(_read_state_dict(weights), name, source=weights)
+        if weights not in (None, "none"):
+            self.load_weights(_read_state_dict(weights), source=weights)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return dict(zip(self.layer_names, self.body(x), strict=True))
 
-    def _load(self, state: Mapping[str, torch.Tensor], name: str, source) -> None:
+    def load_weights(self, state: Mapping[str, torch.Tensor], source) -> None:
         """Load by key names; failing that, by position onto the full timm model's keys."""
+        name = self.name
         own = self.body.state_dict()
         if not all(key in state for key in own):
             state = _by_position(state, _full_model_keys_and_shapes(name), source)
@@ -278,11 +287,36 @@ class ResNet38(Backbone):
         self.load_state_dict({k: state[k] for k in needed}, strict=False)
 
 
+#: Backbone builders by name: ``build(name, weights, output_stride) -> Backbone``. A name without
+#: an entry of its own is a timm model, built by the ``ANY_TIMM_MODEL`` entry.
+BACKBONES: Registry[Callable[[str, str | None, int], Backbone]] = Registry("backbone")
+
+
+@BACKBONES.register(ANY_TIMM_MODEL)
+def timm_backbone(name: str, weights: str | None, output_stride: int) -> Backbone:
+    """Any timm model with ``features_only``; ImageNet weights come from timm's download."""
+    return TimmBackbone(name, weights, output_stride)
+
+
+@BACKBONES.register(OFFLINE_BACKBONE)
+def offline_lite0_backbone(name: str, weights: str | None, output_stride: int) -> Backbone:
+    """EfficientNet-Lite0, whose ImageNet weights ship with the package (no download)."""
+    backbone = TimmBackbone(name, weights, output_stride, download=False)
+    if weights is None:
+        backbone.load_weights(_offline_lite0_state_dict(), source="efficientnet-lite0 package")
+    return backbone
+
+
+@BACKBONES.register(RES38D)
+def res38d_backbone(name: str, weights: str | None, output_stride: int) -> Backbone:
+    """The papers' ResNet-38: output stride 8 whatever ``output_stride`` says."""
+    return ResNet38(weights)
+
+
 def build_backbone(name: str, weights: str | None = None, output_stride: int = 16) -> Backbone:
     """The backbone ``name`` with ``weights``: None = ImageNet, "none" = random, or a file.
 
     ``output_stride`` applies to timm models (dilated last stages); res38d is always 8.
     """
-    if name == RES38D:
-        return ResNet38(weights)
-    return TimmBackbone(name, weights, output_stride)
+    build = BACKBONES.get(name if name in BACKBONES else ANY_TIMM_MODEL)
+    return build(name, weights, output_stride)

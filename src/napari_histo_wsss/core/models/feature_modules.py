@@ -5,8 +5,8 @@ PDA, coordinate attention and ARS are training-time regularisers: the CAM networ
 them (docs/algorithms.md 9.1), they only shape the features the classifier learns on. The ESF block
 is part of ESFAN's network itself, CAM network included, so it declares ``at_inference = True``.
 
-Adding a module is one class with ``name`` and ``forward(features, classifier_weight, epoch)``
-plus one line in ``MODULES``.
+Adding a module is one class with ``forward(features, classifier_weight, epoch)``, registered
+in ``FEATURE_MODULES`` under the name ``ClassifierConfig.train_modules`` gives it.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config.run_config import ClassifierConfig
-from ..errors import ConfigError
+from ..registry import Registry
 
 
 class FeatureModule(nn.Module):
@@ -27,7 +27,6 @@ class FeatureModule(nn.Module):
     ``epoch`` is the 0-based training epoch, or None for the CAM network (inference).
     """
 
-    name: ClassVar[str]
     at_inference: ClassVar[bool] = False
 
     def active(self, epoch: int | None) -> bool:
@@ -36,6 +35,10 @@ class FeatureModule(nn.Module):
     def forward(self, features: torch.Tensor, classifier_weight: torch.Tensor,
                 epoch: int | None) -> torch.Tensor:
         raise NotImplementedError
+
+
+#: Stage-1 feature modules by the names ``ClassifierConfig.train_modules`` lists.
+FEATURE_MODULES: Registry[type[FeatureModule]] = Registry("stage-1 module")
 
 
 def _inverse_exponential(x: torch.Tensor) -> torch.Tensor:
@@ -56,6 +59,7 @@ def pda_gamma(config: ClassifierConfig, epoch: int) -> float:
     return gamma
 
 
+@FEATURE_MODULES.register("pda")
 class ProgressiveDropoutAttention(FeatureModule):
     """PDA (docs/algorithms.md 1.1): hide each class's peak activations, re-weight F by the rest.
 
@@ -68,7 +72,6 @@ class ProgressiveDropoutAttention(FeatureModule):
     below zero, where M = 0 blocks all gradients and training sits at loss ln 2 for good.
     """
 
-    name = "pda"
 
     def __init__(self, channels: int, num_classes: int, config: ClassifierConfig):
         super().__init__()
@@ -92,6 +95,7 @@ class ProgressiveDropoutAttention(FeatureModule):
 # MSV: coordinate attention
 
 
+@FEATURE_MODULES.register("coord_attention")
 class CoordinateAttention(FeatureModule):
     """MSV's CA block (docs/algorithms.md 2.1): F * s_h (per row) * s_w (per column).
 
@@ -99,7 +103,6 @@ class CoordinateAttention(FeatureModule):
     left out; the convolutions are trained.
     """
 
-    name = "coord_attention"
 
     def __init__(self, channels: int, num_classes: int, config: ClassifierConfig,
                  reduction: int = 16):
@@ -174,10 +177,10 @@ class InverseActivationGate(nn.Module):
         return x * _inverse_exponential(self.spatial(pooled))
 
 
+@FEATURE_MODULES.register("ars")
 class ActivationRelocalisation(FeatureModule):
     """ARS (docs/algorithms.md 3.1): criss-cross attention then AMM, from ``ars_start_epoch``."""
 
-    name = "ars"
 
     def __init__(self, channels: int, num_classes: int, config: ClassifierConfig):
         super().__init__()
@@ -196,6 +199,7 @@ class ActivationRelocalisation(FeatureModule):
 # ESFAN: edge-semantic synergy fusion
 
 
+@FEATURE_MODULES.register("esf")
 class EdgeSemanticFusion(FeatureModule):
     """ESF block (docs/algorithms.md 4.1) on the deepest features, in training and CAM networks.
 
@@ -205,7 +209,6 @@ class EdgeSemanticFusion(FeatureModule):
     initial state (an identity) and left out.
     """
 
-    name = "esf"
     at_inference = True
     pyramid_grids = (1, 2, 3, 6)
 
@@ -259,19 +262,7 @@ class SideHead(nn.Module):
         return self.conv(F.relu(features).mean(dim=(2, 3), keepdim=True)).flatten(1)
 
 
-MODULES: dict[str, type[FeatureModule]] = {
-    module.name: module
-    for module in (ProgressiveDropoutAttention, CoordinateAttention, ActivationRelocalisation,
-                   EdgeSemanticFusion)
-}
-
-
 def build_module(name: str, channels: int, num_classes: int,
                  config: ClassifierConfig) -> FeatureModule:
-    try:
-        module = MODULES[name]
-    except KeyError:
-        raise ConfigError(
-            f"unknown stage-1 module '{name}': choose from {', '.join(MODULES)}"
-        ) from None
-    return module(channels, num_classes, config)
+    """The registered module ``name`` for deepest features of ``channels`` channels."""
+    return FEATURE_MODULES.get(name)(channels, num_classes, config)

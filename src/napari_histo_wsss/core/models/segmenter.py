@@ -13,6 +13,7 @@ weights file; ``core.backbones`` does the loading for both stages.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,17 +25,40 @@ from torch import nn
 from ..config.run_config import RunConfig, SegmenterConfig, section_from_dict
 from ..data.classes import DatasetSpec
 from ..errors import CheckpointError, ConfigError
+from ..registry import Registry
 from ..runs.checkpoints import check_same_classes, checkpoint_spec, load_checkpoint
 from .backbones import RES38D, build_backbone
 
-#: Architectures by config name, with the keyword arguments that differ from smp's defaults.
-#: DeepLabV3+ uses the DeepLab v3+ paper's atrous rates for output stride 16 (MLPS's network);
-#: smp's default 12/24/36 reach far past the 14x14 feature map of a 224-pixel patch.
-ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
-    "deeplabv3plus": ("DeepLabV3Plus", {"decoder_atrous_rates": (6, 12, 18)}),
-    "pspnet": ("PSPNet", {}),
-    "unet": ("Unet", {}),
-}
+#: Segmentation networks by ``SegmenterConfig.arch``: ``build(**smp_arguments) -> nn.Module``,
+#: given the smp encoder name, the number of classes and (where set) the encoder depth.
+ARCHITECTURES: Registry[Callable[..., nn.Module]] = Registry("segmenter architecture")
+
+
+@ARCHITECTURES.register("deeplabv3plus")
+def deeplabv3plus(**smp_arguments: Any) -> nn.Module:
+    """MLPS's network, with the DeepLab v3+ paper's atrous rates for output stride 16: smp's
+    default 12/24/36 reach far past the 14x14 feature map of a 224-pixel patch."""
+    import segmentation_models_pytorch as smp
+
+    return smp.DeepLabV3Plus(decoder_atrous_rates=(6, 12, 18), **smp_arguments)
+
+
+@ARCHITECTURES.register("pspnet")
+def pspnet(**smp_arguments: Any) -> nn.Module:
+    """MSV, ARML and ESFAN's network (ARML and ESFAN on a three-stage encoder)."""
+    import segmentation_models_pytorch as smp
+
+    return smp.PSPNet(**smp_arguments)
+
+
+@ARCHITECTURES.register("unet")
+def unet(**smp_arguments: Any) -> nn.Module:
+    """A U-Net, for comparison: no method preset uses it."""
+    import segmentation_models_pytorch as smp
+
+    return smp.Unet(**smp_arguments)
+
+
 AUX_LOSS_WEIGHT = 0.4  # MSV's auxiliary FCN head
 SEGMENTER_KIND = "segmenter"
 
@@ -58,25 +82,16 @@ class Segmenter(nn.Module):
 
     def __init__(self, config: SegmenterConfig, num_classes: int):
         super().__init__()
-        import segmentation_models_pytorch as smp
-
-        if config.arch not in ARCHITECTURES:
-            raise ConfigError(
-                f"unknown segmenter architecture '{config.arch}': choose one of "
-                f"{', '.join(ARCHITECTURES)}"
-            )
+        build = ARCHITECTURES.get(config.arch)
         if config.encoder == RES38D:
             raise ConfigError("res38d is a classifier backbone only; smp segmenters need a timm "
                               "encoder such as tf_efficientnet_lite0")
-        class_name, extra = ARCHITECTURES[config.arch]
-        kwargs = dict(extra)
+        kwargs = {}
         if config.encoder_depth is not None:
             kwargs["encoder_depth"] = config.encoder_depth
         try:
-            self.net = getattr(smp, class_name)(
-                encoder_name=f"tu-{config.encoder}", encoder_weights=None, classes=num_classes,
-                **kwargs,
-            )
+            self.net = build(encoder_name=f"tu-{config.encoder}", encoder_weights=None,
+                             classes=num_classes, **kwargs)
         except (RuntimeError, ValueError) as error:
             raise ConfigError(
                 f"cannot build {config.arch} on encoder '{config.encoder}': {error}"

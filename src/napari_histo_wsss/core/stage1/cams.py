@@ -12,20 +12,25 @@ Grad-CAM has no ReLU (docs/algorithms.md 1.2); Grad-CAM++ follows docs/algorithm
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
 from ..models.classifier import CamClassifier
-
-CAM_METHODS = ("cam", "gradcam", "gradcampp")
+from ..registry import Registry
 
 
 class ClassMaps(NamedTuple):
     logits: torch.Tensor  # (N, C)
     maps: dict[str, torch.Tensor]  # layer name -> (N, C, h, w) at the layer's resolution
+
+
+#: Ways to make class maps, by ``PseudoMaskConfig.cam_method``:
+#: ``maps(model, images, layers) -> ClassMaps`` for a model in eval mode.
+CAM_METHODS: Registry[Callable[[CamClassifier, torch.Tensor, tuple[str, ...] | list[str]],
+                               ClassMaps]] = Registry("CAM method")
 
 
 def gradcam(activation: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
@@ -43,26 +48,47 @@ def gradcampp(activation: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
     return torch.einsum("nk,nkij->nij", weights, activation)
 
 
-_FROM_GRADIENT = {"gradcam": gradcam, "gradcampp": gradcampp}
-
-
 def class_activation_maps(model: CamClassifier, images: torch.Tensor,
                           layers: tuple[str, ...] | list[str], method: str = "gradcam"
                           ) -> ClassMaps:
     """Maps of every class at every layer for a batch of network inputs (already normalised).
 
-    ``method``: "cam" = ReLU(w_c . A) (layers with a classifier: the deepest and side heads),
-    "gradcam" or "gradcampp" (any layer). The model must be in eval mode.
+    ``method``: a ``CAM_METHODS`` name: "cam" = ReLU(w_c . A) (layers with a classifier: the
+    deepest and side heads), "gradcam" or "gradcampp" (any layer). The model must be in eval
+    mode.
     """
-    if method not in CAM_METHODS:
-        raise ConfigError(f"unknown CAM method '{method}': choose from {', '.join(CAM_METHODS)}")
-    if method == "cam":
-        with torch.no_grad():
-            logits, activations = model.cam_forward(images, layers)
-            maps = {name: F.relu(model.class_scores(name, activation))
-                    for name, activation in activations.items()}
-        return ClassMaps(logits, maps)
+    return CAM_METHODS.get(method)(model, images, layers)
 
+
+@CAM_METHODS.register("cam")
+def plain_cams(model: CamClassifier, images: torch.Tensor,
+               layers: tuple[str, ...] | list[str]) -> ClassMaps:
+    """ReLU(w_c . A) at layers that have a classifier; no gradients needed."""
+    with torch.no_grad():
+        logits, activations = model.cam_forward(images, layers)
+        maps = {name: F.relu(model.class_scores(name, activation))
+                for name, activation in activations.items()}
+    return ClassMaps(logits, maps)
+
+
+@CAM_METHODS.register("gradcam")
+def gradcam_maps(model: CamClassifier, images: torch.Tensor,
+                 layers: tuple[str, ...] | list[str]) -> ClassMaps:
+    return gradient_weighted_maps(model, images, layers, gradcam)
+
+
+@CAM_METHODS.register("gradcampp")
+def gradcampp_maps(model: CamClassifier, images: torch.Tensor,
+                   layers: tuple[str, ...] | list[str]) -> ClassMaps:
+    return gradient_weighted_maps(model, images, layers, gradcampp)
+
+
+def gradient_weighted_maps(
+    model: CamClassifier, images: torch.Tensor, layers: tuple[str, ...] | list[str],
+    weighting: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> ClassMaps:
+    """Maps from activations and class gradients (``gradcam``, ``gradcampp``), one backward
+    per class for every layer at once; analytic at the classifier input."""
     with torch.enable_grad():
         logits, activations = model.cam_forward(images, layers)
         analytic = {name: a for name, a in activations.items() if name == model.feature_layer}
@@ -75,9 +101,9 @@ def class_activation_maps(model: CamClassifier, images: torch.Tensor,
                     retain_graph=c + 1 < logits.shape[1],
                 )
                 for (name, activation), gradient in zip(traced.items(), gradients, strict=True):
-                    per_class[name].append(_FROM_GRADIENT[method](activation.detach(), gradient))
+                    per_class[name].append(weighting(activation.detach(), gradient))
             for name, activation in analytic.items():
-                per_class[name].append(_FROM_GRADIENT[method](
+                per_class[name].append(weighting(
                     activation.detach(), _classifier_input_gradient(model, activation, c)))
     maps = {name: torch.stack(class_maps, dim=1) for name, class_maps in per_class.items()}
     return ClassMaps(logits.detach(), maps)

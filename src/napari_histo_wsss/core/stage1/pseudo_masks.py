@@ -16,7 +16,7 @@ import dataclasses
 import json
 import shutil
 from collections import defaultdict
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +31,7 @@ from ..errors import ConfigError, DatasetError
 from ..events import Batch, Done, Event, Preview, Started, StopToken
 from ..inference.metrics import ConfusionMatrix
 from ..models.classifier import CamClassifier, load_classifier
+from ..registry import Registry
 from ..runs.run_dir import RunDirectory
 from .cams import class_activation_maps
 
@@ -59,6 +60,28 @@ def predicted_classes(probabilities: torch.Tensor, threshold: float) -> torch.Te
     kept = probabilities > threshold
     fallback = F.one_hot(probabilities.argmax(dim=1), probabilities.shape[1]).bool()
     return torch.where(kept.any(dim=1, keepdim=True), kept, fallback)
+
+
+#: How the classes each pseudo-mask may use are chosen, by ``PseudoMaskConfig.gating``:
+#: ``gate(labels (N, C) or None, probabilities (N, C), config) -> kept (N, C) bool``.
+GATINGS: Registry[Callable[[np.ndarray | None, torch.Tensor, PseudoMaskConfig], torch.Tensor]] = \
+    Registry("gating")
+
+
+@GATINGS.register("label")
+def gate_by_label(labels: np.ndarray | None, probabilities: torch.Tensor,
+                  config: PseudoMaskConfig) -> torch.Tensor:
+    """The classes of the patch label (MLPS, MSV, ARML)."""
+    if labels is None:
+        raise ConfigError("label gating needs the patch labels")
+    return torch.from_numpy(np.asarray(labels, dtype=bool)).to(probabilities.device)
+
+
+@GATINGS.register("predicted")
+def gate_by_prediction(labels: np.ndarray | None, probabilities: torch.Tensor,
+                       config: PseudoMaskConfig) -> torch.Tensor:
+    """The classes the classifier finds (ESFAN), whatever the label says."""
+    return predicted_classes(probabilities, config.gate_threshold)
 
 
 def labels_from_maps(normalised: torch.Tensor, kept: torch.Tensor,
@@ -189,14 +212,7 @@ def _recipe_batch(model: CamClassifier, images: np.ndarray, labels: np.ndarray |
             for layer in config.layers
         ])
 
-    if config.gating == "label":
-        if labels is None:
-            raise ConfigError("label gating needs the patch labels")
-        kept = torch.from_numpy(np.asarray(labels, dtype=bool)).to(device)
-    elif config.gating == "predicted":
-        kept = predicted_classes(probabilities, config.gate_threshold)
-    else:
-        raise ConfigError(f"unknown gating '{config.gating}': use label or predicted")
+    kept = GATINGS.get(config.gating)(labels, probabilities, config)
     white = None
     if white_plane:
         white = torch.from_numpy(np.stack([

@@ -3,18 +3,21 @@
 See docs/algorithms.md 1.3-5.3 and 7.4.
 
 Pseudo-masks are wrong in places; each method down-weights the pixels it distrusts in its own
-way. Every strategy is a ``SegmentationLoss`` looked up by name in ``LOSSES`` (adding one is a
-class plus one registry line). A loss takes the forward passes of a batch, the targets and the
-training context, and returns a ``LossResult``: the loss, the per-pixel weight or trust map it
-applied (shown by the napari comparison view) and its named parts (logged per epoch).
+way. Every strategy registers itself in ``LOSSES`` under its config name: a ``SegmentationLoss``
+subclass, or for a one-pass loss one plain function (``FunctionLoss``, docs/extending.md). A
+loss takes the forward passes of a batch, the targets and the training context, and returns a
+``LossResult``: the loss, the per-pixel weight or trust map it applied (shown by the napari
+comparison view) and its named parts (logged per epoch).
 
 Targets hold tissue classes 0..C-1, white background C and 255 for "no label" (padding).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cache
 from typing import Any, ClassVar
 
 import torch
@@ -23,6 +26,7 @@ import torch.nn.functional as F
 from ..config.run_config import SegmenterConfig
 from ..errors import ConfigError
 from ..models.segmenter import AUX_LOSS_WEIGHT, SegmenterOutput
+from ..registry import Registry
 
 IGNORE_INDEX = 255
 #: The constant logit MLPS/ARML/ESFAN append at background pixels (docs/algorithms.md 1.3, 7.4).
@@ -49,6 +53,11 @@ class LossResult:
     loss: torch.Tensor
     pixel_weight: torch.Tensor | None  # (N, H, W), detached; None where every pixel counts alike
     parts: dict[str, float]
+
+
+#: Noise-suppression strategies by ``SegmenterConfig.loss``: ``SegmentationLoss`` subclasses or
+#: plain head-loss functions (see ``FunctionLoss``).
+LOSSES: Registry[type[SegmentationLoss] | Callable[..., Any]] = Registry("segmenter loss")
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,15 +219,16 @@ class SegmentationLoss:
 
     ``num_passes`` forward passes of the same batch are given (ARML compares dropout-perturbed
     passes); the loss of an auxiliary head, where the model has one, is added with weight 0.4.
+    ``name`` is the registry name it was built under (for messages).
     """
 
-    name: ClassVar[str]
     num_passes: ClassVar[int] = 1
     #: Tunable settings (``SegmenterConfig.loss_params``) and their defaults.
     defaults: ClassVar[dict[str, Any]] = {}
     part_names: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: SegmenterConfig):
+        self.name = config.loss
         self.config = config
         self.params = {**self.defaults,
                        **{k: v for k, v in config.loss_params.items() if k in self.defaults}}
@@ -237,10 +247,10 @@ class SegmentationLoss:
         raise NotImplementedError
 
 
+@LOSSES.register("ce")
 class CrossEntropy(SegmentationLoss):
     """Plain CE on the main pseudo-mask (the baseline every method improves on)."""
 
-    name = "ce"
     part_names = ("ce",)
 
     def head_loss(self, logits, targets, context):
@@ -248,6 +258,7 @@ class CrossEntropy(SegmentationLoss):
         return LossResult(loss, None, {"ce": float(loss.detach())})
 
 
+@LOSSES.register("multilayer_ce")
 class MultiLayerCrossEntropy(SegmentationLoss):
     """MLPS: CE against the pseudo-masks of several layers, weighted 0.6/0.2/0.2.
 
@@ -256,7 +267,6 @@ class MultiLayerCrossEntropy(SegmentationLoss):
     default. The trust map is the summed weight of the layers that agree with the main mask.
     """
 
-    name = "multilayer_ce"
     defaults = {"batch_average": False}
     part_names = ("ce",)
 
@@ -278,10 +288,10 @@ class MultiLayerCrossEntropy(SegmentationLoss):
         return LossResult(loss, agreement, {"ce": float(loss.detach())})
 
 
+@LOSSES.register("onss")
 class OnlineNoiseSuppression(SegmentationLoss):
     """MSV's ONSS: per-pixel CE weighted by ``onss_pixel_weights``; background is ignored."""
 
-    name = "onss"
     part_names = ("onss",)
 
     def head_loss(self, logits, targets, context):
@@ -295,11 +305,11 @@ class OnlineNoiseSuppression(SegmentationLoss):
         return LossResult(loss, shown, {"onss": float(loss.detach())})
 
 
+@LOSSES.register("arml")
 class MutualLearning(SegmentationLoss):
     """ARML: three dropout-perturbed passes; SWV-weighted CE on the first, relation
     distillation (RKD distance + angle) from the other two. 0.8 SWV + 0.2 SRM."""
 
-    name = "arml"
     num_passes = 3
     defaults = {"swv_weight": 0.8, "srm_weight": 0.2, "agree_weight": 2.0,
                 "disagree_weight": 0.5, "distance_weight": 30.0, "angle_weight": 60.0}
@@ -325,6 +335,7 @@ class MutualLearning(SegmentationLoss):
         return LossResult(loss, votes, {"swv": float(swv.detach()), "srm": float(srm.detach())})
 
 
+@LOSSES.register("anm")
 class AdaptiveNoiseAware(SegmentationLoss):
     """ESFAN's ANM: alpha * confidence-gated CE + beta * uncertainty + gamma * smoothness.
 
@@ -333,7 +344,6 @@ class AdaptiveNoiseAware(SegmentationLoss):
     The trust map is the confidence gate.
     """
 
-    name = "anm"
     defaults = {"schedule_epochs": None}
     part_names = ("gated_ce", "uncertainty", "smoothness")
 
@@ -350,11 +360,11 @@ class AdaptiveNoiseAware(SegmentationLoss):
         return LossResult(loss, gate.detach(), parts)
 
 
+@LOSSES.register("hisynseg")
 class HisynSegSupervised(SegmentationLoss):
     """HisynSeg's supervised loss: soft Dice on the segmentation + BCE on GAP(K) (a model with
     the CAM head, trained on masks it can trust: synthetic images or self-training masks)."""
 
-    name = "hisynseg"
     part_names = ("dice", "bce")
 
     def __init__(self, config: SegmenterConfig):
@@ -372,21 +382,50 @@ class HisynSegSupervised(SegmentationLoss):
                                              "bce": float(bce.detach())})
 
 
-LOSSES: dict[str, type[SegmentationLoss]] = {
-    loss.name: loss
-    for loss in (CrossEntropy, MultiLayerCrossEntropy, OnlineNoiseSuppression, MutualLearning,
-                 AdaptiveNoiseAware, HisynSegSupervised)
-}
+class FunctionLoss(SegmentationLoss):
+    """A strategy written as one function: ``loss(logits, targets, context, **params)``.
+
+    ``logits`` is one head's (N, C, H, W) output of a single forward pass. The function returns
+    the loss tensor, or ``(loss, pixel_weight)`` to show a trust map; the loss is logged under
+    the strategy's name. Its keyword-only arguments with defaults are its ``loss_params``.
+    Built by ``strategy_class``.
+    """
+
+    function: ClassVar[Callable[..., torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]]]
+
+    def __init__(self, config: SegmenterConfig):
+        super().__init__(config)
+        self.part_names = (self.name,)
+
+    def head_loss(self, logits, targets, context):
+        result = type(self).function(logits[0], targets, context, **self.params)
+        loss, pixel_weight = result if isinstance(result, tuple) else (result, None)
+        if pixel_weight is not None:
+            pixel_weight = pixel_weight.detach()
+        return LossResult(loss, pixel_weight, {self.name: float(loss.detach())})
+
+
+@cache
+def strategy_class(entry: type[SegmentationLoss] | Callable[..., Any]
+                   ) -> type[SegmentationLoss]:
+    """The ``SegmentationLoss`` class of a ``LOSSES`` entry (a function gets a ``FunctionLoss``)."""
+    if isinstance(entry, type):
+        return entry
+    keyword_defaults = {
+        name: parameter.default
+        for name, parameter in inspect.signature(entry).parameters.items()
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+        and parameter.default is not inspect.Parameter.empty
+    }
+    return type(f"FunctionLoss[{entry.__name__}]", (FunctionLoss,),
+                {"function": staticmethod(entry), "defaults": keyword_defaults})
 
 
 def build_loss(config: SegmenterConfig) -> SegmentationLoss:
     """The strategy named by ``config.loss``; settings no strategy knows are refused."""
-    if config.loss not in LOSSES:
-        raise ConfigError(
-            f"unknown segmenter loss '{config.loss}': choose one of {', '.join(LOSSES)}"
-        )
-    known = {key for loss in LOSSES.values() for key in loss.defaults}
+    strategy = strategy_class(LOSSES.get(config.loss))
+    known = {key for _, entry in LOSSES.items() for key in strategy_class(entry).defaults}
     unknown = sorted(set(config.loss_params) - known)
     if unknown:
         raise ConfigError(f"unknown loss settings {unknown}: known are {sorted(known)}")
-    return LOSSES[config.loss](config)
+    return strategy(config)
