@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..core.config.presets import PRESET_SCHEDULES
+
 
 def add_dataset_flags(parser: argparse.ArgumentParser) -> None:
     """Flags that say what the dataset's labels mean when it is not a built-in one."""
@@ -22,7 +24,7 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs-seg", type=int, help="segmenter epochs")
     parser.add_argument("--batch-size", type=int, help="batch size of both stages")
     parser.add_argument("--seed", type=int, help="random seed (default 0)")
-    parser.add_argument("--schedule", choices=("fast", "paper"), default="fast",
+    parser.add_argument("--schedule", choices=PRESET_SCHEDULES.names(), default="fast",
                         help="fast: scaled to the dataset for a CPU; paper: published schedules")
     parser.add_argument("--mpp", type=float,
                         help="microns per pixel of the training patches: recorded in the run so "

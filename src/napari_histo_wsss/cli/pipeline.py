@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..core.config.presets import METHODS
 from .flags import add_dataset_flags, add_training_flags, spec_from_args, stage_overrides
 
 DEMO_DATA = Path(__file__).parents[1] / "sample_data" / "wsss4luad"
@@ -17,7 +18,7 @@ def add_pipeline_parsers(commands) -> None:
         "pipeline", help="run every stage with a method preset (resumes an interrupted run)")
     pipeline.add_argument("data_dir", metavar="DATA_DIR")
     pipeline.add_argument("--method", required=True,
-                          choices=("mlps", "msv-onss", "arml", "esfan", "hisynseg", "cam-ce"))
+                          choices=METHODS.names())
     pipeline.add_argument("--out", required=True, metavar="RUN_DIR")
     pipeline.add_argument("--strategies",
                           help="train several noise-suppression losses one after another on the "
@@ -32,7 +33,7 @@ def add_pipeline_parsers(commands) -> None:
     demo.add_argument("--out", default="histo-wsss-demo", metavar="RUN_DIR",
                       help="run directory (default ./histo-wsss-demo; reused if it exists)")
     demo.add_argument("--method", default="mlps",
-                      choices=("mlps", "msv-onss", "arml", "esfan", "hisynseg", "cam-ce"))
+                      choices=METHODS.names())
     demo.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
     demo.set_defaults(func=cmd_demo)
 

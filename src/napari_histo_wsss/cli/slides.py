@@ -12,6 +12,8 @@ import sys
 from functools import partial
 from pathlib import Path
 
+from ..core.inference.tiling import BLEND_MODES
+
 
 def add_segment_slide_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``segment-slide`` on the CLI's subcommands."""
@@ -36,7 +38,7 @@ def add_segment_slide_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--tile", type=int, default=512, help="model input size (default 512)")
     parser.add_argument("--halo", type=int, default=64,
                         help="context margin on each side of a tile (default 64)")
-    parser.add_argument("--blend", choices=("crop", "linear", "gaussian"), default="gaussian",
+    parser.add_argument("--blend", choices=BLEND_MODES.names(), default="gaussian",
                         help="how overlapping tiles are merged (default gaussian)")
     parser.add_argument("--batch-size", type=int, default=8, help="tiles per batch (default 8)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")

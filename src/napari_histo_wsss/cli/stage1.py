@@ -21,7 +21,7 @@ def add_stage1_parsers(subparsers) -> None:
         "train-classifier", help="stage 1: train the CAM classifier on the patch labels "
                                  "(resumes an interrupted run)")
     train.add_argument("data_dir", metavar="DATA_DIR")
-    train.add_argument("--method", required=True, choices=METHODS)
+    train.add_argument("--method", required=True, choices=METHODS.names())
     train.add_argument("--out", required=True, metavar="RUN_DIR")
     add_training_flags(train)
     add_dataset_flags(train)

@@ -14,9 +14,10 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from ..core.registry import RegistryNames
 from .flags import add_dataset_flags, spec_from_args
 
-TTA_CHOICES = ("none", "flip", "d4", "multiscale")
+TTA_CHOICES = RegistryNames("napari_histo_wsss.core.inference.predict", "TTA_MODES")
 
 
 def add_stage2_parsers(subparsers) -> None:
@@ -30,8 +31,9 @@ def add_stage2_parsers(subparsers) -> None:
     train.add_argument("run_dir", metavar="RUN_DIR")
     train.add_argument("data_dir", nargs="?", metavar="DATA_DIR",
                        help="dataset folder (default: the one the run was made from)")
-    train.add_argument("--loss", help="noise-suppression loss: ce, multilayer_ce, onss, arml, "
-                                      "anm or hisynseg (default: the method's)")
+    train.add_argument("--loss", metavar="LOSS",
+                       choices=RegistryNames("napari_histo_wsss.core.stage2.losses", "LOSSES"),
+                       help="noise-suppression loss: %(choices)s (default: the method's)")
     train.add_argument("--strategy", help="folder name under segmenter/ (default: the loss name)")
     train.add_argument("--sampling", choices=("uniform", "balanced"),
                        help="uniform: every patch once per epoch (default); balanced: patches "
@@ -60,8 +62,8 @@ def add_stage2_parsers(subparsers) -> None:
                           help="print one JSON object (miou, fwiou, dice, per_class, ...)")
     evaluate.add_argument("--strategy", help="which trained segmenter of the run (default: "
                                              "the best on validation)")
-    evaluate.add_argument("--tta", choices=TTA_CHOICES, help="test-time augmentation "
-                                                            "(default: the method's)")
+    evaluate.add_argument("--tta", metavar="TTA", choices=TTA_CHOICES,
+                          help="test-time augmentation: %(choices)s (default: the method's)")
     evaluate.add_argument("--no-class-gate", action="store_true",
                           help="do not gate classes with the stage-1 classifier (MLPS); by "
                                "default the gate is used where the pipeline found it helps "

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from magicgui.widgets import ComboBox, FileEdit, FloatSpinBox, LineEdit, SpinBox
 
+from ..core.config.presets import PRESET_SCHEDULES, methods_with_classifier
 from ._base import JobWidget, device_field, info_label, run_folder_field, set_info
 from ._jobs import JobState
 from ._runs import describe_dataset, describe_run, given_path
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 
 STAGE = "classifier"
 #: Methods with a CAM classifier (HisynSeg trains its segmenter from synthetic images).
-CAM_METHODS = ("mlps", "msv-onss", "arml", "esfan", "cam-ce")
+CAM_METHODS = methods_with_classifier()
 #: Shown in numeric fields left at 0: the preset decides.
 PRESET_TEXT = "preset"
 
@@ -57,7 +58,7 @@ class TrainClassifierWidget(JobWidget):
         self.batch_size = preset_spin_box("batch size", TOOLTIPS["batch_size"], 512)
         self.run_folder = run_folder_field()
         self.run_info = info_label()
-        self.schedule = ComboBox(label="schedule", choices=("fast", "paper"), value="fast",
+        self.schedule = ComboBox(label="schedule", choices=PRESET_SCHEDULES.names(), value="fast",
                                  tooltip=TOOLTIPS["schedule"])
         self.seed = SpinBox(label="seed", min=0, max=2**31 - 1, value=0, tooltip=TOOLTIPS["seed"])
         self.lr = FloatSpinBox(label="learning rate", min=0.0, max=1.0, step=0.001, value=0.0,

@@ -30,7 +30,7 @@ def strategy_names() -> list[str]:
     """The noise-suppression losses for pseudo-masks (HisynSeg trains from synthetic images)."""
     from ..core.stage2.losses import LOSSES
 
-    return [name for name in LOSSES if name != HISYNSEG]
+    return [name for name in LOSSES.names() if name != HISYNSEG]
 
 
 class TrainSegmenterWidget(JobWidget):
@@ -40,13 +40,14 @@ class TrainSegmenterWidget(JobWidget):
 
     def __init__(self, viewer: napari.viewer.Viewer):
         super().__init__(viewer, "Train segmenter")
-        from ..core.config.presets import METHODS
+        from ..core.config.presets import METHODS, PRESET_SCHEDULES
+        from ..core.models.segmenter import ARCHITECTURES
 
         self.run_folder = run_folder_field()
         self.run_info = info_label()
         self.dataset = FileEdit(mode="d", label="dataset (new run)", nullable=True,
                                 tooltip=TOOLTIPS["dataset"])
-        self.method = ComboBox(label="method (new run)", choices=METHODS, value="mlps",
+        self.method = ComboBox(label="method (new run)", choices=METHODS.names(), value="mlps",
                                tooltip=TOOLTIPS["method"])
         self.strategies = Select(label="strategies", choices=self._strategy_choices,
                                  tooltip=TOOLTIPS["strategies"])
@@ -59,11 +60,11 @@ class TrainSegmenterWidget(JobWidget):
         self.device = device_field()
         self.epochs = preset_spin_box("epochs", TOOLTIPS["segmenter_epochs"], 1000)
         self.batch_size = preset_spin_box("batch size", TOOLTIPS["batch_size"], 512)
-        self.schedule = ComboBox(label="schedule", choices=("fast", "paper"), value="fast",
+        self.schedule = ComboBox(label="schedule", choices=PRESET_SCHEDULES.names(), value="fast",
                                  tooltip=TOOLTIPS["schedule"])
         self.seed = SpinBox(label="seed", min=0, max=2**31 - 1, value=0, tooltip=TOOLTIPS["seed"])
         self.arch = ComboBox(label="architecture",
-                             choices=("preset", "deeplabv3plus", "pspnet", "unet"),
+                             choices=("preset", *ARCHITECTURES.names()),
                              value="preset", tooltip=TOOLTIPS["arch"])
         self.lr = FloatSpinBox(label="learning rate", min=0.0, max=1.0, step=0.001, value=0.0,
                                tooltip=TOOLTIPS["lr"])
