@@ -1,9 +1,12 @@
 """The registry mechanism itself; each registry's contents have contract tests of their own."""
 
+import argparse
+
 import pytest
 
+from napari_histo_wsss.core.config.presets import METHODS
 from napari_histo_wsss.core.errors import ConfigError
-from napari_histo_wsss.core.registry import Registry
+from napari_histo_wsss.core.registry import Registry, RegistryNames
 
 
 def test_registered_entries_are_found_in_order():
@@ -34,3 +37,30 @@ def test_a_name_cannot_be_registered_twice():
     things.add("a", 1)
     with pytest.raises(ValueError, match="twice"):
         things.add("a", 2)
+
+
+def test_a_temporary_entry_can_be_removed():
+    things = Registry("thing")
+    things.add("a", 1)
+    things.add("b", 2)
+    things.remove("a")
+    assert things.names() == ("b",)
+    with pytest.raises(ConfigError, match="unknown thing 'a'"):
+        things.remove("a")
+
+
+def test_registry_names_serve_as_argparse_choices():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--method", metavar="METHOD",
+                        choices=RegistryNames("napari_histo_wsss.core.config.presets", "METHODS"),
+                        help="one of %(choices)s")
+    assert parser.parse_args(["--method", "esfan"]).method == "esfan"
+    assert ", ".join(METHODS.names()) in parser.format_help()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--method", "nope"])
+    # Registered after the parser was built: the names are read when needed.
+    METHODS.add("later", METHODS.get("mlps"))
+    try:
+        assert parser.parse_args(["--method", "later"]).method == "later"
+    finally:
+        METHODS.remove("later")

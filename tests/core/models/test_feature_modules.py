@@ -21,9 +21,21 @@ from napari_histo_wsss.core.models.feature_modules import (
 CONFIG = ClassifierConfig()
 
 
-def test_registry_names():
-    assert set(FEATURE_MODULES) == {"pda", "coord_attention", "ars", "esf"}
-    with pytest.raises(ConfigError, match="unknown stage-1 module"):
+@pytest.mark.parametrize("name", FEATURE_MODULES.names())
+def test_every_module_keeps_the_feature_shape_once_active(name):
+    torch.manual_seed(0)
+    module = build_module(name, 16, 3, CONFIG)
+    epoch = next(e for e in range(10) if module.active(e))  # each acts in training
+    features = torch.rand(2, 16, 6, 5, requires_grad=True)
+    output = module(features, torch.randn(3, 16, 1, 1), epoch)
+    assert output.shape == features.shape and torch.isfinite(output).all()
+    output.sum().backward()  # the backbone learns through it, and so do its own parameters
+    assert features.grad is not None and torch.isfinite(features.grad).all()
+    assert all(p.grad is not None for p in module.parameters() if p.requires_grad)
+
+
+def test_unknown_module_is_explained():
+    with pytest.raises(ConfigError, match="unknown stage-1 module 'cbam': choose one of pda"):
         build_module("cbam", 8, 3, CONFIG)
 
 

@@ -10,7 +10,11 @@ import torch
 from napari_histo_wsss.core.config.run_config import RunConfig, SegmenterConfig
 from napari_histo_wsss.core.data.classes import WSSS4LUAD, custom_spec
 from napari_histo_wsss.core.errors import CheckpointError, ConfigError
-from napari_histo_wsss.core.models.segmenter import build_segmenter, load_segmenter
+from napari_histo_wsss.core.models.segmenter import (
+    ARCHITECTURES,
+    build_segmenter,
+    load_segmenter,
+)
 from napari_histo_wsss.core.runs.checkpoints import save_checkpoint
 
 
@@ -46,6 +50,16 @@ def test_every_architecture_and_head_combination(arch, depth, stride, heads):
         assert output.image_logits.shape == (2, 3)
     else:
         assert output.cam is None and output.image_logits is None
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES.names())
+def test_every_architecture_predicts_every_class_at_input_size(arch):
+    model = build_segmenter(SegmenterConfig(arch=arch, weights="none"), num_classes=4).eval()
+    side = 2 * model.input_multiple
+    with torch.no_grad():
+        output = model(torch.rand(1, 3, side, 3 * side))
+    assert output.logits.shape == (1, 4, side, 3 * side)
+    assert torch.isfinite(output.logits).all()
 
 
 def test_offline_imagenet_weights_are_loaded_from_the_package_file():

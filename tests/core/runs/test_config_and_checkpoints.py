@@ -7,11 +7,19 @@ import pickle
 import pytest
 import torch
 
-from napari_histo_wsss.core.config.presets import METHODS, preset
+from napari_histo_wsss.core.config.presets import (
+    METHODS,
+    PRESET_SCHEDULES,
+    methods_with_classifier,
+    preset,
+)
 from napari_histo_wsss.core.config.run_config import RunConfig
 from napari_histo_wsss.core.data.classes import BCSS_WSSS, WSSS4LUAD
 from napari_histo_wsss.core.devices import resolve_device
 from napari_histo_wsss.core.errors import CheckpointError, ConfigError
+from napari_histo_wsss.core.inference.predict import TTA_MODES
+from napari_histo_wsss.core.models.feature_modules import FEATURE_MODULES
+from napari_histo_wsss.core.models.segmenter import ARCHITECTURES
 from napari_histo_wsss.core.runs.checkpoints import (
     check_same_classes,
     checkpoint_spec,
@@ -19,13 +27,35 @@ from napari_histo_wsss.core.runs.checkpoints import (
     save_checkpoint,
 )
 from napari_histo_wsss.core.runs.run_dir import LossLog, RunDirectory
+from napari_histo_wsss.core.stage1.cams import CAM_METHODS
+from napari_histo_wsss.core.stage1.pseudo_masks import GATINGS
+from napari_histo_wsss.core.stage2.losses import LOSSES, build_loss
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_presets_round_trip_through_json(tmp_path, method):
-    config = preset(method, schedule="paper")
+@pytest.mark.parametrize("schedule", PRESET_SCHEDULES.names())
+@pytest.mark.parametrize("method", METHODS.names())
+def test_every_preset_is_valid_and_round_trips_through_json(tmp_path, method, schedule):
+    config = preset(method, schedule=schedule, num_patches=42)
+    assert (config.method, config.schedule) == (method, schedule)
+    # Every name in the recipe is one its registry knows.
+    assert config.segmenter.arch in ARCHITECTURES and config.segmenter.loss in LOSSES
+    assert config.segmenter.tta in TTA_MODES
+    assert config.pseudo_masks.cam_method in CAM_METHODS
+    assert config.pseudo_masks.gating in GATINGS
+    assert all(module in FEATURE_MODULES for module in config.classifier.train_modules)
+    assert build_loss(config.segmenter).name == config.segmenter.loss
+    assert config.segmenter.epochs > 0
     config.save(tmp_path / "run.json")
     assert RunConfig.load(tmp_path / "run.json") == config
+
+
+def test_paper_schedule_is_the_registered_paper_epochs():
+    for name, method in METHODS.items():
+        config = preset(name, "paper")
+        assert (config.classifier.epochs, config.segmenter.epochs) == (
+            method.classifier_epochs, method.segmenter_epochs)
+    with pytest.raises(ConfigError, match="unknown schedule 'slow': choose one of fast, paper"):
+        preset("mlps", "slow")
 
 
 def test_fast_schedule_keeps_the_recipe_shape():

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from napari_histo_wsss.core.config.run_config import ClassifierConfig
 from napari_histo_wsss.core.errors import ConfigError
 from napari_histo_wsss.core.models.classifier import build_classifier
-from napari_histo_wsss.core.stage1.cams import class_activation_maps
+from napari_histo_wsss.core.stage1.cams import CAM_METHODS, class_activation_maps
 
 LAYERS = ("-1", "-2", "-3")
 
@@ -63,6 +63,19 @@ def test_batched_maps_equal_the_per_image_per_class_loop(model, images, method):
         assert batched[layer].shape == maps.shape
         assert torch.allclose(batched[layer], maps, atol=tolerance * maps.abs().max(),
                               rtol=tolerance), (layer, method)
+
+
+@pytest.mark.parametrize("method", CAM_METHODS.names())
+def test_every_method_maps_every_class_at_the_layer_resolution(model, images, method):
+    # "-3" has a side head, so even plain CAMs have a classifier there.
+    logits, maps = class_activation_maps(model, images, ["-1", "-3"], method)
+    assert logits.shape == (2, 3) and not logits.requires_grad
+    for layer in ("-1", "-3"):
+        name = model.backbone.resolve_layer(layer)
+        with torch.no_grad():
+            height, width = model.backbone(images)[name].shape[-2:]
+        assert maps[name].shape == (2, 3, height, width)
+        assert torch.isfinite(maps[name]).all() and not maps[name].requires_grad
 
 
 def test_gradcam_at_the_classifier_input_is_the_cam_up_to_a_constant(model, images):

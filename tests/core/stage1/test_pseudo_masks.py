@@ -10,13 +10,16 @@ import torch
 from PIL import Image
 
 from napari_histo_wsss.core.config.presets import preset
+from napari_histo_wsss.core.config.run_config import PseudoMaskConfig
 from napari_histo_wsss.core.data.classes import WSSS4LUAD
 from napari_histo_wsss.core.data.datasets import find_dataset
+from napari_histo_wsss.core.errors import ConfigError
 from napari_histo_wsss.core.events import Done, StopToken
 from napari_histo_wsss.core.models.classifier import build_classifier, load_classifier
 from napari_histo_wsss.core.runs.checkpoints import save_checkpoint
 from napari_histo_wsss.core.runs.run_dir import RunDirectory
 from napari_histo_wsss.core.stage1.pseudo_masks import (
+    GATINGS,
     combine_layer_maps,
     generate_pseudo_masks,
     labels_from_maps,
@@ -109,6 +112,20 @@ def test_predicted_gating_falls_back_to_the_most_probable_class():
     probabilities = torch.tensor([[0.9, 0.2, 0.5], [0.1, 0.3, 0.2]])
     kept = predicted_classes(probabilities, threshold=0.31)
     assert kept.tolist() == [[True, False, True], [False, True, False]]
+
+
+@pytest.mark.parametrize("gating", GATINGS.names())
+def test_every_gating_keeps_at_least_one_class_per_image(gating):
+    labels = np.array([[1, 0, 0], [0, 1, 1]], dtype=np.uint8)
+    probabilities = torch.tensor([[0.9, 0.1, 0.2], [0.1, 0.2, 0.3]])
+    kept = GATINGS.get(gating)(labels, probabilities, PseudoMaskConfig(gate_threshold=0.5))
+    assert kept.dtype == torch.bool and kept.shape == (2, 3)
+    assert kept.any(dim=1).all()
+
+
+def test_label_gating_needs_labels():
+    with pytest.raises(ConfigError, match="patch labels"):
+        GATINGS.get("label")(None, torch.rand(1, 3), PseudoMaskConfig())
 
 
 def test_layer_folder_names():
