@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from napari_histo_wsss.cli.progress import drive
-from napari_histo_wsss.core.config.presets import METHODS
+from napari_histo_wsss.core.config.presets import METHODS, PRESET_SCHEDULES
 from napari_histo_wsss.core.pipeline import prepare_run, run_pipeline
 
 
@@ -90,8 +90,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data_dir", type=Path)
     parser.add_argument("--out", type=Path, default=Path("runs/quality"))
-    parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--schedule", choices=("fast", "paper"), default="fast")
+    parser.add_argument("--methods", default=",".join(METHODS.names()))
+    parser.add_argument("--schedule", choices=PRESET_SCHEDULES.names(), default="fast")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--with-ce", action=argparse.BooleanOptionalAction, default=True,

@@ -398,7 +398,7 @@ class FunctionLoss(SegmentationLoss):
         self.part_names = (self.name,)
 
     def head_loss(self, logits, targets, context):
-        result = type(self).function(logits[0], targets, context, **self.params)
+        result = self.function(logits[0], targets, context, **self.params)
         loss, pixel_weight = result if isinstance(result, tuple) else (result, None)
         if pixel_weight is not None:
             pixel_weight = pixel_weight.detach()
