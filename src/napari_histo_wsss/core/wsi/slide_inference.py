@@ -436,7 +436,9 @@ class _SlideJob:
                 if self.write_cams:
                     maps.append(np.asarray(self.predictor.predict_cams(part), np.float32))
             except Exception as error:
-                if not _is_out_of_memory(error):
+                from ..devices import is_out_of_memory
+
+                if not is_out_of_memory(error):
                     raise
                 if self.batch_size == 1:
                     raise HistoWsssError(
@@ -518,14 +520,6 @@ def _changed_keys(old: dict, new: dict) -> list[str]:
 
 def _describe_mpp(mpp: float | None) -> str:
     return "mpp unknown" if mpp is None else f"{mpp:.3g} um/px"
-
-
-def _is_out_of_memory(error: Exception) -> bool:
-    import torch
-
-    if isinstance(error, torch.cuda.OutOfMemoryError):
-        return True
-    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
 
 
 def _release_device_memory() -> None:
