@@ -8,6 +8,7 @@ import pytest
 
 from napari_histo_wsss.cli import main
 from napari_histo_wsss.core.runs.run_dir import RunDirectory
+from napari_histo_wsss.core.runs.stages import CLASSIFIER, PSEUDO_MASKS, segmenter_stage
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +28,9 @@ def test_pipeline_runs_every_stage_and_scores_on_val(finished_run, capsys):
     run = RunDirectory(out)
     config = run.config()
     assert config.mpp == 0.5 and config.classifier.epochs == 1 and config.segmenter.epochs == 1
-    for stage in ("classifier", "pseudo_masks", "segmenter:multilayer_ce"):
+    for stage in (CLASSIFIER, PSEUDO_MASKS, segmenter_stage("multilayer_ce")):
         assert run.is_complete(stage), stage
+    assert set(run.status()) == {CLASSIFIER, PSEUDO_MASKS, segmenter_stage("multilayer_ce")}
     summary = json.loads((out / "summary.json").read_text())
     scores = summary["val"]["multilayer_ce"]
     assert 0.0 <= scores["miou"] <= 1.0 and scores["images"] == 7

@@ -25,6 +25,7 @@ def cmd_info(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .compare import add_compare_parsers
     from .pipeline import add_pipeline_parsers
     from .slides import add_slides_parsers
     from .stage1 import add_stage1_parsers
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_stage1_parsers(commands)
     add_stage2_parsers(commands)
     add_slides_parsers(commands)
+    add_compare_parsers(commands)
 
     version = commands.add_parser("info", help="versions and the devices available here")
     version.set_defaults(func=cmd_info)
