@@ -15,6 +15,14 @@ def add_batch_size_flag(parser: argparse.ArgumentParser, what: str = "batch size
     parser.add_argument("--batch-size", type=int, help=what)
 
 
+def add_segmenter_epochs_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--epochs-seg", type=int, help="segmenter epochs")
+
+
+def add_seed_flag(parser: argparse.ArgumentParser, default: str = "0") -> None:
+    parser.add_argument("--seed", type=int, help=f"random seed (default: {default})")
+
+
 def add_run_positionals(parser: argparse.ArgumentParser) -> None:
     """``RUN_DIR [DATA_DIR]`` of the commands that continue an existing run."""
     parser.add_argument("run_dir", metavar="RUN_DIR")
@@ -36,9 +44,9 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
                         "tf_efficientnet_lite0, ImageNet weights shipped offline)")
     parser.add_argument("--weights", help="local weights file for the backbone (offline use)")
     parser.add_argument("--epochs-cls", type=int, help="classifier epochs")
-    parser.add_argument("--epochs-seg", type=int, help="segmenter epochs")
+    add_segmenter_epochs_flag(parser)
     add_batch_size_flag(parser, "batch size of both stages")
-    parser.add_argument("--seed", type=int, help="random seed (default 0)")
+    add_seed_flag(parser)
     parser.add_argument("--schedule", choices=("fast", "paper"), default="fast",
                         help="fast: scaled to the dataset for a CPU; paper: published schedules")
     parser.add_argument("--mpp", type=float,

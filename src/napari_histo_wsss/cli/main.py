@@ -45,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_slides_parsers(commands)
     add_compare_parsers(commands)
 
-    version = commands.add_parser("info", help="versions and the devices available here")
-    version.set_defaults(func=cmd_info)
+    info = commands.add_parser("info", help="versions and the devices available here")
+    info.set_defaults(func=cmd_info)
     return parser
 
 

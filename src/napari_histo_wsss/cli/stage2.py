@@ -19,6 +19,8 @@ from .flags import (
     add_dataset_flags,
     add_device_flag,
     add_run_positionals,
+    add_seed_flag,
+    add_segmenter_epochs_flag,
     spec_from_args,
 )
 
@@ -40,10 +42,10 @@ def add_stage2_parsers(commands) -> None:
     train.add_argument("--sampling", choices=("uniform", "balanced"),
                        help="uniform: every patch once per epoch (default); balanced: patches "
                             "with rare classes drawn more often")
-    train.add_argument("--epochs-seg", type=int, help="segmenter epochs")
+    add_segmenter_epochs_flag(train)
     add_batch_size_flag(train, "batch size (default: the run's)")
     add_device_flag(train, default="the run's")
-    train.add_argument("--seed", type=int, help="random seed (default: the run's)")
+    add_seed_flag(train, default="the run's")
     train.add_argument("--restart", action="store_true",
                        help="train from scratch instead of resuming segmenter/<strategy>/last.pt")
     add_dataset_flags(train)
