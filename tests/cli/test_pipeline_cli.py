@@ -8,6 +8,7 @@ import pytest
 
 from napari_histo_wsss.cli import main
 from napari_histo_wsss.core.runs.run_dir import RunDirectory
+from napari_histo_wsss.core.runs.stages import CLASSIFIER, PSEUDO_MASKS, segmenter_stage
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +28,9 @@ def test_pipeline_runs_every_stage_and_scores_on_val(finished_run, capsys):
     run = RunDirectory(out)
     config = run.config()
     assert config.mpp == 0.5 and config.classifier.epochs == 1 and config.segmenter.epochs == 1
-    for stage in ("classifier", "pseudo_masks", "segmenter:multilayer_ce"):
+    for stage in (CLASSIFIER, PSEUDO_MASKS, segmenter_stage("multilayer_ce")):
         assert run.is_complete(stage), stage
+    assert set(run.status()) == {CLASSIFIER, PSEUDO_MASKS, segmenter_stage("multilayer_ce")}
     summary = json.loads((out / "summary.json").read_text())
     scores = summary["val"]["multilayer_ce"]
     assert 0.0 <= scores["miou"] <= 1.0 and scores["images"] == 7
@@ -63,3 +65,34 @@ def test_a_resolution_that_is_not_positive_is_refused(tmp_path, sample_dataset_d
                  "--mpp", "0"]) == 2
     assert "microns per pixel must be positive" in capsys.readouterr().err
     assert not (out / "run.json").exists()
+
+
+def test_compare_scores_writes_masks_and_refuses_unknown_strategies(finished_run,
+                                                                    sample_dataset_dir,
+                                                                    tmp_path, capsys):
+    from napari_histo_wsss.core.data.classes import WSSS4LUAD
+    from napari_histo_wsss.core.data.datasets import EvalSet, read_mask
+    from napari_histo_wsss.core.inference.predict import evaluate, load_predictor
+
+    _, out, _ = finished_run
+    image = sample_dataset_dir / "val" / "img" / "02.png"
+    mask = sample_dataset_dir / "val" / "mask" / "02.png"
+    capsys.readouterr()
+    assert main(["compare", str(out), str(image), "--mask", str(mask), "--out",
+                 str(tmp_path / "masks"), "--json", "--device", "cpu"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    entry = report["strategies"]["multilayer_ce"]
+    predictor = load_predictor(out, "cpu", "multilayer_ce")
+    expected = evaluate(predictor, EvalSet([image], [mask], WSSS4LUAD))["miou"]
+    assert entry["miou"] == pytest.approx(expected)
+    written = read_mask(entry["mask"], WSSS4LUAD)
+    assert written.shape == read_mask(mask, WSSS4LUAD).shape
+    assert report["disagreement"] == 0.0  # one strategy agrees with itself
+
+    assert main(["compare", str(out), str(image), "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("multilayer_ce:") and "mIoU" not in text
+
+    assert main(["compare", str(out), str(image), "--strategies", "onss"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "'onss'" in error and "trained: multilayer_ce" in error

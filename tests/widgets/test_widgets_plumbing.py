@@ -63,6 +63,9 @@ def test_describe_error_is_one_line():
     assert describe_error(DatasetError("bad label", "/d/x.png")) == "/d/x.png: bad label"
     assert describe_error(RuntimeError("CUDA out of memory.\nTried to allocate")) == \
         "out of memory: try a smaller batch size, or the CPU"
+    assert describe_error(MemoryError()) == describe_error(RuntimeError("CUDA out of memory"))
+    assert describe_error(RuntimeError("a memory error elsewhere")) == \
+        "RuntimeError: a memory error elsewhere"
     assert describe_error(ValueError("first\nsecond")) == "ValueError: first"
 
 

@@ -172,6 +172,7 @@ def test_pseudo_masks_generate_and_browse(make_napari_viewer, qtbot, base_run, t
     from napari.layers import Image, Labels
 
     from napari_histo_wsss.core.runs.run_dir import RunDirectory
+    from napari_histo_wsss.core.runs.stages import PSEUDO_MASKS
     from napari_histo_wsss.widgets.pseudo_masks import PseudoMaskWidget
 
     run_folder = copy_run(base_run, tmp_path)
@@ -183,7 +184,7 @@ def test_pseudo_masks_generate_and_browse(make_napari_viewer, qtbot, base_run, t
     widget.toggle_button.click()  # regenerate every patch's pseudo-mask (a job)
     assert wait_for_job(qtbot, widget.runner) is JobState.DONE
     assert len(list((run_folder / "pseudo_masks" / "final").glob("*.png"))) == 42
-    assert RunDirectory(run_folder).is_complete("pseudo_masks")
+    assert RunDirectory(run_folder).is_complete(PSEUDO_MASKS)
     assert "quality on val: mIoU" in widget.progress.status.text()
 
     widget.index.value = 5  # browse: the class maps of training patch 5

@@ -7,6 +7,31 @@ import argparse
 from ..core.config.presets import PRESET_SCHEDULES
 
 
+def add_device_flag(parser: argparse.ArgumentParser, default: str = "auto") -> None:
+    """``--device``; ``default`` only names what an absent flag means (the run's, or auto)."""
+    parser.add_argument("--device", help=f"auto, cpu, cuda, cuda:N or mps (default: {default})")
+
+
+def add_batch_size_flag(parser: argparse.ArgumentParser, what: str = "batch size") -> None:
+    """``--batch-size``; absent means the run's (training) or the command's own default."""
+    parser.add_argument("--batch-size", type=int, help=what)
+
+
+def add_segmenter_epochs_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--epochs-seg", type=int, help="segmenter epochs")
+
+
+def add_seed_flag(parser: argparse.ArgumentParser, default: str = "0") -> None:
+    parser.add_argument("--seed", type=int, help=f"random seed (default: {default})")
+
+
+def add_run_positionals(parser: argparse.ArgumentParser) -> None:
+    """``RUN_DIR [DATA_DIR]`` of the commands that continue an existing run."""
+    parser.add_argument("run_dir", metavar="RUN_DIR")
+    parser.add_argument("data_dir", metavar="DATA_DIR", nargs="?",
+                        help="dataset folder (default: the one the run was made from)")
+
+
 def add_dataset_flags(parser: argparse.ArgumentParser) -> None:
     """Flags that say what the dataset's labels mean when it is not a built-in one."""
     parser.add_argument("--classes", help="class names in label order, e.g. tumour,stroma,normal")
@@ -16,14 +41,14 @@ def add_dataset_flags(parser: argparse.ArgumentParser) -> None:
 
 def add_training_flags(parser: argparse.ArgumentParser) -> None:
     """Flags shared by the pipeline and the stage commands (docs/architecture.md)."""
-    parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
+    add_device_flag(parser)
     parser.add_argument("--backbone", help="timm model name or res38d (default "
                         "tf_efficientnet_lite0, ImageNet weights shipped offline)")
     parser.add_argument("--weights", help="local weights file for the backbone (offline use)")
     parser.add_argument("--epochs-cls", type=int, help="classifier epochs")
-    parser.add_argument("--epochs-seg", type=int, help="segmenter epochs")
-    parser.add_argument("--batch-size", type=int, help="batch size of both stages")
-    parser.add_argument("--seed", type=int, help="random seed (default 0)")
+    add_segmenter_epochs_flag(parser)
+    add_batch_size_flag(parser, "batch size of both stages")
+    add_seed_flag(parser)
     parser.add_argument("--schedule", choices=PRESET_SCHEDULES.names(), default="fast",
                         help="fast: scaled to the dataset for a CPU; paper: published schedules")
     parser.add_argument("--mpp", type=float,

@@ -14,7 +14,7 @@ from .. import __version__
 from ..core.errors import HistoWsssError
 
 
-def cmd_version(args) -> int:
+def cmd_info(args) -> int:
     import torch
 
     from ..core.devices import available_devices
@@ -25,8 +25,9 @@ def cmd_version(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .compare import add_compare_parsers
     from .pipeline import add_pipeline_parsers
-    from .slides import add_segment_slide_parser
+    from .slides import add_slides_parsers
     from .stage1 import add_stage1_parsers
     from .stage2 import add_stage2_parsers
 
@@ -41,10 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_pipeline_parsers(commands)
     add_stage1_parsers(commands)
     add_stage2_parsers(commands)
-    add_segment_slide_parser(commands)
+    add_slides_parsers(commands)
+    add_compare_parsers(commands)
 
-    version = commands.add_parser("info", help="versions and the devices available here")
-    version.set_defaults(func=cmd_version)
+    info = commands.add_parser("info", help="versions and the devices available here")
+    info.set_defaults(func=cmd_info)
     return parser
 
 
@@ -59,15 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("histo-wsss: aborted", file=sys.stderr)
         return 130
-    except MemoryError:
-        print("histo-wsss: error: out of memory; try a smaller --batch-size", file=sys.stderr)
+    except (MemoryError, RuntimeError) as error:
+        from ..core.devices import OUT_OF_MEMORY_MESSAGE, is_out_of_memory
+
+        if not is_out_of_memory(error):
+            raise
+        print(f"histo-wsss: error: {OUT_OF_MEMORY_MESSAGE} (--batch-size, --device cpu)",
+              file=sys.stderr)
         return 2
-    except RuntimeError as error:
-        if "out of memory" in str(error).lower():
-            print("histo-wsss: error: the device ran out of memory; try a smaller --batch-size "
-                  "or --device cpu", file=sys.stderr)
-            return 2
-        raise
 
 
 if __name__ == "__main__":

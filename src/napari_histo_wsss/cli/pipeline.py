@@ -7,7 +7,13 @@ import sys
 from pathlib import Path
 
 from ..core.config.presets import METHODS
-from .flags import add_dataset_flags, add_training_flags, spec_from_args, stage_overrides
+from .flags import (
+    add_dataset_flags,
+    add_device_flag,
+    add_training_flags,
+    spec_from_args,
+    stage_overrides,
+)
 
 DEMO_DATA = Path(__file__).parents[1] / "sample_data" / "wsss4luad"
 
@@ -34,7 +40,7 @@ def add_pipeline_parsers(commands) -> None:
                       help="run directory (default ./histo-wsss-demo; reused if it exists)")
     demo.add_argument("--method", default="mlps",
                       choices=METHODS.names())
-    demo.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
+    add_device_flag(demo)
     demo.set_defaults(func=cmd_demo)
 
 

@@ -7,17 +7,17 @@ worker). ``--geojson`` adds QuPath annotations (a file for one slide, a folder f
 
 from __future__ import annotations
 
-import argparse
 import sys
 from functools import partial
 from pathlib import Path
 
 from ..core.inference.tiling import BLEND_MODES
+from .flags import add_batch_size_flag, add_device_flag
 
 
-def add_segment_slide_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``segment-slide`` on the CLI's subcommands."""
-    parser = subparsers.add_parser(
+def add_slides_parsers(commands) -> None:
+    """Register ``segment-slide`` on the ``histo-wsss`` sub-command parser."""
+    parser = commands.add_parser(
         "segment-slide",
         help="segment whole slides with a trained run into OME-Zarr (+ GeoJSON for QuPath)",
         description="Tiled, seam-free segmentation of whole slides into OME-Zarr label and "
@@ -40,19 +40,18 @@ def add_segment_slide_parser(subparsers) -> argparse.ArgumentParser:
                         help="context margin on each side of a tile (default 64)")
     parser.add_argument("--blend", choices=BLEND_MODES.names(), default="gaussian",
                         help="how overlapping tiles are merged (default gaussian)")
-    parser.add_argument("--batch-size", type=int, default=8, help="tiles per batch (default 8)")
-    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    add_batch_size_flag(parser, "tiles per batch (default 8)")
+    add_device_flag(parser)
     parser.add_argument("--no-tissue-mask", action="store_true",
                         help="predict every tile, background included")
     parser.add_argument("--no-resume", action="store_true",
                         help="start again even if OUT holds an interrupted run")
     parser.add_argument("--scheduler", metavar="ADDRESS",
                         help="dask.distributed scheduler, e.g. tcp://host:8786")
-    parser.set_defaults(func=run_segment_slide)
-    return parser
+    parser.set_defaults(func=cmd_segment_slide, batch_size=8)
 
 
-def run_segment_slide(args) -> int:
+def cmd_segment_slide(args) -> int:
     """Run the command; 0 on success, 1 when stopped, 2 when some slide failed."""
     from ..core.inference.predict import load_predictor
     from ..core.wsi.geojson_export import segmentation_to_geojson

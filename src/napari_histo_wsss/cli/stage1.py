@@ -13,11 +13,11 @@ from pathlib import Path
 from ..core.config.presets import METHODS
 
 
-def add_stage1_parsers(subparsers) -> None:
+def add_stage1_parsers(commands) -> None:
     """Register the two stage-1 commands on the ``histo-wsss`` sub-command parser."""
-    from .flags import add_dataset_flags, add_training_flags
+    from .flags import add_dataset_flags, add_device_flag, add_run_positionals, add_training_flags
 
-    train = subparsers.add_parser(
+    train = commands.add_parser(
         "train-classifier", help="stage 1: train the CAM classifier on the patch labels "
                                  "(resumes an interrupted run)")
     train.add_argument("data_dir", metavar="DATA_DIR")
@@ -27,13 +27,11 @@ def add_stage1_parsers(subparsers) -> None:
     add_dataset_flags(train)
     train.set_defaults(func=cmd_train_classifier)
 
-    masks = subparsers.add_parser(
+    masks = commands.add_parser(
         "pseudo-masks", help="stage 1: pseudo-masks of every training patch from the run's "
                              "classifier")
-    masks.add_argument("run_dir", metavar="RUN_DIR")
-    masks.add_argument("data_dir", metavar="DATA_DIR", nargs="?",
-                       help="dataset folder (default: the one the run was trained on)")
-    masks.add_argument("--device", help="auto (default: the run's), cpu, cuda, cuda:N or mps")
+    add_run_positionals(masks)
+    add_device_flag(masks, default="the run's")
     masks.add_argument("--report", action="store_true",
                        help="also score the recipe on DATA_DIR's val masks (stage-1 mIoU)")
     masks.set_defaults(func=cmd_pseudo_masks)

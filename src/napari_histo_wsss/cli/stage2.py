@@ -15,22 +15,28 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..core.registry import RegistryNames
-from .flags import add_dataset_flags, spec_from_args
+from .flags import (
+    add_batch_size_flag,
+    add_dataset_flags,
+    add_device_flag,
+    add_run_positionals,
+    add_seed_flag,
+    add_segmenter_epochs_flag,
+    spec_from_args,
+)
 
 TTA_CHOICES = RegistryNames("napari_histo_wsss.core.inference.predict", "TTA_MODES")
 
 
-def add_stage2_parsers(subparsers) -> None:
+def add_stage2_parsers(commands) -> None:
     """Register ``train-segmenter`` and ``evaluate`` on the CLI's subcommands."""
-    train = subparsers.add_parser(
+    train = commands.add_parser(
         "train-segmenter",
         help="train the segmenter on a run's pseudo-masks (resumes an interrupted run)",
         description="Stage 2: train a segmenter on RUN_DIR/pseudo_masks with a "
                     "noise-suppression loss; writes RUN_DIR/segmenter/<strategy>/.",
     )
-    train.add_argument("run_dir", metavar="RUN_DIR")
-    train.add_argument("data_dir", nargs="?", metavar="DATA_DIR",
-                       help="dataset folder (default: the one the run was made from)")
+    add_run_positionals(train)
     train.add_argument("--loss", metavar="LOSS",
                        choices=RegistryNames("napari_histo_wsss.core.stage2.losses", "LOSSES"),
                        help="noise-suppression loss: %(choices)s (default: the method's)")
@@ -38,16 +44,16 @@ def add_stage2_parsers(subparsers) -> None:
     train.add_argument("--sampling", choices=("uniform", "balanced"),
                        help="uniform: every patch once per epoch (default); balanced: patches "
                             "with rare classes drawn more often")
-    train.add_argument("--epochs-seg", type=int, help="segmenter epochs")
-    train.add_argument("--batch-size", type=int, help="batch size")
-    train.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
-    train.add_argument("--seed", type=int, help="random seed (default: the run's)")
+    add_segmenter_epochs_flag(train)
+    add_batch_size_flag(train, "batch size (default: the run's)")
+    add_device_flag(train, default="the run's")
+    add_seed_flag(train, default="the run's")
     train.add_argument("--restart", action="store_true",
                        help="train from scratch instead of resuming segmenter/<strategy>/last.pt")
     add_dataset_flags(train)
-    train.set_defaults(func=run_train_segmenter)
+    train.set_defaults(func=cmd_train_segmenter)
 
-    evaluate = subparsers.add_parser(
+    evaluate = commands.add_parser(
         "evaluate",
         help="score a run's segmenter, or a folder of predicted masks, on images with masks",
         description="One confusion matrix over the set, background excluded: per-class IoU, "
@@ -70,12 +76,12 @@ def add_stage2_parsers(subparsers) -> None:
                                "on val")
     evaluate.add_argument("--save-masks", metavar="DIR",
                           help="also write the predicted palette masks into DIR")
-    evaluate.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
+    add_device_flag(evaluate)
     add_dataset_flags(evaluate)
-    evaluate.set_defaults(func=run_evaluate)
+    evaluate.set_defaults(func=cmd_evaluate)
 
 
-def run_train_segmenter(args) -> int:
+def cmd_train_segmenter(args) -> int:
     """Train one strategy; 0 when finished, 1 when stopped (run again to resume)."""
     from ..core.config.run_config import override
     from ..core.data.classes import DatasetSpec
@@ -123,7 +129,7 @@ def run_train_segmenter(args) -> int:
     return 0
 
 
-def run_evaluate(args) -> int:
+def cmd_evaluate(args) -> int:
     from ..core.data.datasets import load_eval_set
     from ..core.errors import ConfigError
     from ..core.inference.metrics import format_scores

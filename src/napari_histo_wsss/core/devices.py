@@ -64,3 +64,15 @@ def release_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+#: The one thing a user can do about running out of memory, worded for the CLI and the widgets.
+OUT_OF_MEMORY_MESSAGE = "out of memory: try a smaller batch size, or the CPU"
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` means host or device memory ran out (torch reports some device OOMs
+    as a plain RuntimeError), so callers can turn it into advice or retry smaller."""
+    if isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)):
+        return True
+    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()

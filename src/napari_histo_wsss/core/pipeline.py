@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 from .config.presets import preset
 from .config.run_config import RunConfig
@@ -22,6 +24,8 @@ from .errors import ConfigError
 from .events import Done, Event, Message, StopToken
 from .inference.metrics import format_scores
 from .runs.run_dir import RunDirectory
+from .runs.stages import CLASSIFIER, PSEUDO_MASKS, segmenter_stage
+from .runs.status import METHOD_WITHOUT_CAMS
 
 
 def prepare_run(
@@ -93,77 +97,76 @@ def run_pipeline(
     val = layout.eval_set("val")
     started = time.perf_counter()
     summary: dict = {"run": str(run.root), "method": config.method, "device": str(device)}
-    summary_path = run.root / "summary.json"
-    earlier = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    if config.method == METHOD_WITHOUT_CAMS:
+        strategies = [METHOD_WITHOUT_CAMS]
+    else:
+        strategies = strategies or [config.segmenter.loss]
     trained = False
-
-    def stage(job) -> Generator[Event, None, bool]:
-        """Forward a stage's events; True when it finished, False when it was stopped."""
-        nonlocal trained
-        trained = finished = True
-        for event in job:
+    for stage, job in _stage_jobs(run, config, patches, val, device, stop, strategies):
+        if run.is_complete(stage):
+            continue
+        trained = True
+        finished = True
+        for event in job():
             if isinstance(event, Done):
                 finished = not event.stopped
             yield event
         release_memory(device)
-        return finished
-
-    if config.method == "hisynseg":
-        from .hisynseg.train import train_hisynseg
-
-        if not run.is_complete("segmenter:hisynseg"):
-            finished = yield from stage(train_hisynseg(
-                run, config, patches, device=device, stop=stop, resume=True, val=val))
-            if not finished:
-                yield Done("pipeline", summary, stopped=True)
-                return
-        strategies = ["hisynseg"]
-    else:
-        from .stage1.pseudo_masks import generate_pseudo_masks, pseudo_mask_report
-        from .stage1.train_classifier import train_classifier
-        from .stage2.train_segmenter import train_segmenter
-
-        if not run.is_complete("classifier"):
-            finished = yield from stage(train_classifier(
-                run, config, patches, device=device, stop=stop, resume=True))
-            if not finished:
-                yield Done("pipeline", summary, stopped=True)
-                return
-        if not run.is_complete("pseudo_masks"):
-            finished = yield from stage(generate_pseudo_masks(
-                run, config, patches, device=device, stop=stop))
-            if not finished:
-                yield Done("pipeline", summary, stopped=True)
-                return
-            if val is not None:
-                report = pseudo_mask_report(run, config, val, device)
-                yield Message("pseudo-masks", "pseudo-mask quality on val: "
-                              + format_scores(report).splitlines()[0])
-        strategies = strategies or [config.segmenter.loss]
-        for strategy in strategies:
-            if run.is_complete(f"segmenter:{strategy}"):
-                continue
-            strategy_config = replace(config, segmenter=replace(config.segmenter, loss=strategy))
-            finished = yield from stage(train_segmenter(
-                run, strategy_config, patches, strategy=strategy, device=device, stop=stop,
-                resume=True, val=val))
-            if not finished:
-                yield Done("pipeline", summary, stopped=True)
-                return
-
+        if not finished:
+            yield Done("pipeline", summary, stopped=True)
+            return
     summary["strategies"] = strategies
     if val is not None:
         summary["val"] = yield from _evaluate_strategies(run, strategies, val, device)
-    # Wall time of all invocations that trained something in this run (a strategy added later
-    # adds its time); re-scoring a finished run adds nothing.
-    elapsed = round(time.perf_counter() - started, 1)
+    _write_summary(run.root / "summary.json", summary, time.perf_counter() - started, trained)
+    yield Done("pipeline", summary)
+
+
+def _stage_jobs(run, config, patches, val, device, stop, strategies
+                ) -> list[tuple[str, Callable[[], Generator[Event, None, Any]]]]:
+    """The method's stages in order, as (status name, job factory) pairs."""
+    common = {"device": device, "stop": stop}
+    if config.method == METHOD_WITHOUT_CAMS:
+        from .hisynseg.train import train_hisynseg
+
+        return [(segmenter_stage(METHOD_WITHOUT_CAMS),
+                 partial(train_hisynseg, run, config, patches, resume=True, val=val, **common))]
+    from .stage1.train_classifier import train_classifier
+    from .stage2.train_segmenter import train_segmenter
+
+    jobs = [(CLASSIFIER, partial(train_classifier, run, config, patches, resume=True, **common)),
+            (PSEUDO_MASKS, partial(_pseudo_masks_then_report, run, config, patches, val,
+                                   **common))]
+    for strategy in strategies:
+        strategy_config = replace(config, segmenter=replace(config.segmenter, loss=strategy))
+        jobs.append((segmenter_stage(strategy), partial(
+            train_segmenter, run, strategy_config, patches, strategy=strategy, resume=True,
+            val=val, **common)))
+    return jobs
+
+
+def _pseudo_masks_then_report(run, config, patches, val, *, device, stop
+                              ) -> Generator[Event, None, None]:
+    """Generate the pseudo-masks; once they are complete, say how good they are on val."""
+    from .stage1.pseudo_masks import generate_pseudo_masks, pseudo_mask_report
+
+    yield from generate_pseudo_masks(run, config, patches, device=device, stop=stop)
+    if val is not None and run.is_complete(PSEUDO_MASKS):
+        report = pseudo_mask_report(run, config, val, device)
+        yield Message(PSEUDO_MASKS, "pseudo-mask quality on val: "
+                      + format_scores(report).splitlines()[0])
+
+
+def _write_summary(path: Path, summary: dict, elapsed: float, trained: bool) -> None:
+    """Save the summary with the wall time of all invocations that trained something in this
+    run (a strategy added later adds its time); re-scoring a finished run adds nothing."""
+    earlier = json.loads(path.read_text()) if path.is_file() else {}
     before = earlier.get("wall_seconds")
     if before is None:
-        summary["wall_seconds"] = elapsed
+        summary["wall_seconds"] = round(elapsed, 1)
     else:
         summary["wall_seconds"] = round(before + elapsed, 1) if trained else before
-    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
-    yield Done("pipeline", summary)
+    path.write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def _evaluate_strategies(run, strategies, val, device) -> Generator[Event, None, dict]:

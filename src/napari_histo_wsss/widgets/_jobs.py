@@ -97,13 +97,14 @@ def avoid_triton_llvm_clash() -> None:
 
 def describe_error(error: BaseException) -> str:
     """One line for the user: our own errors as they are, others with their type."""
+    from ..core.devices import OUT_OF_MEMORY_MESSAGE, is_out_of_memory
     from ..core.errors import HistoWsssError
 
     if isinstance(error, HistoWsssError):
         return str(error)
+    if is_out_of_memory(error):
+        return OUT_OF_MEMORY_MESSAGE
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    if isinstance(error, MemoryError) or "out of memory" in text.lower():
-        return "out of memory: try a smaller batch size, or the CPU"
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 

@@ -1,8 +1,14 @@
-"""Reading run folders and datasets for the widgets (what is there, what is missing)."""
+"""Run folders and datasets as the widgets show them (the state itself: core.runs.status)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from ..core.runs.status import StageState, run_status
+
+CLASSIFIER_TEXT = {StageState.DONE: "classifier trained",
+                   StageState.STOPPED: "classifier stopped early (resumes)",
+                   StageState.MISSING: "classifier not trained"}
 
 
 def describe_dataset(folder) -> str:
@@ -21,25 +27,17 @@ def describe_dataset(folder) -> str:
 
 def describe_run(folder) -> str:
     """One line about a run folder: method and the state of each stage."""
-    from ..core.runs.run_dir import RunDirectory
-
     if folder is None or not str(folder) or str(folder) == ".":
         return "choose a run folder"
-    run = RunDirectory(folder)
-    if not run.exists():
+    status = run_status(folder)
+    if not status.exists:
         return "new run: created when the job starts"
-    config = run.config()
-    parts = [f"method {config.method}"]
-    if config.method != "hisynseg":
-        if run.is_complete("classifier"):
-            parts.append("classifier trained")
-        elif run.classifier_checkpoint.is_file() or (run.classifier_dir / "last.pt").is_file():
-            parts.append("classifier stopped early (resumes)")
-        else:
-            parts.append("classifier not trained")
-        parts.append("pseudo-masks done" if run.is_complete("pseudo_masks")
+    parts = [f"method {status.method}"]
+    if status.uses_cams:
+        parts.append(CLASSIFIER_TEXT[status.classifier])
+        parts.append("pseudo-masks done" if status.pseudo_masks is StageState.DONE
                      else "no pseudo-masks yet")
-    strategies = run.segmenter_strategies()
+    strategies = status.strategies
     parts.append(f"segmenters: {', '.join(strategies)}" if strategies else "no segmenter yet")
     return " · ".join(parts)
 

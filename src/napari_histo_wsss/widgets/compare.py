@@ -4,7 +4,9 @@ The image is a validation image (with per-class IoU against its mask), a trainin
 each strategy's per-pixel trust map over the patch's pseudo-mask: what the noise-suppression
 loss believed while training), an image layer, or the part of a slide layer in view. Every
 strategy's prediction becomes a labels layer in the dataset's colours; the prediction layers
-are linked (opacity and contour change together) and can be laid out in napari's grid.
+are linked (opacity and contour change together) and can be laid out in napari's grid. The
+predictions, scores and trust maps come from ``core.stage2.compare`` (as for ``histo-wsss
+compare``); this module only picks the image and makes the layers.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, Select, Slider, create_widget
 from qtpy.QtWidgets import QTableWidget, QTableWidgetItem
 
+from ..core.runs.model_cache import ModelCache
 from ._base import (
     JobWidget,
     device_field,
@@ -41,6 +44,8 @@ from ._tooltips import TOOLTIPS
 if TYPE_CHECKING:
     import napari
 
+    from ..core.stage2.compare import StrategyComparison
+
 STAGE = "compare"
 SOURCES = ("validation image", "training patch", "image layer", "slide view")
 IMAGE_LAYER = "image (compare)"
@@ -63,40 +68,12 @@ class ComparedImage:
     show_image: bool = True  # False: the image is the user's own layer
 
 
-@dataclass
-class StrategyResult:
-    strategy: str
-    labels: np.ndarray
-    trust: np.ndarray | None = None
-    per_class_iou: dict[str, float] | None = None
-    miou: float | None = None
-
-
 def prediction_layer_name(strategy: str) -> str:
     return f"prediction: {strategy}"
 
 
 def trust_layer_name(strategy: str) -> str:
     return f"trust: {strategy}"
-
-
-class PredictorCache:
-    """Predictors of a run's strategies, loaded once per checkpoint version (worker side)."""
-
-    def __init__(self) -> None:
-        self._predictors: dict[tuple, Any] = {}
-
-    def get(self, run_root: Path, strategy: str, device):
-        from ..core.inference.predict import load_predictor
-        from ..core.runs.run_dir import RunDirectory
-
-        checkpoint = RunDirectory(run_root).segmenter_checkpoint(strategy)
-        key = (strategy, str(device), checkpoint.stat().st_mtime_ns if checkpoint.is_file()
-               else None)
-        if key not in self._predictors:
-            self._predictors = {k: v for k, v in self._predictors.items() if k[0] != strategy}
-            self._predictors[key] = load_predictor(run_root, device, strategy=strategy)
-        return self._predictors[key]
 
 
 class CompareWidget(JobWidget):
@@ -132,9 +109,9 @@ class CompareWidget(JobWidget):
         self.finish_layout(below=(self.iou_table,))
         self.remember(run_folder=self.run_folder, source=self.source, grid=self.grid,
                       device=self.device, dataset=self.dataset)
-        self._predictors = PredictorCache()
+        self._models = ModelCache()
         self._shown_layers: set[str] = set()
-        self._results: dict[str, StrategyResult] = {}
+        self._results: dict[str, StrategyComparison] = {}
         self._image: ComparedImage | None = None
         self.run_folder.changed.connect(self._load_run)
         self.dataset.changed.connect(self._load_run)
@@ -188,40 +165,25 @@ class CompareWidget(JobWidget):
             raise ConfigError("this run has no trained segmenter to compare yet")
         run, _, layout = self._context
         load = self._image_loader(layout)
-        predictors, device_name = self._predictors, self.device.value
+        models, device_name = self._models, self.device.value
 
         def make_job(stop):
-            from ..core.devices import resolve_device
             from ..core.events import Batch, Done, Preview, Started
-            from ..core.inference.metrics import ConfusionMatrix
-            from ..core.inference.predict import predict_image
-            from ..core.stage2.trust_maps import strategy_trust_map
+            from ..core.stage2.compare import iter_comparisons
 
-            device = resolve_device(device_name)
             compared, patch = load()
             yield Preview(STAGE, "image", compared)
             yield Started(STAGE, total_epochs=1, batches_per_epoch=len(strategies))
-            spec = layout.spec
-            for number, strategy in enumerate(strategies):
-                if stop.requested:
-                    yield Done(STAGE, None, stopped=True)
-                    return
-                labels, _ = predict_image(predictors.get(run.root, strategy, device),
-                                          compared.image)
-                result = StrategyResult(strategy, labels)
-                if compared.truth is not None:
-                    matrix = ConfusionMatrix(spec.num_classes)
-                    matrix.update(labels, compared.truth)
-                    scores = matrix.scores(spec.class_names)
-                    result.miou = scores["miou"]
-                    result.per_class_iou = {name: values["iou"] for name, values in
-                                            scores["per_class"].items()}
-                if patch is not None:
-                    result.trust = strategy_trust_map(run, strategy, compared.image, *patch,
-                                                      device)
-                yield Preview(STAGE, strategy, result)
-                yield Batch(STAGE, epoch=0, index=number, total=len(strategies))
-            yield Done(STAGE, strategies)
+            shown = 0
+            for shown, result in enumerate(iter_comparisons(
+                    run, compared.image, strategies, truth=compared.truth, patch=patch,
+                    device=device_name, models=models, stop=stop), start=1):
+                yield Preview(STAGE, result.strategy, result)
+                yield Batch(STAGE, epoch=0, index=shown - 1, total=len(strategies))
+            if shown < len(strategies):
+                yield Done(STAGE, None, stopped=True)
+            else:
+                yield Done(STAGE, strategies)
 
         return make_job, device_name
 
@@ -314,12 +276,13 @@ class CompareWidget(JobWidget):
 
     def on_job_event(self, event: Any) -> None:
         from ..core.events import Preview
+        from ..core.stage2.compare import StrategyComparison
 
         if not isinstance(event, Preview):
             return
         if isinstance(event.data, ComparedImage):
             self._show_image(event.data)
-        elif isinstance(event.data, StrategyResult):
+        elif isinstance(event.data, StrategyComparison):
             self._show_result(event.data)
 
     def _show_image(self, compared: ComparedImage) -> None:
@@ -344,7 +307,7 @@ class CompareWidget(JobWidget):
         self._forget_layers(keep=names)
         set_info(self.run_info, f"comparing on {compared.title}")
 
-    def _show_result(self, result: StrategyResult) -> None:
+    def _show_result(self, result: StrategyComparison) -> None:
         from napari.experimental import link_layers, unlink_layers
 
         compared = self._image

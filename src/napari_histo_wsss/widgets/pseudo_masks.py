@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, PushButton, Slider, create_widget
 
+from ..core.runs.model_cache import ModelCache
+from ..core.runs.stages import PSEUDO_MASKS
 from ._base import (
     JobWidget,
     device_field,
@@ -45,7 +47,7 @@ from ._tooltips import TOOLTIPS
 if TYPE_CHECKING:
     import napari
 
-STAGE = "pseudo-masks"
+STAGE = PSEUDO_MASKS
 SOURCES = ("training patches", "validation images", "viewer image")
 IMAGE_LAYER = "image (pseudo-masks)"
 MASK_LAYER = "pseudo-mask"
@@ -68,37 +70,15 @@ class ClassMapView:
     transform: dict[str, Any] = field(default_factory=dict)  # scale/translate of the source
 
 
-class ClassifierCache:
-    """The run's classifier, loaded once per checkpoint version and device (worker side)."""
+def _trained_classifier(checkpoint: Path, device):
+    """The run's stage-1 classifier, or one clear error when it has not been trained."""
+    from ..core.errors import CheckpointError
+    from ..core.models.classifier import load_classifier
 
-    def __init__(self) -> None:
-        self._key: tuple | None = None
-        self._model = None
-
-    def get(self, checkpoint: Path, device):
-        from ..core.errors import CheckpointError
-        from ..core.models.classifier import load_classifier
-
-        if not checkpoint.is_file():
-            raise CheckpointError("no trained classifier yet: train one first", checkpoint)
-        key = (str(checkpoint), checkpoint.stat().st_mtime_ns, str(device))
-        if key != self._key:
-            self._model = None
-            self._model, _ = load_classifier(checkpoint, device)
-            self._key = key
-        return self._model
-
-
-def main_map_name(model, recipe) -> str:
-    """The map the recipe's own mask comes from: the fusion, else the deepest layer."""
-    from ..core.stage1.pseudo_masks import FUSED, layer_folder
-
-    if recipe.fuse_weights:
-        return FUSED
-    backbone = model.backbone
-    deepest = max(recipe.layers,
-                  key=lambda layer: backbone.layer_names.index(backbone.resolve_layer(layer)))
-    return layer_folder(deepest)
+    if not checkpoint.is_file():
+        raise CheckpointError("no trained classifier yet: train one first", checkpoint)
+    model, _ = load_classifier(checkpoint, device)
+    return model
 
 
 class PseudoMaskWidget(JobWidget):
@@ -134,7 +114,7 @@ class PseudoMaskWidget(JobWidget):
         self.preview_runner = self.add_runner("Class maps")
         self.preview_runner.event.connect(self._on_preview_event)
         self.preview_runner.state_changed.connect(self._on_preview_state)
-        self._classifier = ClassifierCache()
+        self._models = ModelCache()
         self._context = None  # (run, config, layout) of the chosen run folder
         self._pending_preview = False
         self._shown_layers: set[str] = set()
@@ -211,17 +191,18 @@ class PseudoMaskWidget(JobWidget):
         run, config, layout = self._context
         recipe = config.pseudo_masks
         load = self._image_loader(layout)
-        classifier, device_name = self._classifier, self.device.value
+        models, device_name = self._models, self.device.value
         extra_wanted = self.show_extra.value
         per_scale_wanted = extra_wanted and len(recipe.scales) > 1
 
         def make_job(stop):
             from ..core.devices import resolve_device
             from ..core.events import Preview
-            from ..core.stage1.pseudo_masks import pseudo_masks_for_images
+            from ..core.stage1.pseudo_masks import final_map_name, pseudo_masks_for_images
 
             device = resolve_device(device_name)
-            model = classifier.get(run.classifier_checkpoint, device)
+            checkpoint = run.classifier_checkpoint
+            model = models.get(checkpoint, device, lambda: _trained_classifier(checkpoint, device))
             title, image, labels, truth, transform = load()
             used = recipe if labels is not None else dataclasses.replace(recipe,
                                                                          gating="predicted")
@@ -236,7 +217,7 @@ class PseudoMaskWidget(JobWidget):
                         model, [image], label_rows, single, layout.spec, device)[0]
             view = ClassMapView(
                 title=title, spec=layout.spec, image=None if transform else image,
-                truth=truth, result=result, main_map=main_map_name(model, used),
+                truth=truth, result=result, main_map=final_map_name(model, used),
                 extra=extra_wanted, per_scale=per_scale, transform=transform or {},
             )
             yield Preview(STAGE, title, view)
@@ -370,7 +351,7 @@ class PseudoMaskWidget(JobWidget):
             patches.decode_all()
             yield from generate_pseudo_masks(run, config, patches, device=device, stop=stop)
             evaluation = layout.eval_set("val")
-            if evaluation is not None and run.is_complete("pseudo_masks"):
+            if evaluation is not None and run.is_complete(STAGE):
                 report = pseudo_mask_report(run, config, evaluation, device)
                 yield Message(STAGE, "done; quality on val: "
                               + format_scores(report).splitlines()[0])

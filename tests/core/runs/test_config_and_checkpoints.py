@@ -10,7 +10,6 @@ import torch
 from napari_histo_wsss.core.config.presets import (
     METHODS,
     PRESET_SCHEDULES,
-    methods_with_classifier,
     preset,
 )
 from napari_histo_wsss.core.config.run_config import RunConfig

@@ -331,12 +331,12 @@ def test_cohort_on_a_dask_cluster_builds_one_model_per_worker(sample_slide_path,
 def test_command_line_writes_zarr_and_geojson(sample_slide_path, tmp_path, monkeypatch, capsys):
     import argparse
 
-    from napari_histo_wsss.cli.slides import add_segment_slide_parser
+    from napari_histo_wsss.cli.slides import add_slides_parsers
     from napari_histo_wsss.core.inference import predict
 
     monkeypatch.setattr(predict, "load_predictor", lambda run_dir, device: TinyPredictor())
     parser = argparse.ArgumentParser()
-    add_segment_slide_parser(parser.add_subparsers(dest="command"))
+    add_slides_parsers(parser.add_subparsers(dest="command"))
     out, geojson = tmp_path / "slide.zarr", tmp_path / "slide.geojson"
     args = parser.parse_args(["segment-slide", "RUN", str(sample_slide_path), "--out", str(out),
                               "--geojson", str(geojson), "--level", "2", "--tile", "128",

@@ -4,7 +4,8 @@
 
     RUN_DIR/
       run.json                      resolved RunConfig
-      status.json                   which stages are complete (written last by each stage)
+      status.json                   which stages are complete (written last by each stage;
+                                    keys are the names in core/runs/stages.py)
       summary.json                  the pipeline's val scores and wall time
       classifier/model.pt           stage-1 checkpoint (final or stopped); last.pt for resuming
       classifier/losses.csv
@@ -32,6 +33,7 @@ from typing import Any
 
 from ..config.run_config import RunConfig
 from ..errors import ConfigError
+from .stages import canonical_stage
 
 
 class RunDirectory:
@@ -94,24 +96,26 @@ class RunDirectory:
         return RunConfig.load(self.config_path)
 
     def status(self) -> dict[str, Any]:
+        """Completed stages by name (``core.runs.stages``), older keys read as today's."""
         if not self.status_path.is_file():
             return {}
-        return json.loads(self.status_path.read_text())
+        stored = json.loads(self.status_path.read_text())
+        return {canonical_stage(stage): info for stage, info in stored.items()}
 
     def is_complete(self, stage: str) -> bool:
-        return bool(self.status().get(stage, {}).get("complete"))
+        return bool(self.status().get(canonical_stage(stage), {}).get("complete"))
 
     def mark_complete(self, stage: str, **info: Any) -> None:
         """Record a finished stage; written atomically so a crash never half-writes status."""
         status = self.status()
-        status[stage] = {"complete": True, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                         **info}
+        finished_at = time.strftime("%Y-%m-%dT%H:%M:%S")
+        status[canonical_stage(stage)] = {"complete": True, "finished_at": finished_at, **info}
         temporary = self.status_path.with_suffix(".tmp")
         temporary.write_text(json.dumps(status, indent=2) + "\n")
         temporary.replace(self.status_path)
 
     def mark_incomplete(self, stage: str) -> None:
-        status = self.status()
+        status, stage = self.status(), canonical_stage(stage)
         if stage in status:
             del status[stage]
             self.status_path.write_text(json.dumps(status, indent=2) + "\n")

@@ -33,9 +33,10 @@ from ..inference.metrics import ConfusionMatrix
 from ..models.classifier import CamClassifier, load_classifier
 from ..registry import Registry
 from ..runs.run_dir import RunDirectory
+from ..runs.stages import PSEUDO_MASKS
 from .cams import class_activation_maps
 
-STAGE = "pseudo-masks"
+STAGE = PSEUDO_MASKS
 WHITE_SCORE = 1.000001
 FINAL = "final"
 FUSED = "fused"
@@ -158,8 +159,9 @@ def _check_recipe(model: CamClassifier, config: PseudoMaskConfig) -> None:
         model.backbone.resolve_layer(layer)
 
 
-def _final_source(model: CamClassifier, config: PseudoMaskConfig) -> str:
-    """The map that makes the recipe's own mask: the fusion, else the deepest layer."""
+def final_map_name(model: CamClassifier, config: PseudoMaskConfig) -> str:
+    """The map that makes the recipe's own mask: the fusion, else the deepest layer (the
+    widgets show it as the main map)."""
     if config.fuse_weights:
         return FUSED
     depth = {layer: model.backbone.layer_names.index(model.backbone.resolve_layer(layer))
@@ -222,7 +224,7 @@ def _recipe_batch(model: CamClassifier, images: np.ndarray, labels: np.ndarray |
 
     names = _map_names(config)
     masks, normalised = combine_layer_maps(per_scale, names, config.fuse_weights, kept, white)
-    masks[FINAL] = masks[_final_source(model, config)]
+    masks[FINAL] = masks[final_map_name(model, config)]
     return [
         PseudoMasks(
             masks={name: mask[i].to(torch.uint8).cpu().numpy() for name, mask in masks.items()
@@ -313,7 +315,7 @@ def generate_pseudo_masks(run: RunDirectory, config: RunConfig, patches: PatchSe
             _store_maps(cams, index, output, names)
         yield Batch(STAGE, epoch=0, index=number, total=len(batches))
         yield Preview(STAGE, patches.paths[group[0]].name, outputs[0].masks[FINAL])
-    run.mark_complete("pseudo_masks", patches=len(patches), folders=folders)
+    run.mark_complete(PSEUDO_MASKS, patches=len(patches), folders=folders)
     yield Done(STAGE, result=run.pseudo_mask_dir(FINAL))
 
 

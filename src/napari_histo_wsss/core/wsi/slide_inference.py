@@ -168,6 +168,95 @@ def segment_slide(
             slide.close()
 
 
+@dataclass
+class _SlideOutput:
+    """The OME-Zarr a slide job writes: the settings that identify it, its provenance, and
+    opening it new or to resume (the bookkeeping, apart from the prediction loop)."""
+
+    out_path: Path
+    slide: Slide
+    predictor: Predictor
+    resolution: Resolution
+    grid: TileGrid
+    blend: str
+    use_tissue_mask: bool
+    maps: dict[str, list[str]]
+
+    @property
+    def spec(self) -> DatasetSpec:
+        return self.predictor.spec
+
+    def signature(self) -> dict[str, Any]:
+        """Everything that changes the output; a resumed run must match it exactly."""
+        stat = self.slide.path.stat()
+        config_json = json.dumps(self.predictor.config, sort_keys=True, default=str)
+        signature = {
+            "slide": {"path": str(self.slide.path.resolve()), "size": stat.st_size,
+                      "mtime": stat.st_mtime, "shape": list(self.slide.shape)},
+            "predictor_config_sha256": hashlib.sha256(config_json.encode()).hexdigest(),
+            "spec": self.spec.to_dict(),
+            "level": self.resolution.level, "factor": round(self.resolution.factor, 6),
+            "tile": self.grid.tile, "halo": self.grid.halo, "blend": self.blend,
+            "tissue_mask": self.use_tissue_mask, "maps": self.maps, "version": __version__,
+        }
+        return json.loads(json.dumps(signature))
+
+    def open(self, resume: bool, mask: TissueMask | None) -> Generator[Event, None, Any]:
+        """The zarr group to write into, new or (``resume``) continued; None when the output
+        is already complete. Refuses an output written with other settings."""
+        signature = self.signature()
+        if self.out_path.exists():
+            if not self.out_path.is_dir() or (
+                not store.is_segmentation(self.out_path) and any(self.out_path.iterdir())
+            ):
+                raise SlideError("exists and is not a segmentation; choose another output path",
+                                 self.out_path)
+            if resume and store.is_segmentation(self.out_path):
+                previous = store.read_attrs(self.out_path)
+                if previous.get("signature") != signature:
+                    changed = _changed_keys(previous.get("signature") or {}, signature)
+                    raise SlideError(
+                        f"holds a run with other settings ({', '.join(changed)}); delete it, "
+                        "choose another output path, or turn resume off", self.out_path)
+                if previous.get("complete"):
+                    yield Message(STAGE, f"{self.slide.name}: already complete ({self.out_path})")
+                    return None
+                import zarr
+
+                yield Message(STAGE, f"{self.slide.name}: resuming {self.out_path}")
+                return zarr.open_group(str(self.out_path), mode="r+")
+            shutil.rmtree(self.out_path)
+        unit = "micrometer" if self.resolution.mpp is not None else None
+        pixel_size = self.resolution.mpp or self.resolution.level0_downsample
+        root = store.create_segmentation(
+            self.out_path, shape=self.resolution.shape, chunk=self.grid.stride, spec=self.spec,
+            maps=self.maps, blocks=(self.grid.rows, self.grid.cols), pixel_size=pixel_size,
+            unit=unit, attrs=self._provenance(signature, mask),
+        )
+        if mask is not None:
+            store.write_tissue_mask(root, mask.mask, mask.downsample)
+        return root
+
+    def _provenance(self, signature, mask: TissueMask | None) -> dict[str, Any]:
+        return {
+            "signature": signature,
+            "spec": self.spec.to_dict(),
+            "slide": {"path": str(self.slide.path), "name": self.slide.name,
+                      "shape": list(self.slide.shape), "mpp": self.slide.mpp,
+                      "backend": self.slide.backend},
+            "level0_downsample": self.resolution.level0_downsample,
+            "mpp": self.resolution.mpp,
+            "level": self.resolution.level,
+            "factor": self.resolution.factor,
+            "tile": self.grid.tile, "halo": self.grid.halo, "blend": self.blend,
+            "predictor": {"config": json.loads(json.dumps(self.predictor.config, default=str)),
+                          "mpp": getattr(self.predictor, "mpp", None)},
+            "tissue_fraction": None if mask is None else round(mask.fraction, 4),
+            "package": {"name": "napari-histo-wsss", "version": __version__},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+
+
 class _SlideJob:
     """One run of ``segment_slide``; the state that its steps share."""
 
@@ -194,6 +283,8 @@ class _SlideJob:
         self.write_cams = write_cams
         self.maps = self._map_channels()
         self.bands = self._bands()
+        self.output = _SlideOutput(out_path, slide, predictor, self.resolution, self.grid, blend,
+                                   use_tissue_mask, self.maps)
 
     # ------------------------------------------------------------------ the job
 
@@ -202,8 +293,7 @@ class _SlideJob:
         if self.note:
             yield Message(STAGE, f"{self.slide.name}: {self.note}")
         mask = compute_tissue_mask(self.slide) if self.use_tissue_mask else None
-        signature = self._signature()
-        root = yield from self._open_output(signature, mask)
+        root = yield from self.output.open(self.resume, mask)
         if root is None:
             yield Done(STAGE, self.out_path)
             return
@@ -289,74 +379,6 @@ class _SlideJob:
             maps[store.CAMS_PATH] = _channel_names(self.spec, cams)
         return maps
 
-    def _signature(self) -> dict[str, Any]:
-        """Everything that changes the output; a resumed run must match it exactly."""
-        stat = self.slide.path.stat()
-        config_json = json.dumps(self.predictor.config, sort_keys=True, default=str)
-        signature = {
-            "slide": {"path": str(self.slide.path.resolve()), "size": stat.st_size,
-                      "mtime": stat.st_mtime, "shape": list(self.slide.shape)},
-            "predictor_config_sha256": hashlib.sha256(config_json.encode()).hexdigest(),
-            "spec": self.spec.to_dict(),
-            "level": self.resolution.level, "factor": round(self.resolution.factor, 6),
-            "tile": self.grid.tile, "halo": self.grid.halo, "blend": self.blend,
-            "tissue_mask": self.use_tissue_mask, "maps": self.maps, "version": __version__,
-        }
-        return json.loads(json.dumps(signature))
-
-    def _open_output(self, signature, mask: TissueMask | None):
-        """The zarr group to write into, new or resumed; None when it is already complete."""
-        if self.out_path.exists():
-            if not self.out_path.is_dir() or (
-                not store.is_segmentation(self.out_path) and any(self.out_path.iterdir())
-            ):
-                raise SlideError("exists and is not a segmentation; choose another output path",
-                                 self.out_path)
-            if self.resume and store.is_segmentation(self.out_path):
-                previous = store.read_attrs(self.out_path)
-                if previous.get("signature") != signature:
-                    changed = _changed_keys(previous.get("signature") or {}, signature)
-                    raise SlideError(
-                        f"holds a run with other settings ({', '.join(changed)}); delete it, "
-                        "choose another output path, or turn resume off", self.out_path)
-                if previous.get("complete"):
-                    yield Message(STAGE, f"{self.slide.name}: already complete ({self.out_path})")
-                    return None
-                import zarr
-
-                yield Message(STAGE, f"{self.slide.name}: resuming {self.out_path}")
-                return zarr.open_group(str(self.out_path), mode="r+")
-            shutil.rmtree(self.out_path)
-        unit = "micrometer" if self.resolution.mpp is not None else None
-        pixel_size = self.resolution.mpp or self.resolution.level0_downsample
-        root = store.create_segmentation(
-            self.out_path, shape=self.resolution.shape, chunk=self.grid.stride, spec=self.spec,
-            maps=self.maps, blocks=(self.grid.rows, self.grid.cols), pixel_size=pixel_size,
-            unit=unit, attrs=self._provenance(signature, mask),
-        )
-        if mask is not None:
-            store.write_tissue_mask(root, mask.mask, mask.downsample)
-        return root
-
-    def _provenance(self, signature, mask: TissueMask | None) -> dict[str, Any]:
-        return {
-            "signature": signature,
-            "spec": self.spec.to_dict(),
-            "slide": {"path": str(self.slide.path), "name": self.slide.name,
-                      "shape": list(self.slide.shape), "mpp": self.slide.mpp,
-                      "backend": self.slide.backend},
-            "level0_downsample": self.resolution.level0_downsample,
-            "mpp": self.resolution.mpp,
-            "level": self.resolution.level,
-            "factor": self.resolution.factor,
-            "tile": self.grid.tile, "halo": self.grid.halo, "blend": self.blend,
-            "predictor": {"config": json.loads(json.dumps(self.predictor.config, default=str)),
-                          "mpp": getattr(self.predictor, "mpp", None)},
-            "tissue_fraction": None if mask is None else round(mask.fraction, 4),
-            "package": {"name": "napari-histo-wsss", "version": __version__},
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }
-
     def _plan(self, root, mask: TissueMask | None) -> list[_Window]:
         """Windows in processing order: band by band, rows top to bottom, done rows left out."""
         grid, scale = self.grid, self.resolution.level0_downsample
@@ -436,7 +458,9 @@ class _SlideJob:
                 if self.write_cams:
                     maps.append(np.asarray(self.predictor.predict_cams(part), np.float32))
             except Exception as error:
-                if not _is_out_of_memory(error):
+                from ..devices import is_out_of_memory
+
+                if not is_out_of_memory(error):
                     raise
                 if self.batch_size == 1:
                     raise HistoWsssError(
@@ -518,14 +542,6 @@ def _changed_keys(old: dict, new: dict) -> list[str]:
 
 def _describe_mpp(mpp: float | None) -> str:
     return "mpp unknown" if mpp is None else f"{mpp:.3g} um/px"
-
-
-def _is_out_of_memory(error: Exception) -> bool:
-    import torch
-
-    if isinstance(error, torch.cuda.OutOfMemoryError):
-        return True
-    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
 
 
 def _release_device_memory() -> None:

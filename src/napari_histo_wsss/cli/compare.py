@@ -1,0 +1,72 @@
+"""``histo-wsss compare``: a run's trained strategies side by side on one image.
+
+Each strategy predicts the image; ``--mask`` scores them, ``--out`` keeps their palette masks
+(``DIR/<strategy>.png``) for a viewer, and the pixels where they disagree are counted.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .flags import add_device_flag
+
+
+def add_compare_parsers(commands) -> None:
+    """Register ``compare`` on the ``histo-wsss`` sub-command parser."""
+    compare = commands.add_parser(
+        "compare", help="the run's trained strategies side by side on one image",
+        description="Predict IMAGE with each trained segmenter of RUN_DIR; with --mask, score "
+                    "each one (per-class IoU, mIoU); with --out, write their palette masks.")
+    compare.add_argument("run_dir", metavar="RUN_DIR")
+    compare.add_argument("image", metavar="IMAGE", help="an RGB image (PNG, JPEG, TIFF)")
+    compare.add_argument("--mask", metavar="MASK",
+                         help="the image's ground-truth palette mask, to score each strategy")
+    compare.add_argument("--strategies", help="which trained segmenters, e.g. ce,onss "
+                                              "(default: all of the run's)")
+    compare.add_argument("--out", metavar="DIR",
+                         help="write each strategy's palette mask as DIR/<strategy>.png")
+    compare.add_argument("--json", action="store_true",
+                         help="print one JSON object (per strategy: miou, per_class, mask)")
+    add_device_flag(compare)
+    compare.set_defaults(func=cmd_compare)
+
+
+def cmd_compare(args) -> int:
+    from ..core.data.classes import DatasetSpec
+    from ..core.data.datasets import read_mask, read_rgb, write_palette_mask
+    from ..core.inference.metrics import format_scores
+    from ..core.inference.predict import json_ready
+    from ..core.runs.run_dir import RunDirectory
+    from ..core.stage2.compare import check_mask_fits, compare_strategies, disagreement
+
+    run = RunDirectory(args.run_dir)
+    spec = DatasetSpec.from_dict(run.config().dataset)
+    image = read_rgb(args.image)
+    truth = read_mask(args.mask, spec) if args.mask else None
+    if truth is not None:
+        check_mask_fits(truth, image, args.mask)
+    strategies = args.strategies.split(",") if args.strategies else None
+    results = compare_strategies(run, image, strategies, truth=truth, device=args.device)
+    report: dict = {"image": str(args.image), "strategies": {}}
+    for strategy, result in results.items():
+        entry = report["strategies"][strategy] = {}
+        if result.scores is not None:
+            entry.update(miou=result.miou, per_class=result.scores["per_class"])
+        if args.out:
+            path = Path(args.out) / f"{strategy}.png"
+            write_palette_mask(path, result.labels, spec)
+            entry["mask"] = str(path)
+    report["disagreement"] = float(disagreement(list(results.values())).mean())
+    if args.json:
+        print(json.dumps(json_ready(report)))
+        return 0
+    for strategy, result in results.items():
+        lines = [strategy + ":"]
+        if result.scores is not None:
+            lines.append(format_scores(result.scores))
+        if "mask" in report["strategies"][strategy]:
+            lines.append(f"  mask: {report['strategies'][strategy]['mask']}")
+        print("\n".join(lines))
+    print(f"strategies disagree on {100 * report['disagreement']:.1f} % of the pixels")
+    return 0
