@@ -26,6 +26,7 @@ def _fresh_interpreter(code: str) -> dict:
 
 def test_every_public_name_resolves_to_an_object_of_that_name():
     assert len(core.__all__) == len(set(core.__all__))
+    assert sorted(core._HOME_OF) == sorted(core.__all__)
     for name in core.__all__:
         value = getattr(core, name)
         if inspect.isclass(value) or inspect.isfunction(value):

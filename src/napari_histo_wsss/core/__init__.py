@@ -13,61 +13,55 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-#: Public name -> the submodule (relative to this package) that defines it.
-_PUBLIC: dict[str, str] = {
+__all__ = [
     # Run the whole job.
-    "prepare_run": ".pipeline",
-    "run_pipeline": ".pipeline",
+    "prepare_run", "run_pipeline",
     # Configuration.
-    "RunConfig": ".config.run_config",
-    "preset": ".config.presets",
-    "with_overrides": ".config.presets",
+    "RunConfig", "preset", "with_overrides",
     # Data.
-    "DatasetSpec": ".data.classes",
-    "find_dataset": ".data.datasets",
-    "load_eval_set": ".data.datasets",
+    "DatasetSpec", "find_dataset", "load_eval_set",
     # Runs.
-    "RunDirectory": ".runs.run_dir",
+    "RunDirectory",
     # Predict and evaluate.
-    "SegmentationPredictor": ".inference.predict",
-    "load_predictor": ".inference.predict",
-    "predict_image": ".inference.predict",
-    "evaluate": ".inference.predict",
-    "evaluate_mask_folder": ".inference.predict",
+    "SegmentationPredictor", "load_predictor", "predict_image", "evaluate",
+    "evaluate_mask_folder",
     # Slides.
-    "Slide": ".wsi.slides",
-    "open_slide": ".wsi.slides",
-    "segment_slide": ".wsi.slide_inference",
-    "segment_slides": ".wsi.slide_inference",
-    "open_segmentation": ".wsi.ome_zarr_labels",
-    "segmentation_to_geojson": ".wsi.geojson_export",
-    "write_geojson": ".wsi.geojson_export",
+    "Slide", "open_slide", "segment_slide", "segment_slides", "open_segmentation",
+    "segmentation_to_geojson", "write_geojson",
     # Jobs: events, stopping, draining.
-    "Event": ".events",
-    "Started": ".events",
-    "Batch": ".events",
-    "Epoch": ".events",
-    "CheckpointSaved": ".events",
-    "Preview": ".events",
-    "Message": ".events",
-    "Done": ".events",
-    "StopToken": ".events",
-    "run_to_completion": ".events",
+    "Event", "Started", "Batch", "Epoch", "CheckpointSaved", "Preview", "Message", "Done",
+    "StopToken", "run_to_completion",
     # Errors a user can cause.
-    "HistoWsssError": ".errors",
-    "DatasetError": ".errors",
-    "SlideError": ".errors",
-    "CheckpointError": ".errors",
-    "ConfigError": ".errors",
-}
+    "HistoWsssError", "DatasetError", "SlideError", "CheckpointError", "ConfigError",
+]
 
-__all__ = list(_PUBLIC)
+#: The submodule (relative to this package) that defines each public name; a test checks that
+#: it covers ``__all__`` exactly.
+_HOMES: dict[str, tuple[str, ...]] = {
+    ".pipeline": ("prepare_run", "run_pipeline"),
+    ".config.run_config": ("RunConfig",),
+    ".config.presets": ("preset", "with_overrides"),
+    ".data.classes": ("DatasetSpec",),
+    ".data.datasets": ("find_dataset", "load_eval_set"),
+    ".runs.run_dir": ("RunDirectory",),
+    ".inference.predict": ("SegmentationPredictor", "load_predictor", "predict_image",
+                           "evaluate", "evaluate_mask_folder"),
+    ".wsi.slides": ("Slide", "open_slide"),
+    ".wsi.slide_inference": ("segment_slide", "segment_slides"),
+    ".wsi.ome_zarr_labels": ("open_segmentation",),
+    ".wsi.geojson_export": ("segmentation_to_geojson", "write_geojson"),
+    ".events": ("Event", "Started", "Batch", "Epoch", "CheckpointSaved", "Preview", "Message",
+                "Done", "StopToken", "run_to_completion"),
+    ".errors": ("HistoWsssError", "DatasetError", "SlideError", "CheckpointError",
+                "ConfigError"),
+}
+_HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
 
 
 def __getattr__(name: str) -> Any:
     """Import the defining submodule on first access and cache the name here."""
     try:
-        module_name = _PUBLIC[name]
+        module_name = _HOME_OF[name]
     except KeyError:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
     value = getattr(import_module(module_name, __name__), name)
