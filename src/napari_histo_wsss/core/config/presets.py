@@ -64,7 +64,6 @@ def methods_with_classifier() -> tuple[str, ...]:
 @method_preset("mlps", classifier_epochs=20, segmenter_epochs=30)
 def _mlps() -> RunConfig:
     return RunConfig(
-        method="mlps",
         classifier=ClassifierConfig(train_modules=("pda",), batch_size=20),
         pseudo_masks=PseudoMaskConfig(cam_method="gradcam", layers=("-1", "-2", "-3")),
         segmenter=SegmenterConfig(
@@ -78,7 +77,6 @@ def _mlps() -> RunConfig:
 @method_preset("msv-onss", classifier_epochs=20, segmenter_epochs=20)
 def _msv_onss() -> RunConfig:
     return RunConfig(
-        method="msv-onss",
         classifier=ClassifierConfig(
             train_modules=("pda", "coord_attention"), batch_size=16, input_size=512,
         ),
@@ -95,7 +93,6 @@ def _msv_onss() -> RunConfig:
 @method_preset("arml", classifier_epochs=20, segmenter_epochs=10)
 def _arml() -> RunConfig:
     return RunConfig(
-        method="arml",
         classifier=ClassifierConfig(train_modules=("ars",), augment="arml"),
         pseudo_masks=PseudoMaskConfig(cam_method="gradcam", layers=("-1",)),
         segmenter=SegmenterConfig(
@@ -109,7 +106,6 @@ def _arml() -> RunConfig:
 @method_preset("esfan", classifier_epochs=20, segmenter_epochs=20)
 def _esfan() -> RunConfig:
     return RunConfig(
-        method="esfan",
         classifier=ClassifierConfig(train_modules=("esf",), side_loss_weights=(0.2, 0.3, 0.5)),
         pseudo_masks=PseudoMaskConfig(
             cam_method="cam", layers=("-3", "-2", "-1"), fuse_weights=(0.47, 0.05, 0.47),
@@ -124,7 +120,6 @@ def _esfan() -> RunConfig:
 @method_preset("hisynseg", classifier_epochs=0, segmenter_epochs=25)
 def _hisynseg() -> RunConfig:
     return RunConfig(
-        method="hisynseg",
         segmenter=SegmenterConfig(
             arch="deeplabv3plus", cam_head=True, loss="hisynseg", optimizer="adamw",
             lr=1e-4, head_lr_mult=1.0, weight_decay=0.05, schedule="constant", batch_size=32,
@@ -138,7 +133,6 @@ def _hisynseg() -> RunConfig:
 def _cam_ce() -> RunConfig:
     """The baseline: plain CAM pseudo-masks and plain cross-entropy."""
     return RunConfig(
-        method="cam-ce",
         pseudo_masks=PseudoMaskConfig(cam_method="cam", layers=("-1",)),
         segmenter=SegmenterConfig(arch="deeplabv3plus", loss="ce"),
     )
@@ -146,9 +140,11 @@ def _cam_ce() -> RunConfig:
 
 def preset(method: str, schedule: str = "fast", num_patches: int | None = None) -> RunConfig:
     """The run configuration of ``method``; ``fast`` scales epochs to ``num_patches``."""
-    recipe = METHODS.get(method.lower())
+    method = method.lower()
+    recipe = METHODS.get(method)
     adapt = PRESET_SCHEDULES.get(schedule)
     config = recipe.build()
+    config.method = method
     config.schedule = schedule
     config.classifier.epochs = recipe.classifier_epochs
     config.segmenter.epochs = recipe.segmenter_epochs
