@@ -29,7 +29,7 @@ def reference_maps(model, images, method):
                 a, g = activation[0].detach(), gradient[0]
                 if method == "gradcam":
                     weights = g.mean(dim=(1, 2))
-                else:  # Grad-CAM++ as METHODS.md 2.2 writes it
+                else:  # Grad-CAM++ as docs/algorithms.md 2.2 writes it
                     alpha = g**2 / (2 * g**2 + a.sum(dim=(1, 2), keepdim=True) * g**3 + 1e-6)
                     alpha = torch.where(g != 0, alpha, torch.zeros_like(alpha))
                     weights = (alpha * F.relu(g)).sum(dim=(1, 2))
