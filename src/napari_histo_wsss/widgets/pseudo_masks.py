@@ -114,7 +114,7 @@ class PseudoMaskWidget(JobWidget):
         self.preview_runner = self.add_runner("Class maps")
         self.preview_runner.event.connect(self._on_preview_event)
         self.preview_runner.state_changed.connect(self._on_preview_state)
-        self._models = ModelCache()
+        self._models = ModelCache(capacity=1)  # the run's one classifier
         self._context = None  # (run, config, layout) of the chosen run folder
         self._pending_preview = False
         self._shown_layers: set[str] = set()

@@ -129,4 +129,12 @@ def test_the_model_cache_reloads_only_a_rewritten_checkpoint(two_strategy_run):
     os.utime(checkpoint, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
     assert cache.get(checkpoint, "cpu", load) is not first and len(loads) == 2
     cache.get(checkpoint, "meta", load)  # another device: loaded again
-    assert len(loads) == 3
+    assert len(loads) == 3 and len(cache) == 1
+
+    small = ModelCache(capacity=1)  # only the most recently used model stays
+    small.get(checkpoint, "cpu", load)
+    onss = run.segmenter_checkpoint("onss")
+    small.get(onss, "cpu", lambda: load_predictor(run.root, "cpu", strategy="onss"))
+    assert len(small) == 1
+    small.get(checkpoint, "cpu", load)
+    assert len(loads) == 5  # ce was dropped for onss, so it loads again
