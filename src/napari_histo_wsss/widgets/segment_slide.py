@@ -22,6 +22,7 @@ from magicgui.widgets import CheckBox, ComboBox, FileEdit, FloatSpinBox, SpinBox
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QHBoxLayout, QPushButton, QWidget
 
+from ..core.inference.tiling import BLEND_MODES
 from ._base import JobWidget, device_field, info_label, run_folder_field, set_info
 from ._jobs import JobState
 from ._runs import describe_run, given_path
@@ -122,7 +123,7 @@ class SegmentSlideWidget(JobWidget):
                             tooltip=TOOLTIPS["tile"])
         self.halo = SpinBox(label="halo", min=0, max=1024, step=8, value=64,
                             tooltip=TOOLTIPS["halo"])
-        self.blend = ComboBox(label="blend", choices=("gaussian", "linear", "crop"),
+        self.blend = ComboBox(label="blend", choices=BLEND_MODES.names(),
                               value="gaussian", tooltip=TOOLTIPS["blend"])
         self.batch_size = SpinBox(label="batch size", min=1, max=256, value=8,
                                   tooltip=TOOLTIPS["batch_size"])
