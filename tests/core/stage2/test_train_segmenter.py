@@ -26,11 +26,11 @@ from napari_histo_wsss.core.runs.run_dir import RunDirectory
 from napari_histo_wsss.core.stage2.losses import IGNORE_INDEX
 from napari_histo_wsss.core.stage2.train_segmenter import (
     augment_sample,
-    epoch_order,
     input_side,
     input_statistics,
     train_segmenter,
 )
+from napari_histo_wsss.core.training.sampling import epoch_order
 
 TARGETS = ("final", "layer-1", "layer-2", "layer-3")
 
