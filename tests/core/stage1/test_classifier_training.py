@@ -25,7 +25,7 @@ from napari_histo_wsss.core.models.classifier import build_classifier, load_clas
 from napari_histo_wsss.core.runs.checkpoints import load_checkpoint
 from napari_histo_wsss.core.runs.run_dir import LossLog, RunDirectory
 from napari_histo_wsss.core.stage1.train_classifier import (
-    build_optimizer,
+    build_classifier_optimizer,
     classification_loss,
     fit_to_size,
     train_classifier,
@@ -77,7 +77,7 @@ def test_loss_decreases_on_a_fixed_batch(config, patches):
     torch.manual_seed(0)
     settings = config.classifier
     model = build_classifier(settings, 3, patches.spec).train()
-    optimizer = build_optimizer(model, settings)
+    optimizer = build_classifier_optimizer(model, settings)
     generator = torch.Generator().manual_seed(0)
     chosen = [0, 5, 10, 15, 20, 25, 30, 35]
     x = model.normalise(torch.stack([fit_to_size(patches.image(i), 64, generator)

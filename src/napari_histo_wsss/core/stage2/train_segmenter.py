@@ -111,8 +111,8 @@ class SegmenterTrainer(EpochTrainer):
         torch.manual_seed(config.seed)
         self.model = build_segmenter(settings, self.spec.num_classes).to(device)
         self.side = input_side(settings.input_size, patches, self.model.input_multiple)
-        self.mean, self.std = input_statistics(settings.normalise, patches)
-        optimizer = build_optimizer(self.model, settings)
+        self.mean, self.std = measured_input_statistics(settings.normalise, patches)
+        optimizer = build_segmenter_optimizer(self.model, settings)
         self.state = TrainingState()
         if self.last_path.is_file():
             payload = load_checkpoint(self.last_path, kind=SEGMENTER_KIND)
@@ -271,7 +271,7 @@ def input_side(input_size: int | None, patches: PatchSet, multiple: int) -> int:
     return max(multiple, input_size // multiple * multiple)
 
 
-def input_statistics(mode: str, patches: PatchSet) -> tuple[tuple, tuple]:
+def measured_input_statistics(mode: str, patches: PatchSet) -> tuple[tuple, tuple]:
     """(mean, std) on the 0-255 scale; ``dataset`` statistics are measured on the training
     patches when the dataset description has none (the published ones otherwise)."""
     from ..models.classifier import input_statistics as known_statistics
@@ -391,7 +391,7 @@ def photometric_distortion(image: np.ndarray, rng: np.random.Generator) -> np.nd
 # Optimisation and outputs
 
 
-def build_optimizer(model: Segmenter, settings: SegmenterConfig) -> torch.optim.Optimizer:
+def build_segmenter_optimizer(model: Segmenter, settings: SegmenterConfig) -> torch.optim.Optimizer:
     """Encoder at ``lr``, decoder and heads at ``lr * head_lr_mult`` (MLPS: 10x)."""
     encoder, heads = model.parameter_groups()
     groups = [{"params": encoder, "base_lr": settings.lr},
