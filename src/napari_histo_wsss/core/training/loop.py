@@ -10,7 +10,8 @@ does the rest the same way for every trainer:
   ``model.pt`` is always usable), then ``Done(stopped=True)``;
 - after each epoch ``last.pt`` is saved, ``model.pt`` when the trainer keeps the epoch;
 - it yields Started, Batch, Epoch, CheckpointSaved and Done; under torchrun only rank 0 writes
-  files and yields events (the other ranks yield only the final ``Done``).
+  files and yields events (the other ranks yield only the final ``Done``, which names the
+  same ``model.pt``).
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ def run_epochs(trainer: EpochTrainer, stop: StopToken) -> Generator[Event, None,
         state.seconds += time.perf_counter() - started
         yield from events(*_end_epoch(trainer, epoch, lr, main))
     if trainer.done_stage is not None and trainer.final:
-        result = None
+        result = trainer.model_path
         if main:
             if trainer.model_path is not None and not trainer.model_path.is_file():
                 trainer.save(trainer.model_path, with_optimizer=False)  # resumed when done
@@ -159,7 +160,7 @@ def _stopped(trainer: EpochTrainer, epoch: int, main: bool) -> Generator[Event, 
             trainer.save(trainer.model_path, with_optimizer=False, stopped=True)
         yield CheckpointSaved(trainer.stage, trainer.last_path, epoch)
     if trainer.done_stage is not None:
-        yield Done(trainer.done_stage, trainer.model_path if main else None, stopped=True)
+        yield Done(trainer.done_stage, trainer.model_path, stopped=True)
 
 
 def _main_events(*events: Event) -> Generator[Event, None, None]:
