@@ -131,6 +131,29 @@ def test_stop_then_resume_ends_with_the_uninterrupted_weights(tmp_path, config, 
     assert all(torch.equal(reference[k], resumed[k]) for k in reference)
 
 
+def test_a_checkpoint_written_before_training_state_resumes_bit_identically(
+        tmp_path, config, patches, finished):
+    """last.pt as the trainer wrote it before TrainingState: running sums, epoch_losses and
+    optimiser groups with ``initial_lr``."""
+    run, _ = _train(tmp_path / "old", config, patches, stop_after=3)
+    path = run.classifier_dir / "last.pt"
+    payload = torch.load(path, weights_only=True)
+    new = payload["training"]
+    payload["training"] = {
+        "step": new["step"], "epoch_losses": [], "running_loss": new["loss_sum"],
+        "running_batches": new["batch"], "seconds": new["seconds"],
+        **{key: new[key] for key in ("total_steps", "steps_per_epoch", "batch_size",
+                                     "input_size", "seed", "finished", "stopped")}}
+    for group in payload["optimizer_state"]["param_groups"]:
+        group["initial_lr"] = group.pop("base_lr")
+    torch.save(payload, path)
+
+    run, events = _train(tmp_path / "old", config, patches)
+    assert [(e.epoch, e.index) for e in events if isinstance(e, Batch)][0] == (0, 3)
+    reference, resumed = _state(finished[0]), _state(run)
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+
+
 def test_same_seed_same_weights_other_seed_other_weights(tmp_path, config, patches, finished):
     reference = _state(finished[0])
     again = _state(_train(tmp_path / "c", config, patches)[0])
