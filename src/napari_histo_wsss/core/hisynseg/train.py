@@ -503,7 +503,7 @@ def _same_shape_batches(patches: PatchSet, batch_size: int) -> list[list[int]]:
 
 
 def hisynseg_augment(image: np.ndarray, mask: np.ndarray | None, side: int,
-            rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
+                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
     """HisynSeg's training augmentation at ``side`` x ``side``: a random resized crop of 90-100 %
     of the area, H and V flips and a shift-scale-rotate (p 0.5 each), the same on the mask.
     The released OpticalDistortion (p 0.5, a mild barrel warp) is left out."""

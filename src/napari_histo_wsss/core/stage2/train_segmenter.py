@@ -272,8 +272,9 @@ def input_side(input_size: int | None, patches: PatchSet, multiple: int) -> int:
 
 
 def measured_input_statistics(mode: str, patches: PatchSet) -> tuple[tuple, tuple]:
-    """(mean, std) on the 0-255 scale; ``dataset`` statistics are measured on the training
-    patches when the dataset description has none (the published ones otherwise)."""
+    """(mean, std) on the 0-255 scale; unlike ``models.classifier.input_statistics`` (the
+    published figures only), ``dataset`` statistics are measured on the training patches when
+    the dataset description has none."""
     from ..models.classifier import input_statistics as known_statistics
 
     spec = patches.spec
