@@ -9,9 +9,9 @@ does the rest the same way for every trainer:
 - a stop request is honoured before the next batch: ``last.pt`` saves the position (and
   ``model.pt`` is always usable), then ``Done(stopped=True)``;
 - after each epoch ``last.pt`` is saved, ``model.pt`` when the trainer keeps the epoch;
-- it yields Started, Batch, Epoch, CheckpointSaved and Done; under torchrun only rank 0 writes
-  files and yields events (the other ranks yield only the final ``Done``, which names the
-  same ``model.pt``).
+- it yields Started, Batch, Epoch, CheckpointSaved and Done. Under torchrun losses are averaged
+  over the ranks and only rank 0 writes files and yields events (the other ranks yield only
+  the final ``Done``, which names the same ``model.pt``).
 """
 
 from __future__ import annotations
@@ -115,7 +115,8 @@ def run_epochs(trainer: EpochTrainer, stop: StopToken) -> Generator[Event, None,
                 loss, parts = trainer.step(trainer.stepper.model, epoch, index)
             value = distributed.mean_over_ranks(
                 trainer.stepper.step(loss, where=f"at epoch {epoch + 1}"))
-            state.add_batch(value, parts)
+            state.add_batch(value, {name: distributed.mean_over_ranks(part)
+                                    for name, part in parts.items()})
             yield from events(Batch(trainer.stage, epoch, index, trainer.batches_per_epoch,
                                     value))
         state.seconds += time.perf_counter() - started
