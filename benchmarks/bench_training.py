@@ -32,29 +32,25 @@ import torch
 from napari_histo_wsss.core.config.presets import preset
 from napari_histo_wsss.core.config.run_config import RunConfig
 from napari_histo_wsss.core.data.datasets import PatchSet, find_dataset, write_palette_mask
-from napari_histo_wsss.core.devices import autocast_dtype, resolve_device
+from napari_histo_wsss.core.devices import resolve_device
 from napari_histo_wsss.core.events import Batch, Event
 from napari_histo_wsss.core.models.classifier import build_classifier
 from napari_histo_wsss.core.models.segmenter import build_segmenter, normalise
 from napari_histo_wsss.core.runs.run_dir import RunDirectory
 from napari_histo_wsss.core.stage1.train_classifier import (
-    build_optimizer as classifier_optimizer,
-)
-from napari_histo_wsss.core.stage1.train_classifier import (
+    build_classifier_optimizer,
     classification_loss,
     train_classifier,
     training_size,
 )
 from napari_histo_wsss.core.stage2.losses import LossContext, LossTargets, build_loss
 from napari_histo_wsss.core.stage2.train_segmenter import (
-    build_optimizer as segmenter_optimizer,
-)
-from napari_histo_wsss.core.stage2.train_segmenter import (
+    build_segmenter_optimizer,
     input_side,
-    input_statistics,
+    measured_input_statistics,
     train_segmenter,
-    train_step,
 )
+from napari_histo_wsss.core.training.stepper import Stepper, channels_last
 
 SAMPLE = Path(__file__).resolve().parents[1] / "src" / "napari_histo_wsss" / "sample_data" / \
     "wsss4luad"
@@ -119,23 +115,17 @@ def classifier_figures(patches: PatchSet, config: RunConfig, device: torch.devic
 
     torch.manual_seed(0)
     model = build_classifier(settings, patches.spec.num_classes, patches.spec).to(device).train()
-    optimizer = classifier_optimizer(model, settings)
+    stepper = Stepper(model, build_classifier_optimizer(model, settings), device,
+                      "classification")
     size = training_size(settings, [patches.image(i).shape for i in range(len(patches))])
-    x = model.normalise(torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8,
-                                      device=device))
-    x = x.contiguous(memory_format=torch.channels_last)  # as the trainer feeds it
+    x = channels_last(model.normalise(torch.randint(  # as the trainer feeds it
+        0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)))
     labels = torch.from_numpy(patches.labels[:batch].astype(np.float32)).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    amp_dtype = autocast_dtype(device)
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            output = model(x, epoch=epoch)
-        loss = classification_loss(output, labels, settings)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        with stepper.autocast():
+            loss = classification_loss(stepper.model(x, epoch=epoch), labels, settings)
+        stepper.step(loss, "in the benchmark")
 
     pure = pure_step_seconds(step, args.steps, args.warmup, device)
     return summarise("classifier", f"{settings.backbone} {'+'.join(settings.train_modules)}",
@@ -161,23 +151,24 @@ def segmenter_figures(patches: PatchSet, config: RunConfig, device: torch.device
 
     torch.manual_seed(0)
     model = build_segmenter(settings, patches.spec.num_classes).to(device).train()
-    optimizer = segmenter_optimizer(model, settings)
+    loss_fn = build_loss(settings)
+    stepper = Stepper(model, build_segmenter_optimizer(model, settings), device, loss_fn.name)
     side = input_side(settings.input_size, patches, model.input_multiple)
     # Built as the trainer builds it: NHWC uint8 permuted, so channels-last in memory.
     x = normalise(torch.randint(0, 256, (batch, side, side, 3), dtype=torch.uint8,
-                                device=device), *input_statistics(settings.normalise, patches))
+                                device=device),
+                  *measured_input_statistics(settings.normalise, patches))
     masks = [torch.randint(0, patches.spec.num_classes, (batch, side, side), device=device)
              for _ in settings.targets]
     targets = LossTargets(masks, torch.from_numpy(
         patches.labels[:batch].astype(np.float32)).to(device))
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    loss_fn = build_loss(settings)
-    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(device) == torch.float16)
     context = LossContext(patches.spec.num_classes, total_epochs=settings.epochs)
 
     def step() -> None:
-        train_step(model, loss_fn, optimizer, scaler, x, targets, context)
+        with stepper.autocast():
+            passes = [stepper.model(x) for _ in range(loss_fn.num_passes)]
+            loss = loss_fn(passes, targets, context).loss
+        stepper.step(loss, "in the benchmark")
 
     pure = pure_step_seconds(step, args.steps, args.warmup, device)
     return summarise("segmenter", f"{settings.arch} {settings.encoder} ({settings.loss})",

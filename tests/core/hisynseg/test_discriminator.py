@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from napari_histo_wsss.core.data.datasets import find_dataset
-from napari_histo_wsss.core.events import Epoch, Message, StopToken
+from napari_histo_wsss.core.events import Batch, Epoch, Message, StopToken
 from napari_histo_wsss.core.hisynseg.discriminator import (
     filter_synthetic,
     record_filter_outcome,
@@ -47,9 +47,11 @@ def trained(sample_dataset_dir):
 def test_discriminator_trains_and_keeps_its_best_epoch(trained):
     _, discriminator, figures, events = trained
     epochs = [e for e in events if isinstance(e, Epoch)]
-    assert len(epochs) == 3
+    assert [e.epoch for e in epochs] == [0, 1, 2]  # counted from 0, like every other trainer
+    assert {e.epoch for e in events if isinstance(e, Batch)} == {0, 1, 2}
     best = max(e.metrics["val_accuracy"] for e in epochs)
     assert figures["val_accuracy"] == pytest.approx(best)
+    assert 1 <= figures["best_epoch"] <= 3  # the run's metrics count best epochs from 1
     assert figures["train_real"] + figures["val_real"] == 14  # the 14 [1, 1, 0] patches
     scores = discriminator.p_real(np.zeros((2, SIZE, SIZE, 3), dtype=np.uint8))
     assert scores.shape == (2,) and ((scores >= 0) & (scores <= 1)).all()

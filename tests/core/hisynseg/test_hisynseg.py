@@ -13,7 +13,7 @@ from napari_histo_wsss.core.config.presets import preset
 from napari_histo_wsss.core.data.datasets import EvalSet, find_dataset, read_mask
 from napari_histo_wsss.core.events import Batch, Done, Message, Started, StopToken
 from napari_histo_wsss.core.hisynseg.synthesis import SyntheticPool
-from napari_histo_wsss.core.hisynseg.train import augment, train_hisynseg
+from napari_histo_wsss.core.hisynseg.train import hisynseg_augment, train_hisynseg
 from napari_histo_wsss.core.inference.predict import load_predictor, predict_image
 from napari_histo_wsss.core.runs.run_dir import RunDirectory
 
@@ -43,13 +43,13 @@ def tiny_config(layout, patches):
     return config
 
 
-def test_augment_moves_mask_with_image():
+def test_hisynseg_augment_moves_mask_with_image():
     rng = np.random.default_rng(0)
     image = np.zeros((80, 80, 3), dtype=np.uint8)
     image[:, 40:] = 200
     mask = (image[..., 0] > 0).astype(np.uint8)
     for _ in range(5):
-        out_image, out_mask = augment(image, mask, 48, rng)
+        out_image, out_mask = hisynseg_augment(image, mask, 48, rng)
         assert out_image.shape == (48, 48, 3) and out_mask.shape == (48, 48)
         agree = (out_image[..., 0] > 100) == (out_mask == 1)
         assert agree.mean() > 0.97  # only bilinear border pixels may differ

@@ -25,7 +25,7 @@ from napari_histo_wsss.core.models.classifier import build_classifier, load_clas
 from napari_histo_wsss.core.runs.checkpoints import load_checkpoint
 from napari_histo_wsss.core.runs.run_dir import LossLog, RunDirectory
 from napari_histo_wsss.core.stage1.train_classifier import (
-    build_optimizer,
+    build_classifier_optimizer,
     classification_loss,
     fit_to_size,
     train_classifier,
@@ -77,7 +77,7 @@ def test_loss_decreases_on_a_fixed_batch(config, patches):
     torch.manual_seed(0)
     settings = config.classifier
     model = build_classifier(settings, 3, patches.spec).train()
-    optimizer = build_optimizer(model, settings)
+    optimizer = build_classifier_optimizer(model, settings)
     generator = torch.Generator().manual_seed(0)
     chosen = [0, 5, 10, 15, 20, 25, 30, 35]
     x = model.normalise(torch.stack([fit_to_size(patches.image(i), 64, generator)
@@ -128,6 +128,29 @@ def test_stop_then_resume_ends_with_the_uninterrupted_weights(tmp_path, config, 
     assert run.is_complete("classifier")
     reference = _state(finished[0])
     resumed = _state(run)
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+
+
+def test_a_checkpoint_written_before_training_state_resumes_bit_identically(
+        tmp_path, config, patches, finished):
+    """last.pt as the trainer wrote it before TrainingState: running sums, epoch_losses and
+    optimiser groups with ``initial_lr``."""
+    run, _ = _train(tmp_path / "old", config, patches, stop_after=3)
+    path = run.classifier_dir / "last.pt"
+    payload = torch.load(path, weights_only=True)
+    new = payload["training"]
+    payload["training"] = {
+        "step": new["step"], "epoch_losses": [], "running_loss": new["loss_sum"],
+        "running_batches": new["batch"], "seconds": new["seconds"],
+        **{key: new[key] for key in ("total_steps", "steps_per_epoch", "batch_size",
+                                     "input_size", "seed", "finished", "stopped")}}
+    for group in payload["optimizer_state"]["param_groups"]:
+        group["initial_lr"] = group.pop("base_lr")
+    torch.save(payload, path)
+
+    run, events = _train(tmp_path / "old", config, patches)
+    assert [(e.epoch, e.index) for e in events if isinstance(e, Batch)][0] == (0, 3)
+    reference, resumed = _state(finished[0]), _state(run)
     assert all(torch.equal(reference[k], resumed[k]) for k in reference)
 
 

@@ -26,11 +26,11 @@ from napari_histo_wsss.core.runs.run_dir import RunDirectory
 from napari_histo_wsss.core.stage2.losses import IGNORE_INDEX
 from napari_histo_wsss.core.stage2.train_segmenter import (
     augment_sample,
-    epoch_order,
     input_side,
-    input_statistics,
+    measured_input_statistics,
     train_segmenter,
 )
+from napari_histo_wsss.core.training.sampling import epoch_order
 
 TARGETS = ("final", "layer-1", "layer-2", "layer-3")
 
@@ -207,9 +207,10 @@ def test_input_side_and_measured_statistics(patches):
     assert input_side(None, patches, 32) == 160
     assert input_side(224, patches, 16) == 224
     assert input_side(100, patches, 32) == 96
-    mean, std = input_statistics("dataset", patches)  # WSSS4LUAD publishes none
+    mean, std = measured_input_statistics("dataset", patches)  # WSSS4LUAD publishes none
     assert all(100 < m < 250 for m in mean) and all(10 < s < 100 for s in std)
-    assert input_statistics("divide255", patches) == ((0.0, 0.0, 0.0), (255.0, 255.0, 255.0))
+    known = measured_input_statistics("divide255", patches)
+    assert known == ((0.0, 0.0, 0.0), (255.0, 255.0, 255.0))
 
 
 def test_balanced_sampling_draws_rare_class_patches_as_often_as_common_ones():

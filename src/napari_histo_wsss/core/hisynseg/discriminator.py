@@ -29,7 +29,10 @@ from torch import nn
 from ..data.classes import DatasetSpec
 from ..data.datasets import write_palette_mask
 from ..errors import ConfigError
-from ..events import Batch, Epoch, Event, Message, Started, StopToken
+from ..events import Batch, Event, Message, Started, StopToken
+from ..training.loop import EpochResult, EpochTrainer, run_epochs
+from ..training.state import TrainingState
+from ..training.stepper import Stepper
 from .synthesis import Synthesizer, SyntheticPool
 
 #: Synthetic draws allowed per wanted image before the filter gives up on the target.
@@ -106,48 +109,61 @@ def train_discriminator(
     fake = _uint8_batch(synthetic.images, size)
     (real_train, real_val), (fake_train, fake_val) = (
         _split(len(real), rng), _split(len(fake), rng))
-    train_x = torch.cat([real[real_train], fake[fake_train]])
-    train_y = torch.cat([torch.ones(len(real_train)), torch.zeros(len(fake_train))]).long()
-    val_x = torch.cat([real[real_val], fake[fake_val]])
-    val_y = torch.cat([torch.ones(len(real_val)), torch.zeros(len(fake_val))]).long()
+    train = (torch.cat([real[real_train], fake[fake_train]]),
+             torch.cat([torch.ones(len(real_train)), torch.zeros(len(fake_train))]).long())
+    val = (torch.cat([real[real_val], fake[fake_val]]),
+           torch.cat([torch.ones(len(real_val)), torch.zeros(len(fake_val))]).long())
 
     torch.manual_seed(int(rng.integers(2**31)))
     model = build_discriminator(arch).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    batches = max(1, -(-len(train_x) // batch_size))
-    yield Started(stage, epochs, batches)
-    best = {"val_accuracy": -1.0, "epoch": 0, "state": copy.deepcopy(model.state_dict())}
-    for epoch in range(1, epochs + 1):
-        model.train()
-        order = torch.from_numpy(rng.permutation(len(train_x)))
-        losses = []
-        for index in range(batches):
-            if stop.requested:
-                break
-            chosen = order[index * batch_size:(index + 1) * batch_size]
-            images = _normalised(_random_flips(train_x[chosen], rng), device)
-            loss = F.cross_entropy(model(images), train_y[chosen].to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            yield Batch(stage, epoch, index, batches, loss.item())
-        if not losses:
-            break
-        accuracy = _accuracy(model, val_x, val_y, device, batch_size)
-        if accuracy > best["val_accuracy"]:
-            best = {"val_accuracy": accuracy, "epoch": epoch,
-                    "state": copy.deepcopy(model.state_dict())}
-        yield Epoch(stage, epoch, float(np.mean(losses)),
-                    metrics={"val_accuracy": accuracy})
-        if stop.requested:
-            break
-    model.load_state_dict(best["state"])
-    figures = {"arch": arch, "epochs": epochs, "best_epoch": best["epoch"],
-               "val_accuracy": best["val_accuracy"], "train_real": len(real_train),
+    trainer = _DiscriminatorTrainer(model, torch.optim.Adam(model.parameters(), lr=lr), train,
+                                    val, epochs=epochs, batch_size=batch_size, device=device,
+                                    rng=rng, stage=stage)
+    yield from run_epochs(trainer, stop)
+    model.load_state_dict(trainer.best["state"])
+    figures = {"arch": arch, "epochs": epochs, "best_epoch": trainer.best["epoch"],
+               "val_accuracy": trainer.best["val_accuracy"], "train_real": len(real_train),
                "train_synthetic": len(fake_train), "val_real": len(real_val),
                "val_synthetic": len(fake_val)}
     return Discriminator(model, size, device), figures
+
+
+class _DiscriminatorTrainer(EpochTrainer):
+    """The filter's parts of the training loop: flipped batches, cross-entropy, the epoch with
+    the best validation accuracy kept in memory (nothing is saved: a stop keeps the best)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, train, val, *,
+                 epochs: int, batch_size: int, device: torch.device,
+                 rng: np.random.Generator, stage: str):
+        self.model, self.train_set, self.val_set = model, train, val
+        self.batch_size, self.device, self.rng, self.stage = batch_size, device, rng, stage
+        self.epochs = epochs
+        self.batches_per_epoch = max(1, -(-len(train[0]) // batch_size))
+        self.state = TrainingState()
+        self.stepper = Stepper(model, optimizer, device, "discriminator")
+        #: Epochs count from 1 here, like ``best_epoch`` in the run's metrics.
+        self.best = {"val_accuracy": -1.0, "epoch": 0,
+                     "state": copy.deepcopy(model.state_dict())}
+
+    def begin_epoch(self, epoch: int, first_batch: int) -> None:
+        self.order = torch.from_numpy(self.rng.permutation(len(self.train_set[0])))
+
+    def set_lr(self, epoch: int, index: int) -> float:
+        return self.stepper.optimizer.param_groups[0]["lr"]
+
+    def step(self, model, epoch: int, index: int) -> tuple[torch.Tensor, dict[str, float]]:
+        images, labels = self.train_set
+        chosen = self.order[index * self.batch_size:(index + 1) * self.batch_size]
+        x = _normalised(_random_flips(images[chosen], self.rng), self.device)
+        return F.cross_entropy(model(x), labels[chosen].to(self.device)), {}
+
+    def end_epoch(self, epoch: int, train_loss: float, parts: dict[str, float],
+                  lr: float) -> EpochResult:
+        accuracy = _accuracy(self.model, *self.val_set, self.device, self.batch_size)
+        if accuracy > self.best["val_accuracy"]:
+            self.best = {"val_accuracy": accuracy, "epoch": epoch + 1,
+                         "state": copy.deepcopy(self.model.state_dict())}
+        return EpochResult({"val_accuracy": accuracy}, keep=False)
 
 
 def _split(count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

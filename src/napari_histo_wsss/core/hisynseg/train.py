@@ -21,8 +21,7 @@ lr as released; the run's ``segmenter`` settings (epochs per round, batch size) 
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Generator
+from collections.abc import Generator
 from pathlib import Path
 
 import numpy as np
@@ -31,19 +30,9 @@ from PIL import Image
 
 from ..config.run_config import HisynSegConfig, RunConfig
 from ..data.datasets import EvalSet, PatchSet, write_palette_mask
-from ..devices import autocast_dtype, resolve_device
+from ..devices import resolve_device
 from ..errors import ConfigError, DatasetError
-from ..events import (
-    Batch,
-    CheckpointSaved,
-    Done,
-    Epoch,
-    Event,
-    Message,
-    Preview,
-    Started,
-    StopToken,
-)
+from ..events import Batch, Done, Event, Message, Preview, Started, StopToken
 from ..inference.predict import SegmentationPredictor, evaluate
 from ..models.segmenter import (
     SEGMENTER_KIND,
@@ -53,7 +42,7 @@ from ..models.segmenter import (
     load_segmenter,
     normalise,
 )
-from ..runs.checkpoints import save_checkpoint
+from ..runs.checkpoints import load_checkpoint, save_checkpoint
 from ..runs.run_dir import LossLog, RunDirectory
 from ..stage1.pseudo_masks import white_background
 from ..stage2.losses import (
@@ -64,14 +53,19 @@ from ..stage2.losses import (
     image_classification_loss,
 )
 from ..stage2.train_segmenter import (
-    build_optimizer,
+    RESUME_MISMATCH,
+    build_segmenter_optimizer,
     input_side,
-    input_statistics,
+    measured_input_statistics,
     read_pseudo_masks,
-    resume_training,
-    set_lr,
     write_metrics,
 )
+from ..training import distributed
+from ..training.loop import EpochResult, EpochTrainer, run_epochs
+from ..training.resume import resume_state
+from ..training.schedules import set_lr
+from ..training.state import TrainingState
+from ..training.stepper import Stepper, channels_last
 from .discriminator import (
     FilterReport,
     filter_synthetic,
@@ -115,6 +109,9 @@ def train_hisynseg(
 
     With ``val`` every epoch is scored and the best mIoU over both rounds is kept.
     """
+    if distributed.launched_by_torchrun():
+        raise ConfigError("HisynSeg does not run under torchrun (its synthesis and pseudo-masks "
+                          "are single-process): train it without torchrun")
     job = _HisynSegJob(run, config, patches, device, stop or StopToken(), resume, val)
     yield from job.run()
 
@@ -135,13 +132,50 @@ class _HisynSegJob:
         self.last_path = self.folder / "last.pt"
         self.model_path = self.folder / "model.pt"
         self.round1_path = self.folder / "round1.pt"
-        self.state = {"round": 1, "epoch": 0, "batch": 0, "step": 0, "loss_sum": 0.0,
-                      "parts_sum": {}, "best_miou": None, "best_round": None,
-                      "best_epoch": None, "round1_best_miou": None, "history": [],
-                      "seconds": 0.0}
+        self.state = TrainingState(extra={"round": 1, "best_round": None,
+                                          "round1_best_miou": None})
 
     # -- the job ----------------------------------------------------------------------------------
     def run(self) -> Generator[Event, None, None]:
+        self.prepare()
+        model = self.fresh_model()
+        self.side = input_side(self.settings.input_size, self.patches, model.input_multiple)
+        self.mean, self.std = measured_input_statistics(self.settings.normalise, self.patches)
+        self.batch_size = min(self.settings.batch_size, len(self.patches))
+        if self.batch_size < 2:
+            raise ConfigError("the segmenter batch size must be at least 2 (BatchNorm)")
+        self.loss_fn = build_loss(self.settings)
+        self.log = LossLog(self.folder / "losses.csv",
+                           ["round", "epoch", "step", "train_loss", *_PART_NAMES, "lr",
+                            "val_miou", "val_fwiou", "val_dice", "seconds"])
+        synthesizer = Synthesizer(self.patches, self.side, BlobShape(
+            self.recipe.bezier_points, self.recipe.bezier_rad, self.recipe.bezier_edgy))
+        synthetic = yield from self.synthesis(synthesizer)
+        if synthetic is None:
+            yield Done(STAGE, None, stopped=True)
+            return
+
+        optimizer = build_segmenter_optimizer(model, self.settings)
+        if self.last_path.is_file():
+            payload = load_checkpoint(self.last_path, kind=SEGMENTER_KIND)
+            self.state = resume_state(payload, self.last_path, model, optimizer,
+                                      RESUME_MISMATCH)
+        if self.state.extra["round"] == 1:
+            round_one = _RoundOne(self, model, optimizer, synthetic)
+            if not (yield from run_epochs(round_one, self.stop)) or round_one.final:
+                return
+            if (yield from self.pseudo_masks(synthesizer)) is None:
+                yield Done(STAGE, self.model_path, stopped=True)
+                return
+            self.state.epoch, self.state.batch = 0, 0
+            self.state.extra["round"] = 2
+            model = self.fresh_model()
+            optimizer = build_segmenter_optimizer(model, self.settings)
+        masks = read_pseudo_masks(self.run_dir, [PSEUDO_MASKS], self.patches)[0]
+        yield from run_epochs(_RoundTwo(self, model, optimizer, synthetic, masks), self.stop)
+
+    def prepare(self) -> None:
+        """Check the recipe, decode the patches, forget earlier outputs unless resuming."""
         if not self.settings.cam_head:
             raise ConfigError("HisynSeg needs the segmenter's CAM head: set segmenter.cam_head")
         if len(self.patches) < 2:
@@ -156,71 +190,27 @@ class _HisynSegJob:
                 path.unlink(missing_ok=True)
         self.run_dir.mark_incomplete(STAGE)
 
-        model = self.fresh_model()
-        self.side = input_side(self.settings.input_size, self.patches, model.input_multiple)
-        self.mean, self.std = input_statistics(self.settings.normalise, self.patches)
-        self.batch_size = min(self.settings.batch_size, len(self.patches))
-        if self.batch_size < 2:
-            raise ConfigError("the segmenter batch size must be at least 2 (BatchNorm)")
-        self.loss_fn = build_loss(self.settings)
-        self.log = LossLog(self.folder / "losses.csv",
-                           ["round", "epoch", "step", "train_loss", *_PART_NAMES, "lr",
-                            "val_miou", "val_fwiou", "val_dice", "seconds"])
+    def fresh_model(self) -> Segmenter:
+        """A segmenter from ImageNet weights, seeded per round (round 2 starts afresh)."""
+        torch.manual_seed(self.config.seed + 1000 * (self.state.extra["round"] - 1))
+        return build_segmenter(self.settings, self.spec.num_classes).to(self.device)
 
-        synthesizer = Synthesizer(self.patches, self.side, BlobShape(
-            self.recipe.bezier_points, self.recipe.bezier_rad, self.recipe.bezier_edgy))
+    def synthesis(self, synthesizer: Synthesizer
+                  ) -> Generator[Event, None, SyntheticPool | None]:
+        """Both types' filtered images in one pool; None when stopped."""
         update_synthesis_record(self.synthesis_dir, "single_label_sources", {
             name: len(synthesizer.sources.get(c, []))
             for c, name in enumerate(self.spec.class_names)})
         missing = synthesizer.missing_classes_message()
         if missing:
             yield Message(STAGE, missing)
-        pools = {}
+        pools = []
         for kind in SYNTHESIS_TYPES:
-            pools[kind] = yield from self.synthetic_pool(synthesizer, kind)
+            pools.append((yield from self.synthetic_pool(synthesizer, kind)))
             if self.stop.requested:
-                yield Done(STAGE, None, stopped=True)
-                return
-        synthetic = SyntheticPool(np.concatenate([p.images for p in pools.values()]),
-                                  np.concatenate([p.masks for p in pools.values()]))
-
-        optimizer = build_optimizer(model, self.settings)
-        if self.last_path.is_file():
-            self.state = resume_training(self.last_path, model, optimizer)
-        if self.state["round"] == 1:
-            finished = yield from self.train_round(1, model, optimizer,
-                                                   self.round_one_steps(synthetic))
-            if not finished:
-                yield Done(STAGE, self.model_path, stopped=True)
-                return
-            if self.recipe.self_training:
-                masks = yield from self.pseudo_masks(synthesizer)
-                if masks is None:
-                    yield Done(STAGE, self.model_path, stopped=True)
-                    return
-                self.state.update(round=2, epoch=0, batch=0, loss_sum=0.0, parts_sum={})
-                model = self.fresh_model()
-                optimizer = build_optimizer(model, self.settings)
-        if self.state["round"] == 2:
-            masks = read_pseudo_masks(self.run_dir, [PSEUDO_MASKS], self.patches)[0]
-            finished = yield from self.train_round(2, model, optimizer,
-                                                   self.round_two_steps(synthetic, masks))
-            if not finished:
-                yield Done(STAGE, self.model_path, stopped=True)
-                return
-
-        if not self.model_path.is_file():  # resumed a run that had already finished
-            self.save(self.model_path, model, None)
-        self.run_dir.mark_complete(STAGE, rounds=self.state["round"],
-                                   best_round=self.state["best_round"],
-                                   best_epoch=self.state["best_epoch"],
-                                   best_val_miou=self.state["best_miou"])
-        yield Done(STAGE, self.model_path)
-
-    def fresh_model(self) -> Segmenter:
-        """A segmenter from ImageNet weights, seeded per round (round 2 starts afresh)."""
-        torch.manual_seed(self.config.seed + 1000 * (self.state["round"] - 1))
-        return build_segmenter(self.settings, self.spec.num_classes).to(self.device)
+                return None
+        return SyntheticPool(np.concatenate([p.images for p in pools]),
+                             np.concatenate([p.masks for p in pools]))
 
     # -- 1. synthesis and filter ------------------------------------------------------------------
     def synthetic_pool(self, synthesizer: Synthesizer,
@@ -267,173 +257,6 @@ class _HisynSegJob:
         yield Preview(stage, f"synthetic_{kind}", {"image": pool.images[0],
                                                    "mask": pool.masks[0]})
         return pool
-
-    # -- 2 and 4. training rounds -----------------------------------------------------------------
-    def round_one_steps(self, synthetic: SyntheticPool) -> tuple[int, Callable]:
-        """(steps per epoch, step function): a synthetic and a real batch per step; an epoch
-        is one pass over the longer of the two sets, the shorter one cycles."""
-        real_count, size = len(self.patches), self.batch_size
-        steps = max(real_count, len(synthetic)) // size
-        context = LossContext(self.spec.num_classes, total_epochs=self.settings.epochs)
-
-        def step(model, epoch, index, rng):
-            orders = _epoch_orders(self.config.seed, 1, epoch, steps * size,
-                                   len(synthetic), real_count)
-            chosen_synthetic = orders[0][index * size:(index + 1) * size]
-            chosen_real = orders[1][index * size:(index + 1) * size]
-            pairs = [augment(synthetic.images[j], synthetic.masks[j], self.side, rng)
-                     for j in chosen_synthetic]
-            real = [augment(self.patches.image(i), None, self.side, rng)[0]
-                    for i in chosen_real]
-            output = self.forward(model, [image for image, _ in pairs] + real)
-            count = len(pairs)
-            masks = np.stack([mask for _, mask in pairs])
-            supervised = self.loss_fn(
-                [SegmenterOutput(output.logits[:count], cam=output.cam[:count])],
-                self.targets(masks, [mask_labels(m, self.spec.num_classes) for m in masks]),
-                context)
-            labels = torch.from_numpy(self.patches.labels[chosen_real]).to(self.device)
-            bce_real = image_classification_loss(output.image_logits[count:], labels)
-            consistency = consistency_loss(output.logits[count:], output.cam[count:])
-            loss = supervised.loss + bce_real + self.recipe.consistency_weight * consistency
-            return loss, {**supervised.parts, "bce_real": float(bce_real.detach()),
-                          "consistency": float(consistency.detach())}
-
-        return steps, step
-
-    def round_two_steps(self, synthetic: SyntheticPool,
-                        pseudo_masks: list[np.ndarray]) -> tuple[int, Callable]:
-        """(steps per epoch, step function): batches drawn from the real patches with their
-        pseudo-masks and the synthetic images together; Dice + BCE only."""
-        real_count, size = len(self.patches), self.batch_size
-        steps = (real_count + len(synthetic)) // size
-        context = LossContext(self.spec.num_classes, total_epochs=self.settings.epochs)
-
-        def step(model, epoch, index, rng):
-            order = _epoch_orders(self.config.seed, 2, epoch, steps * size,
-                                  real_count + len(synthetic))[0]
-            images, masks, labels = [], [], []
-            for item in order[index * size:(index + 1) * size]:
-                if item < real_count:
-                    image, mask = augment(self.patches.image(item), pseudo_masks[item],
-                                          self.side, rng)
-                    label = self.patches.labels[item]
-                else:
-                    image, mask = augment(synthetic.images[item - real_count],
-                                          synthetic.masks[item - real_count], self.side, rng)
-                    label = mask_labels(mask, self.spec.num_classes)
-                images.append(image)
-                masks.append(mask)
-                labels.append(label)
-            output = self.forward(model, images)
-            result = self.loss_fn([output], self.targets(np.stack(masks), labels), context)
-            return result.loss, result.parts
-
-        return steps, step
-
-    def forward(self, model: Segmenter, images: list[np.ndarray]) -> SegmenterOutput:
-        x = normalise(torch.from_numpy(np.stack(images)).to(self.device), self.mean, self.std)
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        dtype = autocast_dtype(self.device)
-        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-            return model(x)
-
-    def targets(self, masks: np.ndarray, labels) -> LossTargets:
-        return LossTargets([torch.from_numpy(masks).to(self.device, torch.int64)],
-                           torch.from_numpy(np.stack(labels)).to(self.device, torch.float32))
-
-    def train_round(self, round_number: int, model: Segmenter, optimizer,
-                    steps_and_step: tuple[int, Callable]) -> Generator[Event, None, bool]:
-        """The round's remaining epochs from the saved position; False when stopped."""
-        steps, step = steps_and_step
-        if steps < 1:
-            raise ConfigError(f"batch size {self.batch_size} exceeds the training set")
-        stage = f"hisynseg:round-{round_number}"
-        epochs = self.settings.epochs
-        amp_dtype = autocast_dtype(self.device)
-        scaler = torch.amp.GradScaler(self.device.type, enabled=amp_dtype == torch.float16)
-        if self.device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
-        yield Started(stage, total_epochs=epochs, batches_per_epoch=steps)
-        state = self.state
-        for epoch in range(state["epoch"], epochs):
-            model.train()
-            started = time.perf_counter()
-            rng = np.random.default_rng([self.config.seed, round_number, epoch, state["batch"]])
-            torch.manual_seed(self.config.seed + 7919 * (epoch * steps + state["batch"]))
-            lr = self.settings.lr
-            for index in range(state["batch"], steps):
-                if self.stop.requested:
-                    state["seconds"] += time.perf_counter() - started
-                    self.save(self.last_path, model, optimizer)
-                    if not self.model_path.is_file():
-                        self.save(self.model_path, model, None)
-                    yield CheckpointSaved(stage, self.last_path, epoch)
-                    return False
-                lr = set_lr(optimizer, self.settings, epoch * steps + index, epochs * steps)
-                loss, parts = step(model, epoch, index, rng)
-                loss_value = float(loss.detach())
-                if not np.isfinite(loss_value):
-                    raise ConfigError(f"the HisynSeg loss became {loss_value} in round "
-                                      f"{round_number}: lower the learning rate "
-                                      f"({self.settings.lr})")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                state["step"] += 1
-                state["batch"] = index + 1
-                state["loss_sum"] += loss_value
-                for name, value in parts.items():
-                    state["parts_sum"][name] = state["parts_sum"].get(name, 0.0) + value
-                yield Batch(stage, epoch, index, steps, loss_value)
-            yield from self.end_epoch(round_number, epoch, steps, model, optimizer, lr, started)
-        return True
-
-    def end_epoch(self, round_number, epoch, steps, model, optimizer, lr,
-                  started) -> Generator[Event, None, None]:
-        """Score on val, keep the best, log, and save the resume position."""
-        state = self.state
-        stage = f"hisynseg:round-{round_number}"
-        train_loss = state["loss_sum"] / steps
-        parts = {name: value / steps for name, value in state["parts_sum"].items()}
-        scores = None
-        if self.val is not None:
-            predictor = SegmentationPredictor(model, self.spec, mean=self.mean, std=self.std,
-                                              input_size=self.side)
-            scores = evaluate(predictor, self.val)
-        is_best = scores is not None and (
-            state["best_miou"] is None or scores["miou"] > state["best_miou"])
-        if is_best:
-            state.update(best_miou=scores["miou"], best_round=round_number,
-                         best_epoch=epoch + 1)
-        best_of_round_one = round_number == 1 and (
-            scores is None or state["round1_best_miou"] is None
-            or scores["miou"] > state["round1_best_miou"])
-        if best_of_round_one and scores is not None:
-            state["round1_best_miou"] = scores["miou"]
-        metrics = {k: scores[k] for k in ("miou", "fwiou", "dice")} if scores else {}
-        state["seconds"] += time.perf_counter() - started
-        state["history"].append({"round": round_number, "epoch": epoch + 1,
-                                 "train_loss": train_loss, **parts, "lr": lr, **metrics})
-        state.update(epoch=epoch + 1, batch=0, loss_sum=0.0, parts_sum={})
-        keep = scores is None or is_best
-        if keep:
-            self.save(self.model_path, model, None)
-        if best_of_round_one:
-            self.save(self.round1_path, model, None)
-        self.save(self.last_path, model, optimizer)  # last: a crash in between redoes the epoch
-        self.log.append(round=round_number, epoch=epoch + 1, step=state["step"],
-                        train_loss=f"{train_loss:.6f}", lr=f"{lr:.6g}",
-                        seconds=f"{state['seconds']:.1f}",
-                        **{name: f"{value:.6f}" for name, value in parts.items()},
-                        **{f"val_{k}": f"{v:.6f}" for k, v in metrics.items()})
-        self.write_metrics(scores if is_best else None)
-        yield Epoch(stage, epoch, train_loss, lr=lr, metrics=metrics)
-        yield CheckpointSaved(stage, self.last_path, epoch + 1)
-        if keep:
-            yield CheckpointSaved(STAGE, self.model_path, epoch + 1, best=scores is not None)
 
     # -- 3. pseudo-masks --------------------------------------------------------------------------
     def pseudo_masks(self, synthesizer: Synthesizer
@@ -488,13 +311,174 @@ class _HisynSegJob:
                   "normalisation": {"name": self.settings.normalise, "mean": list(self.mean),
                                     "std": list(self.std)}}
         save_checkpoint(path, kind=SEGMENTER_KIND, state_dict=model.state_dict(), config=config,
-                        spec=self.spec, training=self.state,
+                        spec=self.spec, training=self.state.to_dict(),
                         optimizer_state=optimizer.state_dict() if optimizer else None)
 
-    def write_metrics(self, best_scores: dict | None) -> None:
+
+class _Round(EpochTrainer):
+    """A HisynSeg training round on the loop: the job's state, checkpoints and logs; the best
+    validation mIoU over both rounds is ``model.pt``, round 1's best is ``round1.pt``."""
+
+    done_stage = STAGE
+
+    def __init__(self, job: _HisynSegJob, number: int, model: Segmenter, optimizer,
+                 steps: int):
+        if steps < 1:
+            raise ConfigError(f"batch size {job.batch_size} exceeds the training set")
+        self.job, self.number, self.model = job, number, model
+        self.stage = f"hisynseg:round-{number}"
+        self.epochs, self.batches_per_epoch = job.settings.epochs, steps
+        self.state = job.state
+        self.stepper = Stepper(model, optimizer, job.device, "HisynSeg")
+        self.last_path, self.model_path = job.last_path, job.model_path
+        self.final = number == 2 or not job.recipe.self_training
+        self.context = LossContext(job.spec.num_classes, total_epochs=job.settings.epochs)
+
+    def begin_epoch(self, epoch: int, first_batch: int) -> None:
+        seed = self.job.config.seed
+        self.rng = np.random.default_rng([seed, self.number, epoch, first_batch])
+        torch.manual_seed(seed + 7919 * (epoch * self.batches_per_epoch + first_batch))
+
+    def set_lr(self, epoch: int, index: int) -> float:
+        settings, steps = self.job.settings, self.batches_per_epoch
+        return set_lr(self.stepper.optimizer, settings.schedule, epoch * steps + index,
+                      settings.epochs * steps, settings.min_lr)
+
+    def forward(self, model, images: list[np.ndarray]) -> SegmenterOutput:
+        x = normalise(torch.from_numpy(np.stack(images)).to(self.job.device), self.job.mean,
+                      self.job.std)
+        return model(channels_last(x))
+
+    def targets(self, masks: np.ndarray, labels) -> LossTargets:
+        device = self.job.device
+        return LossTargets([torch.from_numpy(masks).to(device, torch.int64)],
+                           torch.from_numpy(np.stack(labels)).to(device, torch.float32))
+
+    def end_epoch(self, epoch: int, train_loss: float, parts: dict[str, float],
+                  lr: float) -> EpochResult:
+        """Score on val and keep the best (of both rounds, and of round 1)."""
+        job, state, extra = self.job, self.state, self.state.extra
+        scores = None
+        if job.val is not None:
+            predictor = SegmentationPredictor(self.model, job.spec, mean=job.mean, std=job.std,
+                                              input_size=job.side)
+            scores = evaluate(predictor, job.val)
+        is_best = scores is not None and (
+            state.best_miou is None or scores["miou"] > state.best_miou)
+        if is_best:
+            state.best_miou, state.best_epoch = scores["miou"], epoch + 1
+            extra["best_round"] = self.number
+        self.best_of_round_one = self.number == 1 and (
+            scores is None or extra["round1_best_miou"] is None
+            or scores["miou"] > extra["round1_best_miou"])
+        if self.best_of_round_one and scores is not None:
+            extra["round1_best_miou"] = scores["miou"]
+        metrics = {k: scores[k] for k in ("miou", "fwiou", "dice")} if scores else {}
+        state.history.append({"round": self.number, "epoch": epoch + 1,
+                              "train_loss": train_loss, **parts, "lr": lr, **metrics})
+        self.best_scores = scores if is_best else None
+        return EpochResult(metrics, keep=scores is None or is_best, best=is_best)
+
+    def save(self, path: Path, with_optimizer: bool, stopped: bool = False) -> None:
+        self.job.save(path, self.model, self.stepper.optimizer if with_optimizer else None)
+
+    def record(self, epoch: int, train_loss: float, parts: dict[str, float], lr: float,
+               result: EpochResult) -> None:
+        job, state = self.job, self.state
+        if self.best_of_round_one:
+            job.save(job.round1_path, self.model, None)
+        job.log.append(round=self.number, epoch=epoch + 1, step=state.step,
+                       train_loss=f"{train_loss:.6f}", lr=f"{lr:.6g}",
+                       seconds=f"{state.seconds:.1f}",
+                       **{name: f"{value:.6f}" for name, value in parts.items()},
+                       **{f"val_{k}": f"{v:.6f}" for k, v in result.metrics.items()})
+        write_metrics(job.folder, STRATEGY, job.settings, state, job.side, job.device,
+                      self.best_scores, rounds=state.extra["round"],
+                      best_round=state.extra["best_round"])
+
+    def finish(self) -> Path:
         state = self.state
-        write_metrics(self.folder, STRATEGY, self.settings, state, self.side, self.device,
-                      best_scores, rounds=state["round"], best_round=state["best_round"])
+        self.job.run_dir.mark_complete(STAGE, rounds=state.extra["round"],
+                                       best_round=state.extra["best_round"],
+                                       best_epoch=state.best_epoch,
+                                       best_val_miou=state.best_miou)
+        return self.model_path
+
+
+class _RoundOne(_Round):
+    """Every step a synthetic batch (Dice + BCE on GAP(K)) and a real batch (BCE on GAP(K) +
+    L1 consistency); an epoch is one pass over the longer set, the shorter one cycles."""
+
+    def __init__(self, job: _HisynSegJob, model: Segmenter, optimizer,
+                 synthetic: SyntheticPool):
+        self.synthetic = synthetic
+        steps = max(len(job.patches), len(synthetic)) // job.batch_size
+        super().__init__(job, 1, model, optimizer, steps)
+
+    def begin_epoch(self, epoch: int, first_batch: int) -> None:
+        super().begin_epoch(epoch, first_batch)
+        self.orders = _epoch_orders(self.job.config.seed, 1, epoch,
+                                    self.batches_per_epoch * self.job.batch_size,
+                                    len(self.synthetic), len(self.job.patches))
+
+    def step(self, model, epoch: int, index: int) -> tuple[torch.Tensor, dict[str, float]]:
+        job, size, rng, synthetic = self.job, self.job.batch_size, self.rng, self.synthetic
+        chosen_synthetic = self.orders[0][index * size:(index + 1) * size]
+        chosen_real = self.orders[1][index * size:(index + 1) * size]
+        pairs = [hisynseg_augment(synthetic.images[j], synthetic.masks[j], job.side, rng)
+                 for j in chosen_synthetic]
+        real = [hisynseg_augment(job.patches.image(i), None, job.side, rng)[0] for i in chosen_real]
+        output = self.forward(model, [image for image, _ in pairs] + real)
+        count = len(pairs)
+        masks = np.stack([mask for _, mask in pairs])
+        supervised = job.loss_fn(
+            [SegmenterOutput(output.logits[:count], cam=output.cam[:count])],
+            self.targets(masks, [mask_labels(m, job.spec.num_classes) for m in masks]),
+            self.context)
+        labels = torch.from_numpy(job.patches.labels[chosen_real]).to(job.device)
+        bce_real = image_classification_loss(output.image_logits[count:], labels)
+        consistency = consistency_loss(output.logits[count:], output.cam[count:])
+        loss = supervised.loss + bce_real + job.recipe.consistency_weight * consistency
+        return loss, {**supervised.parts, "bce_real": float(bce_real.detach()),
+                      "consistency": float(consistency.detach())}
+
+
+class _RoundTwo(_Round):
+    """Self-training: batches from the real patches with their round-1 pseudo-masks and the
+    synthetic images together; Dice + BCE only."""
+
+    def __init__(self, job: _HisynSegJob, model: Segmenter, optimizer,
+                 synthetic: SyntheticPool, pseudo_masks: list[np.ndarray]):
+        self.synthetic, self.pseudo_masks = synthetic, pseudo_masks
+        steps = (len(job.patches) + len(synthetic)) // job.batch_size
+        super().__init__(job, 2, model, optimizer, steps)
+
+    def begin_epoch(self, epoch: int, first_batch: int) -> None:
+        super().begin_epoch(epoch, first_batch)
+        self.order = _epoch_orders(self.job.config.seed, 2, epoch,
+                                   self.batches_per_epoch * self.job.batch_size,
+                                   len(self.job.patches) + len(self.synthetic))[0]
+
+    def step(self, model, epoch: int, index: int) -> tuple[torch.Tensor, dict[str, float]]:
+        job, size = self.job, self.job.batch_size
+        real_count = len(job.patches)
+        images, masks, labels = [], [], []
+        for item in self.order[index * size:(index + 1) * size]:
+            if item < real_count:
+                image, mask = hisynseg_augment(job.patches.image(item), self.pseudo_masks[item],
+                                      job.side, self.rng)
+                label = job.patches.labels[item]
+            else:
+                image, mask = hisynseg_augment(self.synthetic.images[item - real_count],
+                                      self.synthetic.masks[item - real_count], job.side,
+                                      self.rng)
+                label = mask_labels(mask, job.spec.num_classes)
+            images.append(image)
+            masks.append(mask)
+            labels.append(label)
+        output = self.forward(model, images)
+        result = job.loss_fn([output], self.targets(np.stack(masks), labels), self.context)
+        return result.loss, result.parts
 
 
 def _epoch_orders(seed: int, round_number: int, epoch: int, length: int,
@@ -518,8 +502,8 @@ def _same_shape_batches(patches: PatchSet, batch_size: int) -> list[list[int]]:
             for start in range(0, len(indices), batch_size)]
 
 
-def augment(image: np.ndarray, mask: np.ndarray | None, side: int,
-            rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
+def hisynseg_augment(image: np.ndarray, mask: np.ndarray | None, side: int,
+                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
     """HisynSeg's training augmentation at ``side`` x ``side``: a random resized crop of 90-100 %
     of the area, H and V flips and a shift-scale-rotate (p 0.5 each), the same on the mask.
     The released OpticalDistortion (p 0.5, a mild barrel warp) is left out."""

@@ -16,9 +16,9 @@ weights of an uninterrupted run.
 from __future__ import annotations
 
 import json
-import time
 from collections import Counter
 from collections.abc import Generator
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,15 +26,19 @@ import torch.nn.functional as F
 
 from ..config.run_config import ClassifierConfig, RunConfig
 from ..data.classes import DatasetSpec
-from ..devices import autocast_dtype
 from ..errors import CheckpointError, ConfigError, DatasetError
-from ..events import Batch, CheckpointSaved, Done, Epoch, Event, Started, StopToken
+from ..events import Event, StopToken
 from ..models.classifier import CamClassifier, ClassifierOutput, build_classifier
 from ..runs.checkpoints import check_same_classes, load_checkpoint, save_checkpoint
 from ..runs.run_dir import LossLog, RunDirectory
+from ..training import distributed
+from ..training.loop import EpochResult, EpochTrainer, run_epochs
+from ..training.resume import resume_state
+from ..training.schedules import set_lr
+from ..training.state import TrainingState
+from ..training.stepper import Stepper, channels_last
 
 STAGE = "classifier"
-POLY_POWER = 0.9
 LOSS_FIELDS = ["epoch", "train_loss", "lr", "seconds"]
 
 
@@ -97,7 +101,7 @@ def _brightness_contrast(x: torch.Tensor, generator: torch.Generator) -> torch.T
     return ((x - gray[:, None, None, None]) * contrast + gray[:, None, None, None]).clamp(0, 255)
 
 
-def augment(x: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Tensor:
+def augment_batch(x: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Tensor:
     """Batch augmentation on 0-255 floats: "flips" (H and V, p 0.5 each) or "arml" (H flip,
     3x3 blur, V flip, brightness/contrast jitter 0.5)."""
     if mode == "flips":
@@ -112,8 +116,8 @@ def augment(x: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Ten
 # Optimisation
 
 
-def build_optimizer(model: CamClassifier, config: ClassifierConfig) -> torch.optim.SGD:
-    """SGD with the released four groups; ``initial_lr`` per group drives the poly schedule."""
+def build_classifier_optimizer(model: CamClassifier, config: ClassifierConfig) -> torch.optim.SGD:
+    """SGD with the released four groups; ``base_lr`` per group drives the poly schedule."""
     lr, mult = config.lr, config.new_layer_lr_mult
     pretrained, new = model.pretrained_parameters(), model.new_parameters()
     groups = [
@@ -126,15 +130,8 @@ def build_optimizer(model: CamClassifier, config: ClassifierConfig) -> torch.opt
     ]
     groups = [group for group in groups if group["params"]]
     for group in groups:
-        group["initial_lr"] = group["lr"]
+        group["base_lr"] = group["lr"]
     return torch.optim.SGD(groups, lr=lr, momentum=config.momentum)
-
-
-def set_poly_lr(optimizer: torch.optim.Optimizer, step: int, total_steps: int) -> float:
-    factor = (1 - step / max(total_steps, 1)) ** POLY_POWER
-    for group in optimizer.param_groups:
-        group["lr"] = group["initial_lr"] * factor
-    return optimizer.param_groups[0]["lr"]
 
 
 def classification_loss(output: ClassifierOutput, targets: torch.Tensor,
@@ -186,118 +183,110 @@ def train_classifier(run: RunDirectory, config: RunConfig, patches, *, device: t
 
     A stop request is honoured before the next batch: ``model.pt`` (usable) and ``last.pt``
     (with optimiser state) are saved and ``Done(stopped=True)`` is yielded. With ``resume``,
-    training continues from ``classifier/last.pt`` when it exists.
+    training continues from ``classifier/last.pt`` when it exists. Under ``torchrun`` the
+    ranks share every batch (docs/distributed.md).
     """
-    stop = stop or StopToken()
     spec = _check_dataset(patches, config)
-    settings = config.classifier
-    patches.decode_all()
-    count = len(patches)
-    batch_size = max(1, min(settings.batch_size, count))
-    steps_per_epoch = count // batch_size
-    total_steps = steps_per_epoch * settings.epochs
-    size = training_size(settings, [patches.image(i).shape for i in range(count)])
+    trainer = ClassifierTrainer(run, config, patches, spec, distributed.setup(device), resume)
+    yield from run_epochs(trainer, stop or StopToken())
 
-    torch.manual_seed(config.seed)
-    model = build_classifier(settings, spec.num_classes, spec).to(device)
-    optimizer = build_optimizer(model, settings)
-    last_path = run.classifier_dir / "last.pt"
-    progress = {"step": 0, "epoch_losses": [], "running_loss": 0.0, "running_batches": 0,
-                "seconds": 0.0}
-    if resume and last_path.is_file():
-        progress = _restore(last_path, model, optimizer, spec, config)
-    else:
-        last_path.unlink(missing_ok=True)
-    if progress["step"] == 0:
-        (run.classifier_dir / "losses.csv").unlink(missing_ok=True)
-    log = LossLog(run.classifier_dir / "losses.csv", LOSS_FIELDS)
 
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    amp_dtype = autocast_dtype(device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    labels = torch.from_numpy(patches.labels.astype(np.float32))
-    started = time.perf_counter() - progress["seconds"]
+class ClassifierTrainer(EpochTrainer):
+    """Stage 1's parts of the training loop: seeded crops and augmentations per step, the
+    multi-label loss, a poly lr per step; ``model.pt`` follows every epoch (and a stop)."""
 
-    def save(stopped: bool) -> None:
-        progress["seconds"] = round(time.perf_counter() - started, 2)
-        training = {**progress, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
-                    "batch_size": batch_size, "input_size": size, "seed": config.seed,
-                    "finished": progress["step"] >= total_steps, "stopped": stopped}
-        for path, state in ((last_path, optimizer.state_dict()),
-                            (run.classifier_checkpoint, None)):
-            save_checkpoint(path, kind="classifier", state_dict=model.state_dict(),
-                            config=config.to_dict(), spec=spec, training=training,
-                            optimizer_state=state)
+    stage = done_stage = STAGE
+    save_model_on_stop = True
 
-    run.mark_incomplete("classifier")
-    yield Started(STAGE, total_epochs=settings.epochs, batches_per_epoch=steps_per_epoch)
-    model.train()
-    lr = optimizer.param_groups[0]["lr"]
-    while progress["step"] < total_steps:
-        step = progress["step"]
-        epoch, index = divmod(step, steps_per_epoch)
-        if stop.requested:
-            save(stopped=True)
-            yield CheckpointSaved(STAGE, run.classifier_checkpoint, epoch)
-            yield Done(STAGE, result=run.classifier_checkpoint, stopped=True)
-            return
-        order = torch.randperm(count, generator=torch.Generator().manual_seed(
-            derived_seed(config.seed, epoch)))
-        chosen = order[index * batch_size:(index + 1) * batch_size]
-        step_seed = derived_seed(config.seed, epoch, index + 1)
+    def __init__(self, run: RunDirectory, config: RunConfig, patches, spec: DatasetSpec,
+                 device: torch.device, resume: bool):
+        self.run, self.config, self.patches, self.spec = run, config, patches, spec
+        self.settings = settings = config.classifier
+        self.device = device
+        patches.decode_all()
+        count = len(patches)
+        self.batch_size = max(1, min(settings.batch_size, count))
+        self.epochs, self.batches_per_epoch = settings.epochs, count // self.batch_size
+        self.total_steps = self.batches_per_epoch * settings.epochs
+        self.size = training_size(settings, [patches.image(i).shape for i in range(count)])
+
+        torch.manual_seed(config.seed)
+        self.model = build_classifier(settings, spec.num_classes, spec).to(device)
+        optimizer = build_classifier_optimizer(self.model, settings)
+        self.last_path, self.model_path = run.classifier_dir / "last.pt", run.classifier_checkpoint
+        self.state = TrainingState()
+        if resume and self.last_path.is_file():
+            self.state = _restore(self.last_path, self.model, optimizer, spec, config)
+        if distributed.is_main_process():
+            if not (resume and self.last_path.is_file()):
+                self.last_path.unlink(missing_ok=True)
+            if self.state.step == 0:
+                (run.classifier_dir / "losses.csv").unlink(missing_ok=True)
+            self.log = LossLog(run.classifier_dir / "losses.csv", LOSS_FIELDS)
+            run.mark_incomplete(STAGE)
+        self.stepper = Stepper(self.model, optimizer, device, "classification")
+        self.labels = torch.from_numpy(patches.labels.astype(np.float32))
+
+    def begin_epoch(self, epoch: int, first_batch: int) -> None:
+        self.order = torch.randperm(len(self.patches), generator=torch.Generator().manual_seed(
+            derived_seed(self.config.seed, epoch)))
+
+    def set_lr(self, epoch: int, index: int) -> float:
+        return set_lr(self.stepper.optimizer, "poly", epoch * self.batches_per_epoch + index,
+                      self.total_steps)
+
+    def step(self, model, epoch: int, index: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """Every random draw of the step comes from (seed, epoch, step), so a resumed run
+        repeats an uninterrupted one exactly; this rank takes its share of the batch."""
+        positions = distributed.shard(np.arange(index * self.batch_size,
+                                                (index + 1) * self.batch_size))
+        chosen = self.order[torch.from_numpy(positions)]
+        step_seed = derived_seed(self.config.seed, epoch, index + 1)
         generator = torch.Generator().manual_seed(step_seed)
         torch.manual_seed(step_seed)  # dropout
-        x = torch.stack([fit_to_size(patches.image(int(i)), size, generator) for i in chosen])
-        x = model.normalise(augment(x.to(device), settings.augment, generator))
-        # Channels-last inputs run the convolutions faster on CPUs too (x1.3 for Lite0 on two
-        # cores, benchmarks/bench_training.py); the segmenter's inputs are channels-last already.
-        x = x.contiguous(memory_format=torch.channels_last)
-        lr = set_poly_lr(optimizer, step, total_steps)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            output = model(x, epoch=epoch)
-        loss = classification_loss(output, labels[chosen].to(device), settings)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        value = float(loss.detach())
-        progress.update(step=step + 1, running_loss=progress["running_loss"] + value,
-                        running_batches=progress["running_batches"] + 1)
-        yield Batch(STAGE, epoch=epoch, index=index, total=steps_per_epoch, loss=value)
-        if index + 1 == steps_per_epoch:
-            train_loss = progress["running_loss"] / max(progress["running_batches"], 1)
-            progress.update(epoch_losses=[*progress["epoch_losses"], train_loss],
-                            running_loss=0.0, running_batches=0)
-            save(stopped=False)
-            log.append(epoch=epoch + 1, train_loss=f"{train_loss:.6f}", lr=f"{lr:.6g}",
-                       seconds=progress["seconds"])
-            yield CheckpointSaved(STAGE, last_path, epoch)
-            yield Epoch(STAGE, epoch=epoch, train_loss=train_loss, lr=lr)
+        x = torch.stack([fit_to_size(self.patches.image(int(i)), self.size, generator)
+                         for i in chosen])
+        x = self.model.normalise(augment_batch(x.to(self.device), self.settings.augment, generator))
+        output = model(channels_last(x), epoch=epoch)
+        return classification_loss(output, self.labels[chosen].to(self.device),
+                                   self.settings), {}
 
-    if total_steps == 0 or not run.classifier_checkpoint.is_file():
-        save(stopped=False)
-    run.mark_complete("classifier", epochs=settings.epochs, steps=total_steps,
-                      seconds=progress["seconds"])
-    yield Done(STAGE, result=run.classifier_checkpoint)
+    def end_epoch(self, epoch: int, train_loss: float, parts: dict[str, float],
+                  lr: float) -> EpochResult:
+        self.state.history.append({"epoch": epoch + 1, "train_loss": train_loss, "lr": lr})
+        return EpochResult()
+
+    def save(self, path: Path, with_optimizer: bool, stopped: bool = False) -> None:
+        """The state plus provenance: schedule, input size, seed, finished or stopped."""
+        state = self.state
+        training = {**state.to_dict(), "total_steps": self.total_steps,
+                    "steps_per_epoch": self.batches_per_epoch, "batch_size": self.batch_size,
+                    "input_size": self.size, "seed": self.config.seed,
+                    "epoch_losses": [entry["train_loss"] for entry in state.history],
+                    "finished": state.step >= self.total_steps, "stopped": stopped}
+        optimizer = self.stepper.optimizer.state_dict() if with_optimizer else None
+        save_checkpoint(path, kind="classifier", state_dict=self.model.state_dict(),
+                        config=self.config.to_dict(), spec=self.spec, training=training,
+                        optimizer_state=optimizer)
+
+    def record(self, epoch: int, train_loss: float, parts: dict[str, float], lr: float,
+               result: EpochResult) -> None:
+        self.log.append(epoch=epoch + 1, train_loss=f"{train_loss:.6f}", lr=f"{lr:.6g}",
+                        seconds=round(self.state.seconds, 2))
+
+    def finish(self) -> Path:
+        self.run.mark_complete(STAGE, epochs=self.epochs, steps=self.total_steps,
+                               seconds=round(self.state.seconds, 2))
+        return self.model_path
 
 
-def _restore(path, model: CamClassifier, optimizer: torch.optim.Optimizer, spec: DatasetSpec,
-             config: RunConfig) -> dict:
-    """Load ``last.pt`` into the model and optimiser; the progress dict to continue from."""
+def _restore(path: Path, model: CamClassifier, optimizer: torch.optim.Optimizer,
+             spec: DatasetSpec, config: RunConfig) -> TrainingState:
+    """Load ``last.pt`` into the model and optimiser; the state to continue from."""
     payload = load_checkpoint(path, kind="classifier")
     check_same_classes(payload, spec, path)
     if not _same_settings(payload, config):
         raise CheckpointError(
             "was trained with other classifier settings or seed; resuming would mix two "
             "schedules: start a new run directory (or train without resume)", path)
-    try:
-        model.load_state_dict(payload["state_dict"])
-        if payload.get("optimizer_state"):
-            optimizer.load_state_dict(payload["optimizer_state"])
-    except (RuntimeError, ValueError) as error:
-        first = str(error).strip().splitlines()[0]
-        raise CheckpointError(f"does not fit this classifier ({first})", path) from None
-    training = payload["training"]
-    return {key: training[key] for key in
-            ("step", "epoch_losses", "running_loss", "running_batches", "seconds")}
+    return resume_state(payload, path, model, optimizer, "does not fit this classifier ({reason})")

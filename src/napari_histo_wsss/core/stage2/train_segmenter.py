@@ -13,7 +13,6 @@ patches are decoded once (``PatchSet`` cache) and batches are built in the main 
 from __future__ import annotations
 
 import json
-import time
 from collections import Counter
 from collections.abc import Generator, Sequence
 from pathlib import Path
@@ -25,9 +24,9 @@ from PIL import Image, ImageFilter
 
 from ..config.run_config import RunConfig, SegmenterConfig
 from ..data.datasets import EvalSet, PatchSet, read_mask
-from ..devices import autocast_dtype, resolve_device
-from ..errors import CheckpointError, ConfigError, DatasetError
-from ..events import Batch, CheckpointSaved, Done, Epoch, Event, Preview, Started, StopToken
+from ..devices import resolve_device
+from ..errors import ConfigError, DatasetError
+from ..events import Event, Preview, StopToken
 from ..inference.predict import GATE_CHOICE_FILE, SegmentationPredictor, evaluate, json_ready
 from ..models.segmenter import (
     SEGMENTER_KIND,
@@ -38,10 +37,15 @@ from ..models.segmenter import (
 )
 from ..runs.checkpoints import load_checkpoint, save_checkpoint
 from ..runs.run_dir import LossLog, RunDirectory
-from .losses import IGNORE_INDEX, LossContext, LossTargets, SegmentationLoss, build_loss
+from ..training import distributed
+from ..training.loop import EpochResult, EpochTrainer, run_epochs
+from ..training.resume import resume_state
+from ..training.sampling import SAMPLINGS, epoch_order
+from ..training.schedules import SCHEDULES, set_lr
+from ..training.state import TrainingState
+from ..training.stepper import Stepper, channels_last
+from .losses import IGNORE_INDEX, LossContext, LossTargets, build_loss
 
-POLY_POWER = 0.9
-SAMPLINGS = ("uniform", "balanced")
 #: MSV-ONSS's training pipeline (mmseg): rescale ratio range and PhotoMetricDistortion ranges.
 ONSS_RESCALE = (0.75, 3.0)
 BRIGHTNESS_DELTA = 32
@@ -49,6 +53,8 @@ CONTRAST_RANGE = (0.5, 1.5)
 SATURATION_RANGE = (0.5, 1.5)
 HUE_DELTA = 18  # OpenCV hue units (0-180)
 AUGMENTATIONS = ("flip_blur", "onss")
+RESUME_MISMATCH = ("cannot resume: it was trained with other settings ({reason}); train again "
+                   "without resuming (--restart)")
 
 
 def train_segmenter(
@@ -66,166 +72,160 @@ def train_segmenter(
 
     ``strategy`` names the output folder (default: the loss name), so several losses can be
     compared on the same pseudo-masks. With ``val``, every epoch is scored and the best mIoU
-    is kept as ``model.pt``.
+    is kept as ``model.pt``. Under ``torchrun`` the ranks share every batch (docs/distributed.md).
     """
-    stop = stop or StopToken()
     settings = config.segmenter
-    strategy = strategy or settings.loss
-    stage = f"segmenter:{strategy}"
     device = device if isinstance(device, torch.device) else resolve_device(device or config.device)
-    if settings.sampling not in SAMPLINGS:
-        raise ConfigError(f"unknown sampling '{settings.sampling}': use "
-                          f"{' or '.join(SAMPLINGS)}")
+    SAMPLINGS.check(settings.sampling)
+    SCHEDULES.check(settings.schedule)
     if settings.augment not in AUGMENTATIONS:
         raise ConfigError(f"unknown segmenter augmentation '{settings.augment}': use "
                           f"{' or '.join(AUGMENTATIONS)}")
     if len(patches) < 2:
         raise DatasetError("a segmenter needs at least 2 training patches",
                            patches.paths[0].parent if patches.paths else None)
-    spec = patches.spec
-    loss_fn = build_loss(settings)
-    patches.decode_all()
-    targets = read_pseudo_masks(run, settings.targets, patches)
+    trainer = SegmenterTrainer(run, config, patches, strategy or settings.loss,
+                               distributed.setup(device), resume, val)
+    yield from run_epochs(trainer, stop or StopToken())
 
-    folder = run.segmenter_dir(strategy)
-    last_path, model_path = folder / "last.pt", folder / "model.pt"
-    if not resume:
-        for name in ("last.pt", "model.pt", "losses.csv", "metrics.json"):
-            (folder / name).unlink(missing_ok=True)
-    run.mark_incomplete(stage)
-    (folder / GATE_CHOICE_FILE).unlink(missing_ok=True)  # made for the model being replaced
 
-    torch.manual_seed(config.seed)
-    model = build_segmenter(settings, spec.num_classes).to(device)
-    side = input_side(settings.input_size, patches, model.input_multiple)
-    mean, std = input_statistics(settings.normalise, patches)
-    optimizer = build_optimizer(model, settings)
-    state = {"epoch": 0, "batch": 0, "step": 0, "loss_sum": 0.0, "parts_sum": {},
-             "best_miou": None, "best_epoch": None, "history": [], "seconds": 0.0}
-    if last_path.is_file():
-        state = resume_training(last_path, model, optimizer)
-    saved_config = checkpoint_config(config, strategy, side, settings.normalise, mean, std)
+class SegmenterTrainer(EpochTrainer):
+    """Stage 2's parts of the training loop: batches of augmented crops with their
+    pseudo-masks, the strategy's loss, validation mIoU deciding ``model.pt``."""
 
-    def save(path: Path, with_optimizer: bool) -> None:
-        save_checkpoint(path, kind=SEGMENTER_KIND, state_dict=model.state_dict(),
-                        config=saved_config, spec=spec, training=state,
-                        optimizer_state=optimizer.state_dict() if with_optimizer else None)
+    def __init__(self, run: RunDirectory, config: RunConfig, patches: PatchSet, strategy: str,
+                 device: torch.device, resume: bool, val: EvalSet | None):
+        self.run, self.config, self.patches, self.val = run, config, patches, val
+        self.settings = settings = config.segmenter
+        self.strategy, self.device, self.spec = strategy, device, patches.spec
+        self.stage = self.done_stage = f"segmenter:{strategy}"
+        self.loss_fn = build_loss(settings)
+        patches.decode_all()
+        self.targets = read_pseudo_masks(run, settings.targets, patches)
+        self.folder = run.segmenter_dir(strategy)
+        self.last_path, self.model_path = self.folder / "last.pt", self.folder / "model.pt"
+        if distributed.is_main_process():
+            self._clear_outputs(resume)
+        distributed.barrier()
 
-    batch_size = min(settings.batch_size, len(patches))
-    if batch_size < 2:
-        raise ConfigError("the segmenter batch size must be at least 2 (BatchNorm)")
-    batches_per_epoch = len(patches) // batch_size
-    total_steps = settings.epochs * batches_per_epoch
-    part_names = [*loss_fn.part_names, *(["aux"] if model.aux_head is not None else [])]
-    log = LossLog(folder / "losses.csv", ["epoch", "step", "train_loss", *part_names, "lr",
-                                          "val_miou", "val_fwiou", "val_dice", "seconds"])
-    yield Started(stage, total_epochs=settings.epochs, batches_per_epoch=batches_per_epoch)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    scaler = torch.amp.GradScaler(device.type,
-                                  enabled=autocast_dtype(device) == torch.float16)
-    context = LossContext(spec.num_classes, total_epochs=settings.epochs)
+        torch.manual_seed(config.seed)
+        self.model = build_segmenter(settings, self.spec.num_classes).to(device)
+        self.side = input_side(settings.input_size, patches, self.model.input_multiple)
+        self.mean, self.std = measured_input_statistics(settings.normalise, patches)
+        optimizer = build_segmenter_optimizer(self.model, settings)
+        self.state = TrainingState()
+        if self.last_path.is_file():
+            payload = load_checkpoint(self.last_path, kind=SEGMENTER_KIND)
+            self.state = resume_state(payload, self.last_path, self.model, optimizer,
+                                      RESUME_MISMATCH)
+        self.saved_config = checkpoint_config(config, strategy, self.side, settings.normalise,
+                                              self.mean, self.std)
+        self.batch_size = min(settings.batch_size, len(patches))
+        if self.batch_size < 2:
+            raise ConfigError("the segmenter batch size must be at least 2 (BatchNorm)")
+        self.epochs = settings.epochs
+        self.batches_per_epoch = len(patches) // self.batch_size
+        part_names = [*self.loss_fn.part_names,
+                      *(["aux"] if self.model.aux_head is not None else [])]
+        self.log = LossLog(self.folder / "losses.csv",
+                           ["epoch", "step", "train_loss", *part_names, "lr", "val_miou",
+                            "val_fwiou", "val_dice", "seconds"]
+                           ) if distributed.is_main_process() else None
+        self.stepper = Stepper(self.model, optimizer, device, self.loss_fn.name)
+        self.context = LossContext(self.spec.num_classes, total_epochs=settings.epochs)
+        self.best_scores: dict | None = None
 
-    for epoch in range(state["epoch"], settings.epochs):
-        model.train()
-        context.epoch = epoch
-        started = time.perf_counter()
-        order = epoch_order(patches.labels, settings.sampling, config.seed, epoch)
-        rng = np.random.default_rng([config.seed, epoch, state["batch"]])
-        torch.manual_seed(config.seed + 7919 * (epoch * batches_per_epoch + state["batch"]))
-        lr, result = settings.lr, None
-        for index in range(state["batch"], batches_per_epoch):
-            if stop.requested:
-                state["seconds"] += time.perf_counter() - started
-                save(last_path, with_optimizer=True)
-                if not model_path.is_file():
-                    save(model_path, with_optimizer=False)
-                yield CheckpointSaved(stage, last_path, epoch)
-                yield Done(stage, model_path, stopped=True)
-                return
-            chosen = order[index * batch_size:(index + 1) * batch_size]
-            images, masks = make_batch(patches, targets, chosen, side, settings.augment, rng)
-            lr = set_lr(optimizer, settings, state["step"], total_steps)
-            x = normalise(torch.from_numpy(images).to(device), mean, std)
-            batch_targets = LossTargets(
-                [torch.from_numpy(m).to(device, torch.int64) for m in masks],
-                torch.from_numpy(patches.labels[chosen]).to(device, torch.float32),
-            )
-            result = train_step(model, loss_fn, optimizer, scaler, x, batch_targets, context)
-            loss_value = float(result.loss.detach())
-            state["step"] += 1
-            state["batch"] = index + 1
-            state["loss_sum"] += loss_value
-            for name, value in result.parts.items():
-                state["parts_sum"][name] = state["parts_sum"].get(name, 0.0) + value
-            yield Batch(stage, epoch, index, batches_per_epoch, loss_value)
+    def _clear_outputs(self, resume: bool) -> None:
+        if not resume:
+            for name in ("last.pt", "model.pt", "losses.csv", "metrics.json"):
+                (self.folder / name).unlink(missing_ok=True)
+        self.run.mark_incomplete(self.stage)
+        (self.folder / GATE_CHOICE_FILE).unlink(missing_ok=True)  # made for the replaced model
 
-        if result is not None and result.pixel_weight is not None:
-            yield Preview(stage, "pixel_weight", {
+    def begin_epoch(self, epoch: int, first_batch: int) -> None:
+        self.context.epoch = epoch
+        self.order = epoch_order(self.patches.labels, self.settings.sampling, self.config.seed,
+                                 epoch)
+        torch.manual_seed(self.config.seed + 7919 * (epoch * self.batches_per_epoch
+                                                     + first_batch))
+        self.last_batch = None
+
+    def set_lr(self, epoch: int, index: int) -> float:
+        settings = self.settings
+        return set_lr(self.stepper.optimizer, settings.schedule,
+                      epoch * self.batches_per_epoch + index,
+                      settings.epochs * self.batches_per_epoch, settings.min_lr)
+
+    def step(self, model, epoch: int, index: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """This rank's share of the batch; every sample's augmentation has its own seed (its
+        place in the epoch), so a resumed or distributed run draws the same crops."""
+        positions = distributed.shard(np.arange(index * self.batch_size,
+                                                (index + 1) * self.batch_size))
+        chosen = self.order[positions]
+        rngs = [np.random.default_rng([self.config.seed, epoch, int(p)]) for p in positions]
+        images, masks = make_batch(self.patches, self.targets, chosen, self.side,
+                                   self.settings.augment, rngs)
+        x = channels_last(normalise(torch.from_numpy(images).to(self.device), self.mean,
+                                    self.std))
+        targets = LossTargets(
+            [torch.from_numpy(m).to(self.device, torch.int64) for m in masks],
+            torch.from_numpy(self.patches.labels[chosen]).to(self.device, torch.float32))
+        passes = [model(x) for _ in range(self.loss_fn.num_passes)]
+        result = self.loss_fn(passes, targets, self.context)  # CE, softmax run in float32
+        self.last_batch = images, masks, result
+        return result.loss, result.parts
+
+    def end_epoch(self, epoch: int, train_loss: float, parts: dict[str, float],
+                  lr: float) -> EpochResult:
+        state, events = self.state, []
+        if self.last_batch is not None and self.last_batch[2].pixel_weight is not None:
+            images, masks, result = self.last_batch
+            events.append(Preview(self.stage, "pixel_weight", {
                 "image": images[0], "pseudo_mask": masks[0][0],
-                "weight": result.pixel_weight[0].float().cpu().numpy()})
-        train_loss = state["loss_sum"] / batches_per_epoch
+                "weight": result.pixel_weight[0].float().cpu().numpy()}))
         scores = None
-        if val is not None:
-            predictor = SegmentationPredictor(model, spec, mean=mean, std=std, input_size=side)
-            scores = evaluate(predictor, val)
+        if self.val is not None and distributed.is_main_process():
+            predictor = SegmentationPredictor(self.model, self.spec, mean=self.mean,
+                                              std=self.std, input_size=self.side)
+            scores = evaluate(predictor, self.val)
         miou = scores["miou"] if scores else float("nan")
         improved = bool(np.isfinite(miou)) and (
-            state["best_miou"] is None or miou > state["best_miou"])
+            state.best_miou is None or miou > state.best_miou)
         if improved:
-            state["best_miou"], state["best_epoch"] = miou, epoch + 1
-        # Without a (usable) validation score, model.pt follows the latest epoch.
-        keep = improved or state["best_miou"] is None
+            state.best_miou, state.best_epoch = miou, epoch + 1
         metrics = {k: scores[k] for k in ("miou", "fwiou", "dice")} if scores else {}
-        state["seconds"] += time.perf_counter() - started
-        state["history"].append({"epoch": epoch + 1, "train_loss": train_loss, "lr": lr,
-                                 **metrics})
-        parts = {name: value / batches_per_epoch for name, value in state["parts_sum"].items()}
-        state.update(epoch=epoch + 1, batch=0, loss_sum=0.0, parts_sum={})
-        save(last_path, with_optimizer=True)
-        if keep:
-            save(model_path, with_optimizer=False)
-        log.append(epoch=epoch + 1, step=state["step"], train_loss=f"{train_loss:.6f}",
-                   lr=f"{lr:.6g}", seconds=f"{state['seconds']:.1f}",
-                   **{name: f"{value:.6f}" for name, value in parts.items()},
-                   **{f"val_{k}": f"{v:.6f}" for k, v in metrics.items()})
-        write_metrics(folder, strategy, settings, state, side, device,
-                      scores if improved else None)
-        yield Epoch(stage, epoch, train_loss, lr=lr, metrics=metrics)
-        yield CheckpointSaved(stage, last_path, epoch + 1)
-        if keep:
-            yield CheckpointSaved(stage, model_path, epoch + 1, best=improved)
+        state.history.append({"epoch": epoch + 1, "train_loss": train_loss, "lr": lr,
+                              **metrics})
+        self.best_scores = scores if improved else None
+        # Without a (usable) validation score, model.pt follows the latest epoch.
+        return EpochResult(metrics, keep=improved or state.best_miou is None, best=improved,
+                           events=events)
 
-    if not model_path.is_file():  # resumed a run that had already finished its epochs
-        save(model_path, with_optimizer=False)
-    run.mark_complete(stage, epochs=state["epoch"], best_epoch=state["best_epoch"],
-                      best_val_miou=state["best_miou"])
-    yield Done(stage, model_path)
+    def save(self, path: Path, with_optimizer: bool, stopped: bool = False) -> None:
+        optimizer = self.stepper.optimizer
+        save_checkpoint(path, kind=SEGMENTER_KIND, state_dict=self.model.state_dict(),
+                        config=self.saved_config, spec=self.spec, training=self.state.to_dict(),
+                        optimizer_state=optimizer.state_dict() if with_optimizer else None)
+
+    def record(self, epoch: int, train_loss: float, parts: dict[str, float], lr: float,
+               result: EpochResult) -> None:
+        state = self.state
+        self.log.append(epoch=epoch + 1, step=state.step, train_loss=f"{train_loss:.6f}",
+                        lr=f"{lr:.6g}", seconds=f"{state.seconds:.1f}",
+                        **{name: f"{value:.6f}" for name, value in parts.items()},
+                        **{f"val_{k}": f"{v:.6f}" for k, v in result.metrics.items()})
+        write_metrics(self.folder, self.strategy, self.settings, state, self.side, self.device,
+                      self.best_scores)
+
+    def finish(self) -> Path:
+        self.run.mark_complete(self.stage, epochs=self.state.epoch,
+                               best_epoch=self.state.best_epoch,
+                               best_val_miou=self.state.best_miou)
+        return self.model_path
 
 
 # --------------------------------------------------------------------------------------------
 # Inputs
-
-
-def epoch_order(labels: np.ndarray, sampling: str, seed: int, epoch: int) -> np.ndarray:
-    """The patch indices of one epoch (as many as there are patches).
-
-    ``uniform`` is a permutation. ``balanced`` draws with replacement, each patch weighted by
-    1 / (number of patches holding its rarest class): a class found in 17 of 557 patches is
-    then drawn about as often as one found in 431, so a rare tissue is not learnt from a
-    handful of steps. A patch without any label weighs as much as one of the commonest class.
-    """
-    rng = np.random.default_rng([seed, epoch])
-    count = len(labels)
-    if sampling == "uniform":
-        return rng.permutation(count)
-    holders = labels.astype(bool)
-    class_counts = holders.sum(axis=0)
-    inverse = np.where(class_counts > 0, 1.0 / np.maximum(class_counts, 1), 0.0)
-    weights = (holders * inverse).max(axis=1)
-    commonest = inverse[inverse > 0].min() if (inverse > 0).any() else 1.0
-    weights = np.where(weights > 0, weights, commonest)
-    return rng.choice(count, size=count, replace=True, p=weights / weights.sum())
 
 
 def read_pseudo_masks(run: RunDirectory, targets: Sequence[str],
@@ -271,9 +271,10 @@ def input_side(input_size: int | None, patches: PatchSet, multiple: int) -> int:
     return max(multiple, input_size // multiple * multiple)
 
 
-def input_statistics(mode: str, patches: PatchSet) -> tuple[tuple, tuple]:
-    """(mean, std) on the 0-255 scale; ``dataset`` statistics are measured on the training
-    patches when the dataset description has none (the published ones otherwise)."""
+def measured_input_statistics(mode: str, patches: PatchSet) -> tuple[tuple, tuple]:
+    """(mean, std) on the 0-255 scale; unlike ``models.classifier.input_statistics`` (the
+    published figures only), ``dataset`` statistics are measured on the training patches when
+    the dataset description has none."""
     from ..models.classifier import input_statistics as known_statistics
 
     spec = patches.spec
@@ -289,11 +290,12 @@ def input_statistics(mode: str, patches: PatchSet) -> tuple[tuple, tuple]:
 
 
 def make_batch(patches: PatchSet, targets: list[list[np.ndarray]], indices, side: int,
-               augment: str, rng: np.random.Generator
+               augment: str, rngs: Sequence[np.random.Generator]
                ) -> tuple[np.ndarray, list[np.ndarray]]:
-    """uint8 images (N, side, side, 3) and one (N, side, side) mask array per target."""
+    """uint8 images (N, side, side, 3) and one (N, side, side) mask array per target; each
+    sample draws from its own generator."""
     images, masks = [], []
-    for index in indices:
+    for index, rng in zip(indices, rngs, strict=True):
         image, sample_masks = augment_sample(
             patches.image(index), [target[index] for target in targets], side, augment, rng)
         images.append(image)
@@ -387,10 +389,10 @@ def photometric_distortion(image: np.ndarray, rng: np.random.Generator) -> np.nd
 
 
 # --------------------------------------------------------------------------------------------
-# Optimisation and state
+# Optimisation and outputs
 
 
-def build_optimizer(model: Segmenter, settings: SegmenterConfig) -> torch.optim.Optimizer:
+def build_segmenter_optimizer(model: Segmenter, settings: SegmenterConfig) -> torch.optim.Optimizer:
     """Encoder at ``lr``, decoder and heads at ``lr * head_lr_mult`` (MLPS: 10x)."""
     encoder, heads = model.parameter_groups()
     groups = [{"params": encoder, "base_lr": settings.lr},
@@ -403,58 +405,7 @@ def build_optimizer(model: Segmenter, settings: SegmenterConfig) -> torch.optim.
     raise ConfigError(f"unknown optimizer '{settings.optimizer}': use sgd or adamw")
 
 
-def train_step(model: Segmenter, loss_fn: SegmentationLoss, optimizer: torch.optim.Optimizer,
-               scaler: torch.amp.GradScaler, x: torch.Tensor, targets: LossTargets,
-               context: LossContext):
-    """Forward (as many passes as the loss needs), backward, step; mixed precision on GPU."""
-    device = x.device
-    amp_dtype = autocast_dtype(device)
-    if device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        passes = [model(x) for _ in range(loss_fn.num_passes)]
-        result = loss_fn(passes, targets, context)  # autocast runs CE and softmax in float32
-    loss_value = float(result.loss.detach())
-    if not np.isfinite(loss_value):
-        raise ConfigError(f"the {loss_fn.name} loss became {loss_value} at epoch "
-                          f"{context.epoch + 1}: lower the learning rate")
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(result.loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    return result
-
-
-def set_lr(optimizer: torch.optim.Optimizer, settings: SegmenterConfig, step: int,
-           total_steps: int) -> float:
-    """Poly (power 0.9, per iteration, floored at ``min_lr``) or constant; the encoder's lr."""
-    if settings.schedule == "poly":
-        factor = (1 - min(step, total_steps) / max(total_steps, 1)) ** POLY_POWER
-    elif settings.schedule == "constant":
-        factor = 1.0
-    else:
-        raise ConfigError(f"unknown lr schedule '{settings.schedule}': use poly or constant")
-    for group in optimizer.param_groups:
-        floor = min(settings.min_lr, group["base_lr"])
-        group["lr"] = floor + (group["base_lr"] - floor) * factor
-    return optimizer.param_groups[0]["lr"]
-
-
-def resume_training(path: Path, model: Segmenter, optimizer: torch.optim.Optimizer) -> dict:
-    payload = load_checkpoint(path, kind=SEGMENTER_KIND)
-    try:
-        model.load_state_dict(payload["state_dict"])
-        optimizer.load_state_dict(payload["optimizer_state"])
-    except (RuntimeError, ValueError, KeyError, TypeError) as error:
-        raise CheckpointError(
-            f"cannot resume: it was trained with other settings ({str(error).splitlines()[0]}); "
-            "train again without resuming (--restart)",
-            path,
-        ) from None
-    return dict(payload["training"])
-
-
-def write_metrics(folder: Path, strategy: str, settings: SegmenterConfig, state: dict,
+def write_metrics(folder: Path, strategy: str, settings: SegmenterConfig, state: TrainingState,
                   side: int, device: torch.device, best_scores: dict | None,
                   **extra: Any) -> None:
     """metrics.json: the history and the best validation scores (kept across epochs);
@@ -468,11 +419,11 @@ def write_metrics(folder: Path, strategy: str, settings: SegmenterConfig, state:
         "encoder": settings.encoder,
         "input_size": side,
         "device": str(device),
-        "epochs": state["epoch"],
-        "train_seconds": round(state["seconds"], 1),
-        "best_epoch": state["best_epoch"],
+        "epochs": state.epoch,
+        "train_seconds": round(state.seconds, 1),
+        "best_epoch": state.best_epoch,
         "best_val": best_scores if best_scores is not None else previous.get("best_val"),
-        "history": state["history"],
+        "history": state.history,
         **extra,
     }
     temporary = path.with_suffix(".tmp")

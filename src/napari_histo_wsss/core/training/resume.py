@@ -1,0 +1,28 @@
+"""Resuming: a run's ``last.pt`` back into the model, the optimiser and a ``TrainingState``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+from .state import TrainingState
+from .stepper import restore_optimizer
+
+
+def resume_state(payload: dict[str, Any], path: Path, model: nn.Module,
+                 optimizer: torch.optim.Optimizer, mismatch: str) -> TrainingState:
+    """Load ``payload`` (read from ``path``) into ``model`` and ``optimizer``; a checkpoint
+    that does not fit raises one ``CheckpointError``: ``mismatch`` with the first line of
+    torch's complaint in place of ``{reason}``."""
+    try:
+        model.load_state_dict(payload["state_dict"])
+        if payload.get("optimizer_state"):
+            restore_optimizer(optimizer, payload["optimizer_state"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
+        raise CheckpointError(mismatch.format(reason=reason), path) from None
+    return TrainingState.from_dict(payload["training"])
