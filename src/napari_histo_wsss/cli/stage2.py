@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..core.registry import RegistryNames
+from ..core.training.sampling import SAMPLINGS
 from .flags import (
     add_batch_size_flag,
     add_dataset_flags,
@@ -41,7 +42,7 @@ def add_stage2_parsers(commands) -> None:
                        choices=RegistryNames("napari_histo_wsss.core.stage2.losses", "LOSSES"),
                        help="noise-suppression loss: %(choices)s (default: the method's)")
     train.add_argument("--strategy", help="folder name under segmenter/ (default: the loss name)")
-    train.add_argument("--sampling", choices=("uniform", "balanced"),
+    train.add_argument("--sampling", choices=SAMPLINGS.names(),
                        help="uniform: every patch once per epoch (default); balanced: patches "
                             "with rare classes drawn more often")
     add_segmenter_epochs_flag(train)

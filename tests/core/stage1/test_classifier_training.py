@@ -25,6 +25,8 @@ from napari_histo_wsss.core.models.classifier import build_classifier, load_clas
 from napari_histo_wsss.core.runs.checkpoints import load_checkpoint
 from napari_histo_wsss.core.runs.run_dir import LossLog, RunDirectory
 from napari_histo_wsss.core.stage1.train_classifier import (
+    CLASSIFIER_AUGMENTATIONS,
+    augment_batch,
     build_classifier_optimizer,
     classification_loss,
     fit_to_size,
@@ -193,3 +195,10 @@ def test_resuming_with_other_settings_is_refused(tmp_path, config, patches, fini
     shutil.copytree(finished[0].classifier_dir, run.classifier_dir)
     with pytest.raises(CheckpointError, match="other classifier settings"):
         next(train_classifier(run, changed, patches, device=CPU))
+
+
+@pytest.mark.parametrize("name", CLASSIFIER_AUGMENTATIONS.names())
+def test_every_classifier_augmentation_keeps_shape_and_range(name):
+    x = torch.rand(4, 3, 32, 32) * 255
+    out = augment_batch(x, name, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and float(out.min()) >= 0 and float(out.max()) <= 255

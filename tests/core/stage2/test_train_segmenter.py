@@ -25,6 +25,7 @@ from napari_histo_wsss.core.runs.checkpoints import load_checkpoint
 from napari_histo_wsss.core.runs.run_dir import RunDirectory
 from napari_histo_wsss.core.stage2.losses import IGNORE_INDEX
 from napari_histo_wsss.core.stage2.train_segmenter import (
+    SEGMENTER_AUGMENTATIONS,
     augment_sample,
     input_side,
     measured_input_statistics,
@@ -236,3 +237,20 @@ def test_balanced_sampling_weighs_unlabelled_patches_like_the_commonest_class():
     nothing = np.zeros((10, 3), np.uint8)
     order = epoch_order(nothing, "balanced", 0, 0)  # no label anywhere: equal weights
     assert len(order) == 10 and set(order.tolist()) <= set(range(10))
+
+
+@pytest.mark.parametrize("name", SEGMENTER_AUGMENTATIONS.names())
+def test_every_segmenter_augmentation_keeps_image_and_mask_aligned(name):
+    rng = np.random.default_rng(1)
+    mask = np.zeros((120, 120), np.uint8)
+    mask[:, 60:] = 1
+    image = np.stack([mask * 200 + 20] * 3, axis=-1).astype(np.uint8)
+    for _ in range(5):
+        out_image, (out_mask,) = augment_sample(image, [mask], 96, name, rng)
+        assert out_image.shape == (96, 96, 3) and out_image.dtype == np.uint8
+        scored = out_mask != IGNORE_INDEX
+        # Photometric jitter moves intensities but keeps the two halves apart.
+        values = out_image[..., 1][scored].astype(float)
+        bright = out_image[..., 1] > (values.min() + values.max()) / 2
+        agreement = np.mean(bright[scored] == (out_mask[scored] == 1))
+        assert agreement > 0.9 or np.unique(out_mask[scored]).size == 1

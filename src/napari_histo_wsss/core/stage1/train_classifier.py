@@ -29,6 +29,7 @@ from ..data.classes import DatasetSpec
 from ..errors import CheckpointError, ConfigError, DatasetError
 from ..events import Event, StopToken
 from ..models.classifier import CamClassifier, ClassifierOutput, build_classifier
+from ..registry import Registry
 from ..runs.checkpoints import check_same_classes, load_checkpoint, save_checkpoint
 from ..runs.run_dir import LossLog, RunDirectory
 from ..training import distributed
@@ -101,15 +102,26 @@ def _brightness_contrast(x: torch.Tensor, generator: torch.Generator) -> torch.T
     return ((x - gray[:, None, None, None]) * contrast + gray[:, None, None, None]).clamp(0, 255)
 
 
+#: Batch augmentations on 0-255 floats by name (``ClassifierConfig.augment``).
+CLASSIFIER_AUGMENTATIONS: Registry = Registry("classifier augmentation")
+
+
+@CLASSIFIER_AUGMENTATIONS.register("flips")
+def flips_augmentation(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Horizontal and vertical flips, p 0.5 each."""
+    return _flip(_flip(x, 3, generator), 2, generator)
+
+
+@CLASSIFIER_AUGMENTATIONS.register("arml")
+def arml_augmentation(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """ARML: H flip, 3x3 blur, V flip, brightness/contrast jitter 0.5."""
+    x = _gaussian_blur3(_flip(x, 3, generator), generator)
+    return _brightness_contrast(_flip(x, 2, generator), generator)
+
+
 def augment_batch(x: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Tensor:
-    """Batch augmentation on 0-255 floats: "flips" (H and V, p 0.5 each) or "arml" (H flip,
-    3x3 blur, V flip, brightness/contrast jitter 0.5)."""
-    if mode == "flips":
-        return _flip(_flip(x, 3, generator), 2, generator)
-    if mode == "arml":
-        x = _gaussian_blur3(_flip(x, 3, generator), generator)
-        return _brightness_contrast(_flip(x, 2, generator), generator)
-    raise ConfigError(f"unknown classifier augment '{mode}': use flips or arml")
+    """The batch augmentation called ``mode``."""
+    return CLASSIFIER_AUGMENTATIONS.get(mode)(x, generator)
 
 
 # --------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from ..models.segmenter import (
     checkpoint_config,
     normalise,
 )
+from ..registry import Registry
 from ..runs.checkpoints import load_checkpoint, save_checkpoint
 from ..runs.run_dir import LossLog, RunDirectory
 from ..training import distributed
@@ -52,9 +53,12 @@ BRIGHTNESS_DELTA = 32
 CONTRAST_RANGE = (0.5, 1.5)
 SATURATION_RANGE = (0.5, 1.5)
 HUE_DELTA = 18  # OpenCV hue units (0-180)
-AUGMENTATIONS = ("flip_blur", "onss")
 RESUME_MISMATCH = ("cannot resume: it was trained with other settings ({reason}); train again "
                    "without resuming (--restart)")
+
+
+#: Per-sample training augmentations by name (``SegmenterConfig.augment``).
+SEGMENTER_AUGMENTATIONS: Registry = Registry("segmenter augmentation")
 
 
 def train_segmenter(
@@ -78,9 +82,7 @@ def train_segmenter(
     device = device if isinstance(device, torch.device) else resolve_device(device or config.device)
     SAMPLINGS.check(settings.sampling)
     SCHEDULES.check(settings.schedule)
-    if settings.augment not in AUGMENTATIONS:
-        raise ConfigError(f"unknown segmenter augmentation '{settings.augment}': use "
-                          f"{' or '.join(AUGMENTATIONS)}")
+    SEGMENTER_AUGMENTATIONS.check(settings.augment)
     if len(patches) < 2:
         raise DatasetError("a segmenter needs at least 2 training patches",
                            patches.paths[0].parent if patches.paths else None)
@@ -305,28 +307,42 @@ def make_batch(patches: PatchSet, targets: list[list[np.ndarray]], indices, side
 
 def augment_sample(image: np.ndarray, masks: list[np.ndarray], side: int, augment: str,
                    rng: np.random.Generator) -> tuple[np.ndarray, list[np.ndarray]]:
-    """One training sample at ``side`` x ``side``.
+    """One training sample at ``side`` x ``side`` by the augmentation called ``augment``."""
+    image, masks = SEGMENTER_AUGMENTATIONS.get(augment)(image, masks, side, rng)
+    return np.ascontiguousarray(image), [np.ascontiguousarray(m) for m in masks]
 
-    ``flip_blur`` (MLPS, ARML, ESFAN): crop (resize up if smaller), horizontal flip p 0.5,
-    Gaussian blur p 0.5 with radius U(0, 1). ``onss`` (MSV): rescale by U(0.75, 3), crop with
-    255 padding, flip, photometric distortion.
-    """
-    if augment == "onss":
-        ratio = rng.uniform(*ONSS_RESCALE)
-        height, width = image.shape[:2]
-        image, masks = _resize(image, masks, (round(height * ratio), round(width * ratio)))
-        image, masks = _crop(image, masks, side, rng, pad=True)
-    else:
-        image, masks = _crop(image, masks, side, rng, pad=False)
+
+def _random_horizontal_flip(image: np.ndarray, masks: list[np.ndarray],
+                            rng: np.random.Generator):
     if rng.random() < 0.5:
-        image = image[:, ::-1]
-        masks = [m[:, ::-1] for m in masks]
-    if augment == "onss":
-        image = photometric_distortion(image, rng)
-    elif rng.random() < 0.5:
+        return image[:, ::-1], [m[:, ::-1] for m in masks]
+    return image, masks
+
+
+@SEGMENTER_AUGMENTATIONS.register("flip_blur")
+def flip_blur_augmentation(image: np.ndarray, masks: list[np.ndarray], side: int,
+                           rng: np.random.Generator):
+    """MLPS, ARML, ESFAN: crop (resize up if smaller), horizontal flip p 0.5, Gaussian blur
+    p 0.5 with radius U(0, 1)."""
+    image, masks = _crop(image, masks, side, rng, pad=False)
+    image, masks = _random_horizontal_flip(image, masks, rng)
+    if rng.random() < 0.5:
         radius = rng.uniform(0.0, 1.0)
         image = np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(radius)))
-    return np.ascontiguousarray(image), [np.ascontiguousarray(m) for m in masks]
+    return image, masks
+
+
+@SEGMENTER_AUGMENTATIONS.register("onss")
+def onss_augmentation(image: np.ndarray, masks: list[np.ndarray], side: int,
+                      rng: np.random.Generator):
+    """MSV: rescale by U(0.75, 3), crop with 255 (ignore) padding, flip, photometric
+    distortion."""
+    ratio = rng.uniform(*ONSS_RESCALE)
+    height, width = image.shape[:2]
+    image, masks = _resize(image, masks, (round(height * ratio), round(width * ratio)))
+    image, masks = _crop(image, masks, side, rng, pad=True)
+    image, masks = _random_horizontal_flip(image, masks, rng)
+    return photometric_distortion(image, rng), masks
 
 
 def _resize(image: np.ndarray, masks: list[np.ndarray], size: tuple[int, int]):
