@@ -9,6 +9,7 @@ reports events. Without those variables every function here is a no-op for one p
 
 from __future__ import annotations
 
+import atexit
 import os
 
 import numpy as np
@@ -36,7 +37,15 @@ def setup(device: torch.device) -> torch.device:
         raise ConfigError(f"distributed training runs on CUDA or the CPU, not on '{device}'")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # A process group still alive at interpreter exit can abort the process ("terminate
+        # called without an active exception") after the work is done.
+        atexit.register(_leave_process_group)
     return device
+
+
+def _leave_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def world_size() -> int:
