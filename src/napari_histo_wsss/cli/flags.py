@@ -7,6 +7,34 @@ import argparse
 from ..core.config.presets import PRESET_SCHEDULES
 
 
+def _number(kind: type, text: str, smallest: float, inclusive: bool, what: str):
+    """``text`` as a ``kind`` of at least (or above) ``smallest``; argparse turns the
+    ``ArgumentTypeError`` into one usage line and exit code 2."""
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got '{text}'") from None
+    if value != value or value in (float("inf"), float("-inf")) \
+            or (value < smallest if inclusive else value <= smallest):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type of counts and sizes (epochs, batch size, tile): 1 or more."""
+    return _number(int, text, 1, True, "a whole number of at least 1")
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type of seeds, margins, levels and label values: 0 or more."""
+    return _number(int, text, 0, True, "a whole number of at least 0")
+
+
+def positive_float(text: str) -> float:
+    """argparse type of physical sizes (microns per pixel): a finite number above 0."""
+    return _number(float, text, 0.0, False, "a number above 0")
+
+
 def add_device_flag(parser: argparse.ArgumentParser, default: str = "auto") -> None:
     """``--device``; ``default`` only names what an absent flag means (the run's, or auto)."""
     parser.add_argument("--device", help=f"auto, cpu, cuda, cuda:N or mps (default: {default})")
@@ -14,15 +42,16 @@ def add_device_flag(parser: argparse.ArgumentParser, default: str = "auto") -> N
 
 def add_batch_size_flag(parser: argparse.ArgumentParser, what: str = "batch size") -> None:
     """``--batch-size``; absent means the run's (training) or the command's own default."""
-    parser.add_argument("--batch-size", type=int, help=what)
+    parser.add_argument("--batch-size", type=positive_int, help=what)
 
 
 def add_segmenter_epochs_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--epochs-seg", type=int, help="segmenter epochs")
+    parser.add_argument("--epochs-seg", type=positive_int, help="segmenter epochs")
 
 
 def add_seed_flag(parser: argparse.ArgumentParser, default: str = "0") -> None:
-    parser.add_argument("--seed", type=int, help=f"random seed (default: {default})")
+    parser.add_argument("--seed", type=non_negative_int,
+                        help=f"random seed (default: {default})")
 
 
 def add_run_positionals(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +64,7 @@ def add_run_positionals(parser: argparse.ArgumentParser) -> None:
 def add_dataset_flags(parser: argparse.ArgumentParser) -> None:
     """Flags that say what the dataset's labels mean when it is not a built-in one."""
     parser.add_argument("--classes", help="class names in label order, e.g. tumour,stroma,normal")
-    parser.add_argument("--background", type=int,
+    parser.add_argument("--background", type=non_negative_int,
                         help="mask value of white background / excluded pixels (= class count)")
 
 
@@ -45,13 +74,13 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", help="timm model name or res38d (default "
                         "tf_efficientnet_lite0, ImageNet weights shipped offline)")
     parser.add_argument("--weights", help="local weights file for the backbone (offline use)")
-    parser.add_argument("--epochs-cls", type=int, help="classifier epochs")
+    parser.add_argument("--epochs-cls", type=positive_int, help="classifier epochs")
     add_segmenter_epochs_flag(parser)
     add_batch_size_flag(parser, "batch size of both stages")
     add_seed_flag(parser)
     parser.add_argument("--schedule", choices=PRESET_SCHEDULES.names(), default="fast",
                         help="fast: scaled to the dataset for a CPU; paper: published schedules")
-    parser.add_argument("--mpp", type=float,
+    parser.add_argument("--mpp", type=positive_float,
                         help="microns per pixel of the training patches: recorded in the run so "
                              "slides are segmented at the same resolution")
 

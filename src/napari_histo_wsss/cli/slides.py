@@ -12,7 +12,13 @@ from functools import partial
 from pathlib import Path
 
 from ..core.inference.tiling import BLEND_MODES
-from .flags import add_batch_size_flag, add_device_flag
+from .flags import (
+    add_batch_size_flag,
+    add_device_flag,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 
 
 def add_slides_parsers(commands) -> None:
@@ -32,11 +38,12 @@ def add_slides_parsers(commands) -> None:
     parser.add_argument("--geojson", metavar="F",
                         help="also export class polygons for QuPath (file, or folder for several)")
     resolution = parser.add_mutually_exclusive_group()
-    resolution.add_argument("--mpp", type=float,
+    resolution.add_argument("--mpp", type=positive_float,
                             help="microns per pixel to work at (default: the model's)")
-    resolution.add_argument("--level", type=int, help="pyramid level to work at")
-    parser.add_argument("--tile", type=int, default=512, help="model input size (default 512)")
-    parser.add_argument("--halo", type=int, default=64,
+    resolution.add_argument("--level", type=non_negative_int, help="pyramid level to work at")
+    parser.add_argument("--tile", type=positive_int, default=512,
+                        help="model input size (default 512)")
+    parser.add_argument("--halo", type=non_negative_int, default=64,
                         help="context margin on each side of a tile (default 64)")
     parser.add_argument("--blend", choices=BLEND_MODES.names(), default="gaussian",
                         help="how overlapping tiles are merged (default gaussian)")
