@@ -9,11 +9,47 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_positive(value: Any) -> bool:
+    return _is_number(value) and value > 0
+
+
+def _is_non_negative(value: Any) -> bool:
+    return _is_number(value) and value >= 0
+
+
+def _is_non_negative_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+_RULES = {_is_count: "a whole number of at least 1", _is_positive: "a number above 0",
+          _is_non_negative: "a number of at least 0",
+          _is_non_negative_int: "a whole number of at least 0"}
+
+
+def require(section: str, rule, **settings: Any) -> None:
+    """One ``ConfigError`` naming the first setting (None: unset, allowed) that breaks
+    ``rule``; a tuple is checked entry by entry. Checked where a run is set up or trained, so
+    the CLI, the widgets and library callers are refused the same way, before any work."""
+    for name, value in settings.items():
+        values = value if isinstance(value, tuple) else (value,)
+        if any(entry is not None and not rule(entry) for entry in values):
+            raise ConfigError(f"{section}.{name} must be {_RULES[rule]}, not {value!r}")
 
 
 @dataclass
@@ -51,6 +87,15 @@ class ClassifierConfig:
     new_layer_lr_mult: float = 10.0
     momentum: float = 0.9
 
+    def validate(self) -> None:
+        require("classifier", _is_count, epochs=self.epochs, batch_size=self.batch_size,
+                input_size=self.input_size, output_stride=self.output_stride)
+        require("classifier", _is_positive, lr=self.lr, new_layer_lr_mult=self.new_layer_lr_mult)
+        require("classifier", _is_non_negative, weight_decay=self.weight_decay,
+                momentum=self.momentum, side_loss_weights=self.side_loss_weights)
+        require("classifier", _is_non_negative_int, pda_start_epoch=self.pda_start_epoch,
+                ars_start_epoch=self.ars_start_epoch)
+
 
 @dataclass
 class PseudoMaskConfig:
@@ -68,6 +113,12 @@ class PseudoMaskConfig:
     #: None follows the dataset description.
     white_plane: bool | None = None
     batch_size: int = 16
+
+    def validate(self) -> None:
+        require("pseudo_masks", _is_count, batch_size=self.batch_size)
+        require("pseudo_masks", _is_positive, scales=self.scales)
+        require("pseudo_masks", _is_non_negative, gate_threshold=self.gate_threshold,
+                fuse_weights=self.fuse_weights)
 
 
 @dataclass
@@ -109,6 +160,14 @@ class SegmenterConfig:
     class_gate: float | None = None
     tta: str = "none"  # a TTA_MODES name (inference/predict.py)
 
+    def validate(self) -> None:
+        require("segmenter", _is_count, epochs=self.epochs, batch_size=self.batch_size,
+                input_size=self.input_size, encoder_depth=self.encoder_depth)
+        require("segmenter", _is_positive, lr=self.lr, head_lr_mult=self.head_lr_mult)
+        require("segmenter", _is_non_negative, momentum=self.momentum, min_lr=self.min_lr,
+                weight_decay=self.weight_decay, target_weights=self.target_weights,
+                class_gate=self.class_gate)
+
 
 @dataclass
 class HisynSegConfig:
@@ -126,6 +185,16 @@ class HisynSegConfig:
     bezier_edgy: float = 0.05
     self_training: bool = True
     consistency_weight: float = 1.0
+
+    def validate(self) -> None:
+        require("hisynseg", _is_count, images_per_type=self.images_per_type,
+                discriminator_images=self.discriminator_images,
+                discriminator_epochs=self.discriminator_epochs,
+                discriminator_batch_size=self.discriminator_batch_size,
+                bezier_points=self.bezier_points)
+        require("hisynseg", _is_non_negative, accept_threshold=self.accept_threshold,
+                bezier_rad=self.bezier_rad, bezier_edgy=self.bezier_edgy,
+                consistency_weight=self.consistency_weight)
 
 
 @dataclass
@@ -146,6 +215,18 @@ class RunConfig:
     pseudo_masks: PseudoMaskConfig = field(default_factory=PseudoMaskConfig)
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
     hisynseg: HisynSegConfig | None = None
+
+    def validate(self) -> None:
+        """Every section's numbers; a HisynSeg run (``hisynseg`` set) trains no classifier,
+        so its classifier section is not checked."""
+        require("run", _is_non_negative_int, seed=self.seed)
+        require("run", _is_positive, mpp=self.mpp)
+        if self.hisynseg is None:
+            self.classifier.validate()
+        else:
+            self.hisynseg.validate()
+        self.pseudo_masks.validate()
+        self.segmenter.validate()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

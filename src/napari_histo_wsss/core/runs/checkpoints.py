@@ -22,6 +22,16 @@ from ..errors import CheckpointError
 FORMAT_VERSION = 1
 
 
+def first_non_finite(state_dict: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point entry holding NaN or Inf, else None: weights like
+    that come from a diverged training and would predict garbage without a word."""
+    for name, tensor in state_dict.items():
+        if (isinstance(tensor, torch.Tensor) and tensor.is_floating_point()
+                and not bool(torch.isfinite(tensor).all())):
+            return name
+    return None
+
+
 def save_checkpoint(
     path: str | Path,
     *,
@@ -38,6 +48,10 @@ def save_checkpoint(
     provenance and resume state (epoch, step, best metric, losses, seed).
     """
     path = Path(path)
+    broken = first_non_finite(state_dict)
+    if broken is not None:
+        raise CheckpointError(f"not written: weight '{broken}' is NaN or infinite (training "
+                              "diverged; the previous file, if any, is kept)", path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format_version": FORMAT_VERSION,
@@ -72,6 +86,10 @@ def load_checkpoint(path: str | Path, kind: str | None = None) -> dict[str, Any]
         raise CheckpointError(f"not a readable checkpoint ({first_line})", path) from None
     if not isinstance(payload, dict) or "state_dict" not in payload or "kind" not in payload:
         raise CheckpointError("not a napari-histo-wsss checkpoint (no state_dict/kind)", path)
+    broken = first_non_finite(payload["state_dict"])
+    if broken is not None:
+        raise CheckpointError(f"weight '{broken}' is NaN or infinite: the training that wrote "
+                              "it diverged; train again with a lower learning rate", path)
     if kind is not None and payload["kind"] != kind:
         raise CheckpointError(
             f"holds a {payload['kind']} model, but a {kind} checkpoint is needed here", path

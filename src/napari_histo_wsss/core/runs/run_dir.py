@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,19 @@ from typing import Any
 from ..config.run_config import RunConfig
 from ..errors import ConfigError
 from .stages import canonical_stage
+
+#: Names that become one folder inside the run directory (strategies, pseudo-mask sets):
+#: letters, digits, '-', '_' and '.', not starting with '.', so no name can leave the run.
+SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+
+
+def check_folder_name(name: str, what: str) -> str:
+    """``name`` if it is safe as one folder name inside the run directory; else one
+    ``ConfigError`` (``what``: "strategy", ...)."""
+    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name):
+        raise ConfigError(f"{what} name {name!r} cannot be a folder of the run: use letters, "
+                          "digits, '-', '_' and '.' (not first), without path separators")
+    return name
 
 
 class RunDirectory:
@@ -62,14 +76,14 @@ class RunDirectory:
         return self.root / "pseudo_masks"
 
     def pseudo_mask_dir(self, name: str) -> Path:
-        return self.pseudo_mask_root / name
+        return self.pseudo_mask_root / check_folder_name(name, "pseudo-mask set")
 
     @property
     def cams_path(self) -> Path:
         return self.pseudo_mask_root / "cams.zarr"
 
     def segmenter_dir(self, strategy: str) -> Path:
-        return self.root / "segmenter" / strategy
+        return self.root / "segmenter" / check_folder_name(strategy, "strategy")
 
     def segmenter_checkpoint(self, strategy: str) -> Path:
         return self.segmenter_dir(strategy) / "model.pt"
@@ -84,6 +98,9 @@ class RunDirectory:
 
     # -- config and status ------------------------------------------------------------------------
     def create(self, config: RunConfig) -> None:
+        """Write ``run.json`` once the configuration's numbers are checked (nothing is
+        created for a configuration that cannot run)."""
+        config.validate()
         self.root.mkdir(parents=True, exist_ok=True)
         config.save(self.config_path)
 

@@ -198,6 +198,7 @@ def train_classifier(run: RunDirectory, config: RunConfig, patches, *, device: t
     training continues from ``classifier/last.pt`` when it exists. Under ``torchrun`` the
     ranks share every batch (docs/distributed.md).
     """
+    config.classifier.validate()
     spec = _check_dataset(patches, config)
     trainer = ClassifierTrainer(run, config, patches, spec, distributed.setup(device), resume)
     yield from run_epochs(trainer, stop or StopToken())

@@ -80,6 +80,7 @@ def train_segmenter(
     """
     settings = config.segmenter
     device = device if isinstance(device, torch.device) else resolve_device(device or config.device)
+    settings.validate()
     SAMPLINGS.check(settings.sampling)
     SCHEDULES.check(settings.schedule)
     SEGMENTER_AUGMENTATIONS.check(settings.augment)

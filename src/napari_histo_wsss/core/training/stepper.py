@@ -2,7 +2,9 @@
 
 Autocast runs bf16 where the GPU has it and fp16 otherwise (with a ``GradScaler``, which keeps
 small fp16 gradients from vanishing); on the CPU everything stays float32. A loss that is not
-finite stops training with one ``ConfigError`` instead of silently ruining the weights.
+finite, or weights that are not (checked before anything is saved), stop training with one
+``ConfigError`` instead of silently ruining the weights: nothing of the diverged model is written,
+so the last good checkpoint stays and the stage is not marked complete.
 """
 
 from __future__ import annotations
@@ -15,7 +17,13 @@ from torch import nn
 
 from ..devices import autocast_dtype
 from ..errors import ConfigError
+from ..runs.checkpoints import first_non_finite
 from . import distributed
+
+#: What a diverging training most likely needs, said with every divergence.
+DIVERGED_ADVICE = ("training stopped: the learning rate is probably too high (or the batch "
+                   "size too small); lower the lr or raise the batch size (the last good "
+                   "checkpoint is kept, the stage is not complete)")
 
 
 class Stepper:
@@ -42,13 +50,21 @@ class Stepper:
         """zero_grad, backward, optimiser step; the loss value (``where``: "at epoch 3")."""
         value = float(loss.detach())
         if not math.isfinite(value):
-            raise ConfigError(f"the {self.loss_name} loss became {value} {where}: lower the "
-                              "learning rate")
+            raise ConfigError(f"the {self.loss_name} loss became {value} {where}: "
+                              f"{DIVERGED_ADVICE}")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return value
+
+    def check_weights(self, where: str) -> None:
+        """Refuse to go on (and so to save) with NaN or infinite weights or buffers: a finite
+        loss can still be the step that broke them."""
+        broken = first_non_finite(self.model.state_dict())
+        if broken is not None:
+            raise ConfigError(f"the {self.loss_name} model's weight '{broken}' became NaN or "
+                              f"infinite {where}: {DIVERGED_ADVICE}")
 
 
 def channels_last(x: torch.Tensor) -> torch.Tensor:
