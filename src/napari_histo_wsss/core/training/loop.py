@@ -121,7 +121,7 @@ def run_epochs(trainer: EpochTrainer, stop: StopToken) -> Generator[Event, None,
             yield from events(Batch(trainer.stage, epoch, index, trainer.batches_per_epoch,
                                     value))
         state.seconds += time.perf_counter() - started
-        trainer.stepper.check_weights(f"in epoch {epoch + 1}")
+        trainer.stepper.check_weights(f"at epoch {epoch + 1}")
         yield from events(*_end_epoch(trainer, epoch, lr, main))
     if trainer.done_stage is not None and trainer.final:
         result = trainer.model_path
@@ -157,7 +157,7 @@ def _end_epoch(trainer: EpochTrainer, epoch: int, lr: float, main: bool) -> list
 def _stopped(trainer: EpochTrainer, epoch: int, main: bool) -> Generator[Event, None, None]:
     """Save the position; ``model.pt`` too when the stopped model replaces it or none exists.
     The job ends with ``Done(stopped=True)`` unless the trainer is an unsaved part of it."""
-    trainer.stepper.check_weights(f"in epoch {epoch + 1}")
+    trainer.stepper.check_weights(f"at epoch {epoch + 1}")
     if trainer.last_path is not None and main:
         trainer.save(trainer.last_path, with_optimizer=True, stopped=True)
         if trainer.save_model_on_stop or not trainer.model_path.is_file():
