@@ -187,7 +187,8 @@ def test_a_diverged_classifier_is_never_saved_nor_marked_complete(tmp_path, patc
                                             batch_size=len(patches), input_size=32)
     run = RunDirectory(tmp_path / "run")
     run.create(config)
-    with pytest.raises(ConfigError, match="became NaN or infinite at epoch 1.*learning rate"):
+    with pytest.raises(ConfigError, match="became NaN or infinite at epoch 1: lower the "
+                                          "learning rate"):
         list(train_classifier(run, config, patches, device=CPU))
     assert not run.classifier_checkpoint.exists()
     assert not (run.classifier_dir / "last.pt").exists()
@@ -228,7 +229,8 @@ def test_a_diverging_segmenter_keeps_its_last_good_checkpoints(tmp_path, fourtee
 
     diverging = dataclasses.replace(config, segmenter=dataclasses.replace(
         config.segmenter, epochs=2, **ABSURD))
-    with pytest.raises(ConfigError, match="at epoch 2.*lower the lr or raise the batch size"):
+    with pytest.raises(ConfigError, match="at epoch 2: lower the learning rate or raise the "
+                                          "batch size"):
         list(train_segmenter(run, diverging, fourteen, device=CPU))
     assert {name: (folder / name).read_bytes() for name in good} == good
     assert not run.is_complete("segmenter:ce")

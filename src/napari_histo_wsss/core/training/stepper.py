@@ -21,9 +21,8 @@ from ..runs.checkpoints import first_non_finite
 from . import distributed
 
 #: What a diverging training most likely needs, said with every divergence.
-DIVERGED_ADVICE = ("training stopped: the learning rate is probably too high (or the batch "
-                   "size too small); lower the lr or raise the batch size (the last good "
-                   "checkpoint is kept, the stage is not complete)")
+DIVERGED_ADVICE = ("lower the learning rate or raise the batch size (training diverged; it "
+                   "stopped, the last good checkpoint is kept and the stage is not complete)")
 
 
 class Stepper:
