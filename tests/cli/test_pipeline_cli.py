@@ -61,9 +61,11 @@ def test_running_again_reuses_the_run_and_another_method_is_refused(finished_run
 
 def test_a_resolution_that_is_not_positive_is_refused(tmp_path, sample_dataset_dir, capsys):
     out = tmp_path / "run"
-    assert main(["pipeline", str(sample_dataset_dir), "--method", "mlps", "--out", str(out),
-                 "--mpp", "0"]) == 2
-    assert "microns per pixel must be positive" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # argparse's type check
+        main(["pipeline", str(sample_dataset_dir), "--method", "mlps", "--out", str(out),
+              "--mpp", "0"])
+    assert exit_info.value.code == 2
+    assert "argument --mpp: expected a number above 0" in capsys.readouterr().err
     assert not (out / "run.json").exists()
 
 
