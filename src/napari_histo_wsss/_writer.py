@@ -13,12 +13,19 @@ import numpy as np
 
 
 def write_labels(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
-    """Write one labels layer to ``path`` (``.zarr`` added when missing); returns the path."""
+    """Write one labels layer to ``path`` (``.zarr`` added when missing); returns the path.
+
+    The layer name becomes a folder in the store, so it must be one safe path component; an
+    unsafe name or an unwritable ``path`` is one ``OutputError`` that napari shows.
+    """
+    from .core.runs.outputs import FOLDER, check_layer_name, check_output
     from .core.wsi.ome_zarr_labels import write_label_pyramid
 
     out = Path(path)
     if out.suffix.lower() != ".zarr":
         out = out.with_name(out.name + ".zarr")
+    name = check_layer_name(meta.get("name") or "labels")
+    check_output(out, kind=FOLDER)
     labels = data[0] if isinstance(data, list | tuple) else data
     if labels.ndim != 2:
         raise ValueError(f"only 2-D label images can be saved as OME-Zarr labels, "
@@ -27,7 +34,7 @@ def write_labels(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
     units = meta.get("units") or ()
     unit = str(units[-1]) if units and str(units[-1]) not in ("pixel", "") else None
     write_label_pyramid(
-        out, labels, name=meta.get("name") or "labels", colours=_label_colours(meta),
+        out, labels, name=name, colours=_label_colours(meta),
         pixel_size=float(scale[-1]), unit=unit,
     )
     return [str(out)]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .flags import add_device_flag
+from .flags import add_device_flag, add_overwrite_flag
 
 
 def add_compare_parsers(commands) -> None:
@@ -25,7 +25,9 @@ def add_compare_parsers(commands) -> None:
     compare.add_argument("--strategies", help="which trained segmenters, e.g. ce,onss "
                                               "(default: all of the run's)")
     compare.add_argument("--out", metavar="DIR",
-                         help="write each strategy's palette mask as DIR/<strategy>.png")
+                         help="write each strategy's palette mask as DIR/<strategy>.png (a new "
+                              "or empty folder, or one an earlier compare --out wrote)")
+    add_overwrite_flag(compare, "write --out into a folder that holds other files")
     compare.add_argument("--json", action="store_true",
                          help="print one JSON object (per strategy: miou, per_class, mask)")
     add_device_flag(compare)
@@ -42,11 +44,13 @@ def cmd_compare(args) -> int:
 
     run = RunDirectory(args.run_dir)
     spec = DatasetSpec.from_dict(run.config().dataset)
+    strategies = args.strategies.split(",") if args.strategies else None
+    if args.out:
+        _claim_out_folder(args, run, strategies)
     image = read_rgb(args.image)
     truth = read_mask(args.mask, spec) if args.mask else None
     if truth is not None:
         check_mask_fits(truth, image, args.mask)
-    strategies = args.strategies.split(",") if args.strategies else None
     results = compare_strategies(run, image, strategies, truth=truth, device=args.device)
     report: dict = {"image": str(args.image), "strategies": {}}
     for strategy, result in results.items():
@@ -70,3 +74,16 @@ def cmd_compare(args) -> int:
         print("\n".join(lines))
     print(f"strategies disagree on {100 * report['disagreement']:.1f} % of the pixels")
     return 0
+
+
+def _claim_out_folder(args, run, strategies: list[str] | None) -> None:
+    """Refuse an --out folder that is an input or holds other files, and a mask path that is
+    the image or the ground truth, before any strategy predicts."""
+    from ..core.runs.outputs import COLLECTION, FILE, check_output, claim_output_folder
+
+    command = "compare --out"
+    inputs = [args.run_dir, args.image, args.mask]
+    check_output(args.out, inputs, kind=COLLECTION, overwrite=args.overwrite, command=command)
+    for strategy in strategies or run.segmenter_strategies():
+        check_output(Path(args.out) / f"{strategy}.png", inputs, kind=FILE, overwrite=True)
+    claim_output_folder(args.out, command)

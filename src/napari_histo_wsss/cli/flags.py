@@ -115,3 +115,9 @@ def stage_overrides(args) -> dict[str, dict]:
                            encoder=backbone if shared_encoder else None,
                            weights=weights if shared_encoder else None),
     }
+
+
+def add_overwrite_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--overwrite``: replace outputs this tool did not make (inputs are never replaced)."""
+    parser.add_argument("--overwrite", action="store_true",
+                        help=f"{what}; inputs are never overwritten")

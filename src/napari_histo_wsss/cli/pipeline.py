@@ -49,6 +49,7 @@ def _run_pipeline(args, data_dir: Path, out: Path) -> int:
     from ..core.pipeline import prepare_run, run_pipeline
     from .progress import drive
 
+    _check_run_out(out)
     resuming = (out / "run.json").is_file()
     run, config, layout = prepare_run(
         data_dir, out, args.method, spec=spec_from_args(args), schedule=args.schedule,
@@ -68,6 +69,13 @@ def _run_pipeline(args, data_dir: Path, out: Path) -> int:
     for strategy, scores in done.result.get("val", {}).items():
         print(f"{strategy} on val:\n{format_scores(scores)}")
     return 0
+
+
+def _check_run_out(out: Path) -> None:
+    """--out must be a folder (new or a run) in a writable place: refused before any work."""
+    from ..core.runs.outputs import FOLDER, check_output
+
+    check_output(out, kind=FOLDER)
 
 
 def cmd_pipeline(args) -> int:

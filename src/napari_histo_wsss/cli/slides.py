@@ -15,6 +15,7 @@ from ..core.inference.tiling import BLEND_MODES
 from .flags import (
     add_batch_size_flag,
     add_device_flag,
+    add_overwrite_flag,
     non_negative_int,
     positive_float,
     positive_int,
@@ -34,9 +35,11 @@ def add_slides_parsers(commands) -> None:
     parser.add_argument("slides", nargs="+", metavar="SLIDE",
                         help="slide files (SVS, NDPI, OME-TIFF, pyramidal TIFF, OME-Zarr...)")
     parser.add_argument("--out", required=True, metavar="OUT",
-                        help="OUT.zarr for one slide, a folder for several")
+                        help="OUT.zarr for one slide, a folder for several (never a slide, and "
+                             "never a folder of other files)")
     parser.add_argument("--geojson", metavar="F",
                         help="also export class polygons for QuPath (file, or folder for several)")
+    add_overwrite_flag(parser, "replace existing --geojson files that histo-wsss did not write")
     resolution = parser.add_mutually_exclusive_group()
     resolution.add_argument("--mpp", type=positive_float,
                             help="microns per pixel to work at (default: the model's)")
@@ -67,6 +70,7 @@ def cmd_segment_slide(args) -> int:
 
     slides = [Path(slide) for slide in args.slides]
     out = Path(args.out)
+    _check_outputs(args, slides)
     outputs = [out] if len(slides) == 1 else out
     options = {
         "target_mpp": args.mpp, "level": args.level, "tile": args.tile, "halo": args.halo,
@@ -86,11 +90,40 @@ def cmd_segment_slide(args) -> int:
     for zarr_path in result.outputs:
         print(zarr_path)
         if args.geojson:
-            geojson = Path(args.geojson)
-            if len(slides) > 1:
-                geojson = geojson / f"{zarr_path.stem}.geojson"
+            geojson = _geojson_path(args, zarr_path.stem, len(slides))
             segmentation_to_geojson(zarr_path, geojson)
             print(geojson)
     for problem in result.failures.values():
         print(f"histo-wsss: error: {problem}", file=sys.stderr)
     return 2 if result.failures else 0
+
+
+def _geojson_path(args, name: str, slide_count: int) -> Path:
+    geojson = Path(args.geojson)
+    return geojson / f"{name}.geojson" if slide_count > 1 else geojson
+
+
+def _check_outputs(args, slides: list[Path]) -> None:
+    """Every output path is refused or accepted before the model is loaded (core/runs/outputs)."""
+    from ..core.runs.outputs import COLLECTION, FILE, FOLDER, check_output
+    from ..core.wsi.geojson_export import is_exported_geojson
+    from ..core.wsi.ome_zarr_labels import is_segmentation
+    from ..core.wsi.slides import slide_name
+
+    inputs = [*slides, Path(args.run_dir)]
+    out = Path(args.out)
+    if len(slides) == 1:
+        stores = [out]
+    else:
+        check_output(out, inputs, kind=COLLECTION)
+        stores = [out / f"{slide_name(slide)}.zarr" for slide in slides]
+    for store in stores:
+        check_output(store, inputs, kind=FOLDER, made_here=is_segmentation)
+    if args.geojson is None:
+        return
+    if len(slides) > 1:
+        check_output(args.geojson, inputs, kind=COLLECTION)
+    for store in stores:
+        # The export is named after the written store (cmd_segment_slide does the same).
+        check_output(_geojson_path(args, store.stem, len(slides)), [*inputs, store],
+                     kind=FILE, overwrite=args.overwrite, made_here=is_exported_geojson)

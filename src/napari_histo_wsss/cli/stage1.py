@@ -40,10 +40,12 @@ def add_stage1_parsers(commands) -> None:
 def cmd_train_classifier(args: argparse.Namespace) -> int:
     from ..core.devices import resolve_device
     from ..core.pipeline import prepare_run
+    from ..core.runs.outputs import FOLDER, check_output
     from ..core.stage1.train_classifier import train_classifier
     from .flags import spec_from_args, stage_overrides
     from .progress import drive
 
+    check_output(args.out, kind=FOLDER)
     run, config, layout = prepare_run(
         args.data_dir, args.out, args.method, spec=spec_from_args(args),
         schedule=args.schedule, seed=args.seed, device=args.device, mpp=args.mpp,

@@ -20,6 +20,7 @@ from .flags import (
     add_batch_size_flag,
     add_dataset_flags,
     add_device_flag,
+    add_overwrite_flag,
     add_run_positionals,
     add_seed_flag,
     add_segmenter_epochs_flag,
@@ -76,7 +77,11 @@ def add_stage2_parsers(commands) -> None:
                                "default the gate is used where the pipeline found it helps "
                                "on val")
     evaluate.add_argument("--save-masks", metavar="DIR",
-                          help="also write the predicted palette masks into DIR")
+                          help="also write the predicted palette masks into DIR: a new or empty "
+                               "folder, or one an earlier --save-masks wrote (never an input "
+                               "folder)")
+    add_overwrite_flag(evaluate, "write --save-masks into a folder that holds other files "
+                                 "(same-named masks are replaced)")
     add_device_flag(evaluate)
     add_dataset_flags(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
@@ -138,6 +143,8 @@ def cmd_evaluate(args) -> int:
 
     source = Path(args.source).expanduser()
     if _is_model(source):
+        if args.save_masks:
+            _claim_masks_folder(args, source)
         predictor = load_predictor(source, args.device, args.strategy, tta=args.tta,
                                    use_class_gate=False if args.no_class_gate else None)
         eval_set = load_eval_set(args.images_dir, args.masks_dir, predictor.spec)
@@ -154,6 +161,15 @@ def cmd_evaluate(args) -> int:
     else:
         print(format_scores(scores))
     return 0
+
+
+def _claim_masks_folder(args, source: Path) -> None:
+    """Refuse a --save-masks folder that is an input or holds other files, before predicting."""
+    from ..core.runs.outputs import COLLECTION, check_output, claim_output_folder
+
+    check_output(args.save_masks, [source, args.images_dir, args.masks_dir], kind=COLLECTION,
+                 overwrite=args.overwrite, command="evaluate --save-masks")
+    claim_output_folder(args.save_masks, "evaluate --save-masks")
 
 
 def _is_model(source: Path) -> bool:

@@ -151,10 +151,23 @@ def segmentation_to_geojson(
 
 
 def write_geojson(collection: dict[str, Any], out_path: str | Path) -> Path:
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(collection, separators=(",", ":")))
-    return out_path
+    """Save ``collection`` atomically: a crash never leaves half a file over an old one."""
+    from ..runs.outputs import atomic_write_text
+
+    return atomic_write_text(out_path, json.dumps(collection, separators=(",", ":")))
+
+
+def is_exported_geojson(path: str | Path) -> bool:
+    """Whether ``path`` is a GeoJSON file that :func:`segmentation_to_geojson` wrote (so a new
+    export may replace it): a ``.geojson``/``.json`` file whose properties name a pyramid level."""
+    path = Path(path)
+    if path.suffix.lower() not in (".geojson", ".json") or not path.is_file():
+        return False
+    try:
+        properties = json.loads(path.read_text(encoding="utf-8")).get("properties") or {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(properties, dict) and {"slide", "pyramid_level"} <= properties.keys()
 
 
 def _to_level0(ring: np.ndarray, scale_y: float, scale_x: float) -> list[list[float]]:
