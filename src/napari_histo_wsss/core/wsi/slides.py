@@ -37,10 +37,11 @@ from ..errors import SlideError
 PYRAMID_MIN_SIDE = 512
 #: Microns per pixel outside this range are resolution tags, not a microscope scan (72 dpi...).
 PLAUSIBLE_MPP = (0.01, 100.0)
-#: Lazy levels up to this factor are exact (chained 2x2) means; coarser ones sample level 0.
+#: Lazy levels up to this factor are exact (chained 2x2) means; coarser ones sample level 0,
+#: unless level 0 has at most ``MAX_MEAN_PIXELS`` (then every level is a mean, as it always was).
 MAX_MEAN_FACTOR = 4
-#: A thumbnail is a block mean of a level up to this many pixels, else sampled from it.
-MAX_MEAN_PIXELS = 64 * 2**20
+#: A block mean reads at most this many pixels: a lazy pyramid's level 0, a thumbnail's level.
+MAX_MEAN_PIXELS = 16 * 2**20
 #: A sampled read decodes at most this many chunk rows (and columns); more are thinned evenly.
 MAX_SAMPLED_CHUNKS = 64
 #: Block side of the lazy levels' dask arrays.
@@ -185,7 +186,8 @@ def read_thumbnail(slide: Slide, max_side: int = 2048) -> np.ndarray:
     level = candidates[-1] if candidates else 0
     array = slide.levels[level]
     factor = max(1, math.ceil(max(array.shape[:2]) / max_side))
-    cheap = _source(slide, level) is not None or slide.downsamples[level] <= MAX_MEAN_FACTOR * 1.01
+    cheap = _source(slide, level) is not None or _is_mean_level(
+        round(slide.downsamples[level]), slide.shape)
     stored = [k for k in range(level + 1) if _source(slide, k) is not None]
     if (not cheap or math.prod(array.shape[:2]) > MAX_MEAN_PIXELS) and stored:
         return _sampled_thumbnail(slide, stored[-1], max_side)
@@ -511,14 +513,14 @@ def _lazy_pyramid(level0: da.Array, source: LevelSource) -> list[da.Array]:
 
 
 def _lazy_level(source: LevelSource, factor: int, shape: tuple[int, int]) -> da.Array:
-    """Level-0 ``source`` shrunk ``factor`` times: chained 2x2 means up to ``MAX_MEAN_FACTOR``
-    (the same pixels as coarsening level by level), sampling at the stride beyond."""
+    """Level-0 ``source`` shrunk ``factor`` times: chained 2x2 means (the same pixels as
+    coarsening level by level) where ``_is_mean_level``, else sampled at the stride."""
     height, width = source.shape
     chunk_height, chunk_width = source.chunks
 
     def read_block(block_info=None):
         (y0, y1), (x0, x1), _ = block_info[None]["array-location"]
-        if factor <= MAX_MEAN_FACTOR:
+        if _is_mean_level(factor, (height, width)):
             return _halve(source.region(y0 * factor, y1 * factor, x0 * factor, x1 * factor),
                           factor)
         rows = sample_positions(y0, y1, factor, height, chunk_height)
@@ -530,6 +532,11 @@ def _lazy_level(source: LevelSource, factor: int, shape: tuple[int, int]) -> da.
     return da.map_blocks(read_block, chunks=chunks, dtype=np.uint8,
                          meta=np.empty((0, 0, 3), np.uint8),
                          name=f"lazy-level-{factor}-{uuid.uuid4().hex}")
+
+
+def _is_mean_level(factor: int, level0_shape: tuple[int, int]) -> bool:
+    """Whether a lazy level is a block mean: a block reads a bounded level-0 region."""
+    return factor <= MAX_MEAN_FACTOR or math.prod(level0_shape) <= MAX_MEAN_PIXELS
 
 
 def _halve(pixels: np.ndarray, factor: int) -> np.ndarray:
