@@ -32,18 +32,20 @@ PINK = (200, 120, 170)
 BAND_ROWS = range(200, 212)  # tile rows holding "tissue": level-0 rows 102,400-108,544
 
 
+def stored_tiles(side: int, present):
+    """The zlib-compressed tiles of a side x side image: pink where ``present(row, col)``,
+    else left out (byte count 0)."""
+    tile = zlib.compress(np.full((TILE, TILE, 3), PINK, np.uint8).tobytes())
+    tiles_per_side = -(-side // TILE)
+    for row in range(tiles_per_side):
+        for col in range(tiles_per_side):
+            yield tile if present(row, col) else b""
+
+
 def write_declared_huge(path: Path, present) -> Path:
     """A SIDE x SIDE RGB tiled TIFF storing only the tiles where ``present(row, col)``."""
-    tile = zlib.compress(np.full((TILE, TILE, 3), PINK, np.uint8).tobytes())
-    tiles_per_side = -(-SIDE // TILE)
-
-    def tiles():
-        for row in range(tiles_per_side):
-            for col in range(tiles_per_side):
-                yield tile if present(row, col) else b""
-
-    tifffile.imwrite(path, tiles(), shape=(SIDE, SIDE, 3), dtype=np.uint8, tile=(TILE, TILE),
-                     photometric="rgb", compression="zlib")
+    tifffile.imwrite(path, stored_tiles(SIDE, present), shape=(SIDE, SIDE, 3), dtype=np.uint8,
+                     tile=(TILE, TILE), photometric="rgb", compression="zlib")
     return path
 
 
@@ -110,6 +112,25 @@ def test_reader_coarsest_level_has_a_small_graph_and_shows_the_band(banded_slide
     outside = np.ones(len(pixels), bool)
     outside[BAND_ROWS.start - 4 : BAND_ROWS.stop + 4] = False
     assert (pixels[outside] == 255).all()
+
+
+def test_pyramid_missing_its_coarse_levels_gets_lazy_ones(tmp_path):
+    """Level 1 of 100,000 px is the coarsest stored level: napari must not start there."""
+    path = tmp_path / "two-levels.tif"
+    options = dict(dtype=np.uint8, tile=(TILE, TILE), photometric="rgb", compression="zlib")
+    with tifffile.TiffWriter(path, bigtiff=True) as tiff:
+        tiff.write(stored_tiles(SIDE, lambda row, col: row in BAND_ROWS),
+                   shape=(SIDE, SIDE, 3), subifds=1, **options)
+        half = range(BAND_ROWS.start // 2, BAND_ROWS.stop // 2)
+        tiff.write(stored_tiles(SIDE // 2, lambda row, col: row in half),
+                   shape=(SIDE // 2, SIDE // 2, 3), subfiletype=1, **options)
+    with open_slide(path) as slide:
+        assert [level.shape[0] for level in slide.levels] == [SIDE // 2**k for k in range(10)]
+        assert len(slide.levels[-1].__dask_graph__()) == 1
+        mask = tissue_mask(slide, max_side=1024)
+    band_top, band_bottom = BAND_ROWS.start * TILE, BAND_ROWS.stop * TILE
+    assert mask.any_tissue(band_top + 1000, 0, band_bottom - 1000, SIDE)
+    assert not mask.any_tissue(0, 0, band_top - 2000, SIDE)
 
 
 def test_sparse_tiles_read_as_white_glass(tmp_path):

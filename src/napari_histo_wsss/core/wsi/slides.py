@@ -186,11 +186,13 @@ def read_thumbnail(slide: Slide, max_side: int = 2048) -> np.ndarray:
     level = candidates[-1] if candidates else 0
     array = slide.levels[level]
     factor = max(1, math.ceil(max(array.shape[:2]) / max_side))
-    cheap = _source(slide, level) is not None or _is_mean_level(
-        round(slide.downsamples[level]), slide.shape)
     stored = [k for k in range(level + 1) if _source(slide, k) is not None]
-    if (not cheap or math.prod(array.shape[:2]) > MAX_MEAN_PIXELS) and stored:
-        return _sampled_thumbnail(slide, stored[-1], max_side)
+    if stored:  # the level's own pixels, or the stored level a lazy level is computed from
+        base = stored[-1]
+        lazy_factor = round(slide.downsamples[level] / slide.downsamples[base])
+        cheap = _is_mean_level(lazy_factor, slide._sources[base].shape)
+        if not cheap or math.prod(array.shape[:2]) > MAX_MEAN_PIXELS:
+            return _sampled_thumbnail(slide, base, max_side)
     if factor > 1:
         array = da.coarsen(np.mean, array, {0: factor, 1: factor}, trim_excess=True)
         array = array.round().astype(np.uint8)
@@ -481,10 +483,14 @@ def _finish(
     handle: Any = None,
     sources: list[LevelSource] | None = None,
 ) -> Slide:
-    """Add a lazy pyramid where the file has a single level, then fill in downsamples."""
+    """Add lazy levels below a single level, or below a coarsest stored level still over
+    ``MAX_MEAN_PIXELS`` (napari shows the coarsest level first), then fill in downsamples."""
     sources = list(sources or [])
-    if len(levels) == 1 and sources:
-        levels = _lazy_pyramid(levels[0], sources[0])
+    coarsest = levels[-1]
+    if len(sources) == len(levels) and (
+        len(levels) == 1 or math.prod(coarsest.shape[:2]) > MAX_MEAN_PIXELS
+    ):
+        levels = levels[:-1] + _lazy_pyramid(coarsest, sources[-1])
     height, width = levels[0].shape[:2]
     downsamples = [
         (height / level.shape[0] + width / level.shape[1]) / 2.0 for level in levels
@@ -498,7 +504,8 @@ def _finish(
 
 
 def _lazy_pyramid(level0: da.Array, source: LevelSource) -> list[da.Array]:
-    """Halve until the longest side is at most ``PYRAMID_MIN_SIDE``; nothing is computed here.
+    """``level0`` (read by ``source``) halved until its longest side is at most
+    ``PYRAMID_MIN_SIDE``; nothing is computed here.
 
     Each level reads ``source`` directly per block (never through the finer levels), so its
     graph has one task per block and a block costs reads in proportion to its own size.
