@@ -2,6 +2,9 @@
 
 ``get_reader`` only looks at the path (suffix, or one small JSON file for a ``.zarr`` folder)
 so napari's start-up and drag-and-drop stay fast; it returns None for anything else.
+napari computes a multiscale image's coarsest level first: ``open_slide`` builds each level of
+a single-level file's pyramid straight from the file, one task per block, so that first view
+costs reads in proportion to the coarsest level, whatever size the file declares.
 
 A slide that cannot be opened (corrupt, truncated, not a slide) must give the user one clear
 line. napari 0.9.2 wraps an exception raised by a reader into a ``ReaderPluginError`` whose

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import re
 import struct
+import uuid
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,19 @@ from ..errors import SlideError
 PYRAMID_MIN_SIDE = 512
 #: Microns per pixel outside this range are resolution tags, not a microscope scan (72 dpi...).
 PLAUSIBLE_MPP = (0.01, 100.0)
+#: Lazy levels up to this factor are exact (chained 2x2) means; coarser ones sample level 0,
+#: unless level 0 has at most ``MAX_MEAN_PIXELS`` (then every level is a mean, as it always was).
+MAX_MEAN_FACTOR = 4
+#: A block mean reads at most this many pixels: a lazy pyramid's level 0, a thumbnail's level.
+MAX_MEAN_PIXELS = 16 * 2**20
+#: A sampled read decodes at most this many chunk rows (and columns); more are thinned evenly.
+MAX_SAMPLED_CHUNKS = 64
+#: Block side of the lazy levels' dask arrays.
+LAZY_LEVEL_CHUNK = 512
+#: A level with at least this many tiles/strips is refused when fewer than
+#: ``MIN_PRESENT_FRACTION`` of them hold data: a declared size its bytes cannot back.
+MIN_SEGMENTS_FOR_PRESENCE_RULE = 10_000
+MIN_PRESENT_FRACTION = 0.001
 #: A tiny window read on open so a missing codec or a corrupt file fails now, not mid-run.
 _PROBE_SIZE = 16
 
@@ -56,7 +70,8 @@ class Slide:
     ``levels[k]`` is a dask array ``(Y, X, 3) uint8``; ``downsamples[k]`` says how many level-0
     pixels one level-k pixel spans (1.0 for level 0); ``mpp`` is microns per level-0 pixel, or
     None where the file does not say. Keep the slide (or its arrays) alive while reading: the
-    open file handle lives in ``_handle``.
+    open file handle lives in ``_handle``. ``_sources[k]`` reads level k as stored in the file
+    (None for the levels of a lazy pyramid), for sampled reads that skip dask.
     """
 
     path: Path
@@ -67,6 +82,7 @@ class Slide:
     metadata: dict[str, Any] = field(default_factory=dict)
     backend: str = "tifffile"
     _handle: Any = field(default=None, repr=False)
+    _sources: list[LevelSource | None] = field(default_factory=list, repr=False)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -159,13 +175,24 @@ def best_level_for_mpp(slide: Slide, target_mpp: float) -> tuple[int, float]:
 def read_thumbnail(slide: Slide, max_side: int = 2048) -> np.ndarray:
     """The whole slide with its longest side at most ``max_side`` (and close to it).
 
-    Reads the smallest level that is still at least ``max_side`` long, then shrinks it by an
-    integer factor with a block mean, streaming through dask so memory stays near the output.
+    Takes the smallest level that is still at least ``max_side`` long. When that level is
+    cheap to read (stored in the file, or a mean level of a lazy pyramid) and has at most
+    ``MAX_MEAN_PIXELS`` pixels, it is shrunk with a block mean, streaming through dask. Else
+    (a single-level slide, or one missing its coarse levels) the thumbnail samples the nearest
+    stored level at its stride, decoding at most ``MAX_SAMPLED_CHUNKS`` squared chunks, so the
+    cost follows the thumbnail, not the level.
     """
     candidates = [k for k, level in enumerate(slide.levels) if max(level.shape[:2]) >= max_side]
     level = candidates[-1] if candidates else 0
     array = slide.levels[level]
     factor = max(1, math.ceil(max(array.shape[:2]) / max_side))
+    stored = [k for k in range(level + 1) if _source(slide, k) is not None]
+    if stored:  # the level's own pixels, or the stored level a lazy level is computed from
+        base = stored[-1]
+        lazy_factor = round(slide.downsamples[level] / slide.downsamples[base])
+        cheap = _is_mean_level(lazy_factor, slide._sources[base].shape)
+        if not cheap or math.prod(array.shape[:2]) > MAX_MEAN_PIXELS:
+            return _sampled_thumbnail(slide, base, max_side)
     if factor > 1:
         array = da.coarsen(np.mean, array, {0: factor, 1: factor}, trim_excess=True)
         array = array.round().astype(np.uint8)
@@ -175,6 +202,111 @@ def read_thumbnail(slide: Slide, max_side: int = 2048) -> np.ndarray:
     except _DECODE_ERRORS as error:
         problem = _first_line(error)
         raise SlideError(f"cannot decode level {level} ({problem})", slide.path) from None
+
+
+def _source(slide: Slide, level: int) -> LevelSource | None:
+    return slide._sources[level] if level < len(slide._sources) else None
+
+
+def _sampled_thumbnail(slide: Slide, level: int, max_side: int) -> np.ndarray:
+    """Every ``factor``-th pixel of a stored level (thinned to a chunk budget), as the thumbnail."""
+    source = slide._sources[level]
+    height, width = source.shape
+    factor = max(1, math.ceil(max(height, width) / max_side))
+    rows = sample_positions(0, max(height // factor, 1), factor, height, source.chunks[0])
+    cols = sample_positions(0, max(width // factor, 1), factor, width, source.chunks[1])
+    try:
+        return source.sample(rows, cols)
+    except _DECODE_ERRORS as error:
+        problem = _first_line(error)
+        raise SlideError(f"cannot decode level {level} ({problem})", slide.path) from None
+
+
+def sample_positions(
+    start: int, stop: int, step: int, length: int, chunk: int, budget: int = MAX_SAMPLED_CHUNKS
+) -> np.ndarray:
+    """Source indices for output indices ``[start, stop)`` of a level ``step`` times coarser.
+
+    Each output pixel takes the source pixel at the centre of its span. When those fall in more
+    than ``budget`` chunks, only ``budget`` evenly spread chunks are kept and every position
+    moves to the nearest kept chunk (same offset inside it): a coarser but bounded read.
+    Chunk indices never decrease along the result, as ``LevelSource.sample`` needs.
+    """
+    positions = np.minimum(np.arange(start, stop) * step + step // 2, length - 1)
+    chunk_index = positions // chunk
+    kept = np.unique(chunk_index)
+    if len(kept) <= budget:
+        return positions
+    kept = kept[np.linspace(0, len(kept) - 1, budget).round().astype(int)]
+    nearest = kept[np.abs(chunk_index[:, None] - kept[None, :]).argmin(axis=1)]
+    return np.minimum(nearest * chunk + positions % chunk, length - 1)
+
+
+@dataclass(frozen=True)
+class LevelSource:
+    """One level as the file stores it (zarr, numpy or dask; any axes and dtype).
+
+    Reads touch only the chunks a selection falls in, and go through the same conversion to
+    ``(Y, X, 3) uint8`` as the level's dask array, so sampled pixels equal the level's pixels.
+    """
+
+    array: Any
+    axes: str
+    path: Path
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.array.shape[self.axes.index("Y")]), int(
+            self.array.shape[self.axes.index("X")])
+
+    @property
+    def chunks(self) -> tuple[int, int]:
+        """Chunk height and width (the whole level for an in-memory array)."""
+        sizes = getattr(self.array, "chunksize", None) or getattr(self.array, "chunks", None)
+        if not isinstance(sizes, tuple) or not all(isinstance(size, int) for size in sizes):
+            sizes = self.array.shape
+        return int(sizes[self.axes.index("Y")]), int(sizes[self.axes.index("X")])
+
+    def region(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Pixels ``[y0, y1) x [x0, x1)`` as RGB uint8."""
+        return self._to_rgb(self._read(slice(y0, y1), slice(x0, x1)))
+
+    def sample(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """Pixels at ``rows`` x ``cols``, decoding only the chunks they fall in.
+
+        zarr gets one orthogonal selection, so it fetches those chunks in one batch.
+        """
+        return self._to_rgb(self._read(np.asarray(rows), np.asarray(cols)))
+
+    def _read(self, rows: slice | np.ndarray, cols: slice | np.ndarray) -> np.ndarray:
+        """The raw block; only the first time point / z-plane of other axes, as levels show."""
+        index: list[Any] = []
+        seen = set()
+        for axis in self.axes.upper().replace("S", "C"):
+            if axis == "Y":
+                index.append(rows)
+            elif axis == "X":
+                index.append(cols)
+            elif axis == "C" and axis not in seen:
+                index.append(slice(None))
+            else:
+                index.append(slice(0, 1))
+            seen.add(axis)
+        if isinstance(rows, slice):
+            block = self.array[tuple(index)]
+        elif hasattr(self.array, "oindex"):  # zarr
+            block = self.array.oindex[tuple(index)]
+        else:  # numpy and dask: one fancy axis at a time
+            x_axis = self.axes.index("X")
+            index[x_axis] = slice(None)
+            block = self.array[tuple(index)]
+            block = block[(slice(None),) * x_axis + (cols,)]
+        return block.compute(scheduler="synchronous") if hasattr(block, "compute") else (
+            np.asarray(block))
+
+    def _to_rgb(self, block: np.ndarray) -> np.ndarray:
+        array = _to_rgb_uint8(da.from_array(block, chunks=-1), self.axes, self.path)
+        return np.asarray(array.compute(scheduler="synchronous"))
 
 
 # --------------------------------------------------------------------------- backends
@@ -210,30 +342,56 @@ def _slide_from_tiff(path: Path, tiff) -> Slide:
     if not tiff.series:
         raise SlideError("TIFF file holds no image", path)
     series = tiff.series[0]
-    _check_not_truncated(tiff, series, path)
-    store = series.aszarr(multiscales=True)
+    _check_tile_data(tiff, series, path)
+    # tiles the file leaves out read as white glass, not as black
+    store = series.aszarr(multiscales=True, fillvalue=_white(series.dtype))
     node = zarr.open(store, mode="r")
     arrays = _arrays_from_zarr_node(node, path)
     axes = series.axes
     levels = [_to_rgb_uint8(da.from_zarr(array), axes, path) for array in arrays]
+    sources = [LevelSource(array, axes, path) for array in arrays]
     metadata = {
         "format": _tiff_flavour(tiff),
         "description": (tiff.pages[0].description or "")[:2000],
     }
-    return _finish(path, levels, _tiff_mpp(tiff), metadata, backend="tifffile", handle=tiff)
+    return _finish(path, levels, _tiff_mpp(tiff), metadata, backend="tifffile", handle=tiff,
+                   sources=sources)
 
 
-def _check_not_truncated(tiff, series, path: Path) -> None:
-    """Fail now if tile data lies past the end of the file (an interrupted copy/download)."""
+def _check_tile_data(tiff, series, path: Path) -> None:
+    """Fail now on tile data past the end of the file, or a size the file's bytes cannot back.
+
+    A tile or strip with offset 0 or byte count 0 is missing. Sparse files leave out empty
+    background tiles, so missing ones read as glass; but a level of at least
+    ``MIN_SEGMENTS_FOR_PRESENCE_RULE`` tiles where fewer than ``MIN_PRESENT_FRACTION`` hold
+    data is not a scan (a damaged or hand-made header declaring a huge image) and is refused.
+    """
     size = tiff.filehandle.size
-    for level in series.levels:
+    for index, level in enumerate(series.levels):
         page = level.keyframe
-        ends = [offset + count for offset, count in zip(page.dataoffsets, page.databytecounts,
-                                                        strict=False) if count]
-        if ends and max(ends) > size:
+        offsets = np.asarray(page.dataoffsets, dtype=np.int64)
+        counts = np.asarray(page.databytecounts, dtype=np.int64)
+        ends = (offsets + counts)[counts > 0]
+        if ends.size and ends.max() > size:
             raise SlideError(
-                f"file is truncated: image data runs {max(ends) - size} bytes past its end "
+                f"file is truncated: image data runs {int(ends.max()) - size} bytes past its end "
                 "(incomplete copy or download?)", path)
+        present = int(np.count_nonzero((offsets > 0) & (counts > 0)))
+        total = counts.size
+        if total >= MIN_SEGMENTS_FOR_PRESENCE_RULE and present < MIN_PRESENT_FRACTION * total:
+            height, width = page.imagelength, page.imagewidth
+            raise SlideError(
+                f"level {index} declares {width} x {height} px but only {present} of its "
+                f"{total} tiles/strips hold data: not a usable slide (damaged or hand-made "
+                "header?)", path)
+
+
+def _white(dtype) -> float:
+    """The fill value that reads as white: the dtype's maximum, or 1.0 for floats."""
+    dtype = np.dtype(dtype)
+    if dtype == np.bool_:
+        return 1
+    return float(np.iinfo(dtype).max) if np.issubdtype(dtype, np.integer) else 1.0
 
 
 def _open_zarr(path: Path) -> Slide:
@@ -246,7 +404,9 @@ def _open_zarr(path: Path) -> Slide:
     arrays = _arrays_from_zarr_node(node, path)
     axes = _ngff_axes(node) or _guess_axes(arrays[0].shape)
     levels = [_to_rgb_uint8(da.from_zarr(array), axes, path) for array in arrays]
-    return _finish(path, levels, _ngff_mpp(node, axes), {"format": "zarr"}, backend="zarr")
+    sources = [LevelSource(array, axes, path) for array in arrays]
+    return _finish(path, levels, _ngff_mpp(node, axes), {"format": "zarr"}, backend="zarr",
+                   sources=sources)
 
 
 def _open_with_pillow(path: Path) -> Slide:
@@ -272,7 +432,8 @@ def _open_with_pillow(path: Path) -> Slide:
     axes = "YX" if pixels.ndim == 2 else "YXS"
     chunks = (1024, 1024, -1)[: pixels.ndim]
     level0 = _to_rgb_uint8(da.from_array(pixels, chunks=chunks), axes, path)
-    return _finish(path, [level0], mpp, {"format": path.suffix.lower()[1:]}, backend="pillow")
+    return _finish(path, [level0], mpp, {"format": path.suffix.lower()[1:]}, backend="pillow",
+                   sources=[LevelSource(pixels, axes, path)])
 
 
 def _open_with_openslide(path: Path) -> Slide | None:
@@ -291,6 +452,7 @@ def _open_with_openslide(path: Path) -> Slide | None:
     return _finish(
         path, levels, _plausible(float(mpp)) if mpp else None, metadata,
         backend="openslide", handle=handle,
+        sources=[LevelSource(level, "YXC", path) for level in levels],
     )
 
 
@@ -319,10 +481,16 @@ def _finish(
     metadata: dict[str, Any],
     backend: str,
     handle: Any = None,
+    sources: list[LevelSource] | None = None,
 ) -> Slide:
-    """Add a lazy pyramid where the file has a single level, then fill in downsamples."""
-    if len(levels) == 1:
-        levels = _lazy_pyramid(levels[0])
+    """Add lazy levels below a single level, or below a coarsest stored level still over
+    ``MAX_MEAN_PIXELS`` (napari shows the coarsest level first), then fill in downsamples."""
+    sources = list(sources or [])
+    coarsest = levels[-1]
+    if len(sources) == len(levels) and (
+        len(levels) == 1 or math.prod(coarsest.shape[:2]) > MAX_MEAN_PIXELS
+    ):
+        levels = levels[:-1] + _lazy_pyramid(coarsest, sources[-1])
     height, width = levels[0].shape[:2]
     downsamples = [
         (height / level.shape[0] + width / level.shape[1]) / 2.0 for level in levels
@@ -331,20 +499,61 @@ def _finish(
     return Slide(
         path=path, levels=levels, mpp=mpp, downsamples=downsamples, name=slide_name(path),
         metadata=metadata, backend=backend, _handle=handle,
+        _sources=sources + [None] * (len(levels) - len(sources)),
     )
 
 
-def _lazy_pyramid(level0: da.Array) -> list[da.Array]:
-    """Halve ``level0`` with a 2x2 mean until it is small; nothing is computed here."""
-    tile = max(level0.chunksize[0], level0.chunksize[1])
-    block = max(1, 1024 // tile) * tile
+def _lazy_pyramid(level0: da.Array, source: LevelSource) -> list[da.Array]:
+    """``level0`` (read by ``source``) halved until its longest side is at most
+    ``PYRAMID_MIN_SIDE``; nothing is computed here.
+
+    Each level reads ``source`` directly per block (never through the finer levels), so its
+    graph has one task per block and a block costs reads in proportion to its own size.
+    """
     levels = [level0]
-    current = level0.rechunk((block, block, 3))
-    while max(current.shape[:2]) > PYRAMID_MIN_SIDE and min(current.shape[:2]) >= 2:
-        current = da.coarsen(np.mean, current, {0: 2, 1: 2}, trim_excess=True)
-        current = current.round().astype(np.uint8)
-        levels.append(current)
+    height, width = level0.shape[:2]
+    factor = 1
+    while max(height, width) // factor > PYRAMID_MIN_SIDE and min(height, width) // factor >= 2:
+        factor *= 2
+        levels.append(_lazy_level(source, factor, (height // factor, width // factor)))
     return levels
+
+
+def _lazy_level(source: LevelSource, factor: int, shape: tuple[int, int]) -> da.Array:
+    """Level-0 ``source`` shrunk ``factor`` times: chained 2x2 means (the same pixels as
+    coarsening level by level) where ``_is_mean_level``, else sampled at the stride."""
+    height, width = source.shape
+    chunk_height, chunk_width = source.chunks
+
+    def read_block(block_info=None):
+        (y0, y1), (x0, x1), _ = block_info[None]["array-location"]
+        if _is_mean_level(factor, (height, width)):
+            return _halve(source.region(y0 * factor, y1 * factor, x0 * factor, x1 * factor),
+                          factor)
+        rows = sample_positions(y0, y1, factor, height, chunk_height)
+        cols = sample_positions(x0, x1, factor, width, chunk_width)
+        return source.sample(rows, cols)
+
+    chunks = (_chunk_sizes(shape[0], LAZY_LEVEL_CHUNK), _chunk_sizes(shape[1], LAZY_LEVEL_CHUNK),
+              (3,))
+    return da.map_blocks(read_block, chunks=chunks, dtype=np.uint8,
+                         meta=np.empty((0, 0, 3), np.uint8),
+                         name=f"lazy-level-{factor}-{uuid.uuid4().hex}")
+
+
+def _is_mean_level(factor: int, level0_shape: tuple[int, int]) -> bool:
+    """Whether a lazy level is a block mean: a block reads a bounded level-0 region."""
+    return factor <= MAX_MEAN_FACTOR or math.prod(level0_shape) <= MAX_MEAN_PIXELS
+
+
+def _halve(pixels: np.ndarray, factor: int) -> np.ndarray:
+    """2x2 means (rounded each time) until ``factor`` is used up."""
+    while factor > 1:
+        height, width = pixels.shape[0] // 2, pixels.shape[1] // 2
+        pixels = pixels[: 2 * height, : 2 * width].reshape(height, 2, width, 2, 3)
+        pixels = pixels.mean(axis=(1, 3)).round().astype(np.uint8)
+        factor //= 2
+    return pixels
 
 
 def _arrays_from_zarr_node(node, path: Path) -> list:

@@ -5,6 +5,8 @@ from a thumbnail (a low pyramid level): H&E tissue is coloured while glass is gr
 pixels must be saturated (Otsu on HSV saturation, clamped so a slide that is mostly tissue
 keeps its pale stroma) and not transparent (optical density above that of clean glass).
 Specks are removed and small holes filled, in mask pixels scaled to the mask size.
+The thumbnail of a huge single-level slide is a bounded sample of level 0 (``read_thumbnail``),
+so the mask costs the same on a 200,000 px slide as on a pyramid.
 """
 
 from __future__ import annotations
