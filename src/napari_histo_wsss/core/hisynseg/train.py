@@ -109,6 +109,7 @@ def train_hisynseg(
 
     With ``val`` every epoch is scored and the best mIoU over both rounds is kept.
     """
+    config.validate()
     if distributed.launched_by_torchrun():
         raise ConfigError("HisynSeg does not run under torchrun (its synthesis and pseudo-masks "
                           "are single-process): train it without torchrun")

@@ -283,6 +283,7 @@ def generate_pseudo_masks(run: RunDirectory, config: RunConfig, patches: PatchSe
     Ends with ``Done(result=final folder)``; a stop leaves the stage incomplete.
     """
     stop = stop or StopToken()
+    config.validate()
     recipe = config.pseudo_masks
     spec = patches.spec
     model, _ = load_classifier(run.classifier_checkpoint, device, spec=spec)
