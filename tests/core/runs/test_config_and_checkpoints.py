@@ -122,8 +122,9 @@ def test_checkpoint_with_arbitrary_objects_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"kind": "classifier", "state_dict": {}, "x": ArbitraryObject()}, path,
                pickle_module=pickle)
-    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match="evil.pt: holds Python objects") as refused:
         load_checkpoint(path)
+    assert "weights_only" not in str(refused.value)  # no advice to run the file's code
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(CheckpointError, match="junk.pt: not a readable checkpoint"):
         load_checkpoint(tmp_path / "junk.pt")

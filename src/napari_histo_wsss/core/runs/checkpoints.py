@@ -8,6 +8,7 @@ else can never run code.
 
 from __future__ import annotations
 
+import pickle
 import platform
 import time
 from pathlib import Path
@@ -81,6 +82,11 @@ def load_checkpoint(path: str | Path, kind: str | None = None) -> dict[str, Any]
         raise CheckpointError("checkpoint file not found", path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's own message advises weights_only=False, i.e. running the file's code: never.
+        raise CheckpointError(
+            "holds Python objects besides weights (a pickle that could run code when opened); "
+            "it is refused: use a checkpoint written by napari-histo-wsss", path) from None
     except Exception as error:  # torch raises many types for a bad file; all mean the same
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
         raise CheckpointError(f"not a readable checkpoint ({first_line})", path) from None
