@@ -8,10 +8,13 @@ Anything unreadable is ignored: a broken settings file must never stop a widget 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
 from typing import Any
+
+from ..core.runs.outputs import atomic_write_text
 
 CONFIG_DIR_ENV_VAR = "HISTO_WSSS_CONFIG_DIR"
 _FILE_NAME = "widgets.json"
@@ -47,10 +50,5 @@ def save_settings(section: str, values: dict[str, Any]) -> None:
     data = _read_all()
     data[section] = values
     path = settings_path()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(data, indent=2, default=str) + "\n")
-        temporary.replace(path)
-    except OSError:
-        pass
+    with contextlib.suppress(OSError):
+        atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")

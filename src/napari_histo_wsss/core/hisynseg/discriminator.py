@@ -30,6 +30,7 @@ from ..data.classes import DatasetSpec
 from ..data.datasets import write_palette_mask
 from ..errors import ConfigError
 from ..events import Batch, Event, Message, Started, StopToken
+from ..runs.outputs import atomic_write_text
 from ..training.loop import EpochResult, EpochTrainer, run_epochs
 from ..training.state import TrainingState
 from ..training.stepper import Stepper
@@ -322,8 +323,4 @@ def update_synthesis_record(folder: str | Path, key: str, value) -> Path:
     path = Path(folder) / "synthesis.json"
     record = json.loads(path.read_text()) if path.is_file() else {}
     record[key] = value
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(record, indent=2) + "\n")
-    temporary.replace(path)
-    return path
+    return atomic_write_text(path, json.dumps(record, indent=2) + "\n")

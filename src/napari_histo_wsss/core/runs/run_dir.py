@@ -34,6 +34,7 @@ from typing import Any
 
 from ..config.run_config import RunConfig
 from ..errors import ConfigError
+from .outputs import atomic_write_text
 from .stages import canonical_stage
 
 #: Names that become one folder inside the run directory (strategies, pseudo-mask sets):
@@ -127,15 +128,16 @@ class RunDirectory:
         status = self.status()
         finished_at = time.strftime("%Y-%m-%dT%H:%M:%S")
         status[canonical_stage(stage)] = {"complete": True, "finished_at": finished_at, **info}
-        temporary = self.status_path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(status, indent=2) + "\n")
-        temporary.replace(self.status_path)
+        self._write_status(status)
 
     def mark_incomplete(self, stage: str) -> None:
         status, stage = self.status(), canonical_stage(stage)
         if stage in status:
             del status[stage]
-            self.status_path.write_text(json.dumps(status, indent=2) + "\n")
+            self._write_status(status)
+
+    def _write_status(self, status: dict[str, Any]) -> None:
+        atomic_write_text(self.status_path, json.dumps(status, indent=2) + "\n")
 
 
 class LossLog:

@@ -37,6 +37,7 @@ from ..models.segmenter import (
 )
 from ..registry import Registry
 from ..runs.checkpoints import load_checkpoint, save_checkpoint
+from ..runs.outputs import atomic_write_text
 from ..runs.run_dir import LossLog, RunDirectory
 from ..training import distributed
 from ..training.loop import EpochResult, EpochTrainer, run_epochs
@@ -443,6 +444,4 @@ def write_metrics(folder: Path, strategy: str, settings: SegmenterConfig, state:
         "history": state.history,
         **extra,
     }
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(json_ready(metrics), indent=2) + "\n")
-    temporary.replace(path)
+    atomic_write_text(path, json.dumps(json_ready(metrics), indent=2) + "\n")
