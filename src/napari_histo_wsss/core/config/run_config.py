@@ -159,8 +159,14 @@ class SegmenterConfig:
     #: MLPS classification gate: classes with classifier probability <= this are suppressed.
     class_gate: float | None = None
     tta: str = "none"  # a TTA_MODES name (inference/predict.py)
+    #: Decay of an exponential moving average of the weights, validated and saved instead of
+    #: the raw weights (None: off). 0.99 averages over about the last 100 steps.
+    weight_average: float | None = None
 
     def validate(self) -> None:
+        if self.weight_average is not None and not 0 < self.weight_average < 1:
+            raise ConfigError(f"segmenter.weight_average must be between 0 and 1 (a decay), "
+                              f"not {self.weight_average!r}")
         require("segmenter", _is_count, epochs=self.epochs, batch_size=self.batch_size,
                 input_size=self.input_size, encoder_depth=self.encoder_depth)
         require("segmenter", _is_positive, lr=self.lr, head_lr_mult=self.head_lr_mult)

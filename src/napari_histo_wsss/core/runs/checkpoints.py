@@ -42,11 +42,13 @@ def save_checkpoint(
     spec: DatasetSpec,
     training: dict[str, Any] | None = None,
     optimizer_state: dict[str, Any] | None = None,
+    average_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a checkpoint atomically (temp file + rename) so a crash never leaves half a file.
 
     ``kind`` names the model family ("classifier", "segmenter", ...); ``training`` holds
-    provenance and resume state (epoch, step, best metric, losses, seed).
+    provenance and resume state (epoch, step, best metric, losses, seed); ``average_state``
+    the weight average a resumed run continues (``Stepper.average``).
     """
     path = Path(path)
     broken = first_non_finite(state_dict)
@@ -62,6 +64,8 @@ def save_checkpoint(
         "dataset": spec.to_dict(),
         "training": training or {},
         "optimizer_state": optimizer_state,
+        "average_state": None if average_state is None else {
+            k: v.detach().cpu() for k, v in average_state.items()},
         "versions": {
             "napari_histo_wsss": __version__,
             "torch": str(torch.__version__),

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from ..config.run_config import ClassifierConfig, RunConfig
 from ..data.classes import DatasetSpec
+from ..data.stain import hed_jitter
 from ..errors import CheckpointError, ConfigError, DatasetError
 from ..events import Event, StopToken
 from ..models.classifier import CamClassifier, ClassifierOutput, build_classifier
@@ -117,6 +118,17 @@ def arml_augmentation(x: torch.Tensor, generator: torch.Generator) -> torch.Tens
     """ARML: H flip, 3x3 blur, V flip, brightness/contrast jitter 0.5."""
     x = _gaussian_blur3(_flip(x, 3, generator), generator)
     return _brightness_contrast(_flip(x, 2, generator), generator)
+
+
+@CLASSIFIER_AUGMENTATIONS.register("histo")
+def histo_augmentation(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Tissue has no up or right: flips and quarter turns (the 8 symmetries of the square,
+    on square inputs), then per-image H&E stain jitter (core/data/stain.py)."""
+    x = _flip(_flip(x, 3, generator), 2, generator)
+    if x.shape[2] == x.shape[3]:
+        turned = torch.rand(x.shape[0], generator=generator) < 0.5
+        x = torch.where(turned.to(x.device)[:, None, None, None], x.transpose(2, 3), x)
+    return hed_jitter(x, generator)
 
 
 def augment_batch(x: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Tensor:

@@ -24,6 +24,7 @@ from PIL import Image, ImageFilter
 
 from ..config.run_config import RunConfig, SegmenterConfig
 from ..data.datasets import EvalSet, PatchSet, read_mask
+from ..data.stain import hed_jitter
 from ..devices import resolve_device
 from ..errors import ConfigError, DatasetError
 from ..events import Event, Preview, StopToken
@@ -41,7 +42,7 @@ from ..runs.outputs import atomic_write_text
 from ..runs.run_dir import LossLog, RunDirectory
 from ..training import distributed
 from ..training.loop import EpochResult, EpochTrainer, run_epochs
-from ..training.resume import resume_state
+from ..training.resume import restore_average, resume_state
 from ..training.sampling import SAMPLINGS, epoch_order
 from ..training.schedules import SCHEDULES, set_lr
 from ..training.state import TrainingState
@@ -135,7 +136,10 @@ class SegmenterTrainer(EpochTrainer):
                            ["epoch", "step", "train_loss", *part_names, "lr", "val_miou",
                             "val_fwiou", "val_dice", "seconds"]
                            ) if distributed.is_main_process() else None
-        self.stepper = Stepper(self.model, optimizer, device, self.loss_fn.name)
+        self.stepper = Stepper(self.model, optimizer, device, self.loss_fn.name,
+                               average_decay=settings.weight_average)
+        if self.last_path.is_file():
+            restore_average(self.stepper, payload, self.last_path)
         self.context = LossContext(self.spec.num_classes, total_epochs=settings.epochs)
         self.best_scores: dict | None = None
 
@@ -189,7 +193,7 @@ class SegmenterTrainer(EpochTrainer):
                 "weight": result.pixel_weight[0].float().cpu().numpy()}))
         scores = None
         if self.val is not None and distributed.is_main_process():
-            predictor = SegmentationPredictor(self.model, self.spec, mean=self.mean,
+            predictor = SegmentationPredictor(self.stepper.kept_model, self.spec, mean=self.mean,
                                               std=self.std, input_size=self.side)
             scores = evaluate(predictor, self.val)
         miou = scores["miou"] if scores else float("nan")
@@ -207,9 +211,14 @@ class SegmenterTrainer(EpochTrainer):
 
     def save(self, path: Path, with_optimizer: bool, stopped: bool = False) -> None:
         optimizer = self.stepper.optimizer
-        save_checkpoint(path, kind=SEGMENTER_KIND, state_dict=self.model.state_dict(),
+        average = self.stepper.average
+        # model.pt holds the weights to predict with; last.pt the ones training continues from.
+        model = self.model if with_optimizer else self.stepper.kept_model
+        save_checkpoint(path, kind=SEGMENTER_KIND, state_dict=model.state_dict(),
                         config=self.saved_config, spec=self.spec, training=self.state.to_dict(),
-                        optimizer_state=optimizer.state_dict() if with_optimizer else None)
+                        optimizer_state=optimizer.state_dict() if with_optimizer else None,
+                        average_state=average.state_dict() if with_optimizer and average
+                        else None)
 
     def record(self, epoch: int, train_loss: float, parts: dict[str, float], lr: float,
                result: EpochResult) -> None:
@@ -328,6 +337,25 @@ def flip_blur_augmentation(image: np.ndarray, masks: list[np.ndarray], side: int
     p 0.5 with radius U(0, 1)."""
     image, masks = _crop(image, masks, side, rng, pad=False)
     image, masks = _random_horizontal_flip(image, masks, rng)
+    if rng.random() < 0.5:
+        radius = rng.uniform(0.0, 1.0)
+        image = np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(radius)))
+    return image, masks
+
+
+@SEGMENTER_AUGMENTATIONS.register("histo")
+def histo_augmentation(image: np.ndarray, masks: list[np.ndarray], side: int,
+                       rng: np.random.Generator):
+    """Crop, one of the 8 symmetries of the square (tissue has no up or right), H&E stain
+    jitter (core/data/stain.py) and the recipes' light blur, p 0.5."""
+    image, masks = _crop(image, masks, side, rng, pad=False)
+    turns, flip = int(rng.integers(4)), rng.random() < 0.5
+    image, masks = np.rot90(image, turns), [np.rot90(m, turns) for m in masks]
+    if flip:
+        image, masks = image[:, ::-1], [m[:, ::-1] for m in masks]
+    generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    image = hed_jitter(pixels, generator)[0].permute(1, 2, 0).round().to(torch.uint8).numpy()
     if rng.random() < 0.5:
         radius = rng.uniform(0.0, 1.0)
         image = np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(radius)))

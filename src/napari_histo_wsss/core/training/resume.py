@@ -10,7 +10,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from .state import TrainingState
-from .stepper import restore_optimizer
+from .stepper import Stepper, restore_optimizer
 
 
 def resume_state(payload: dict[str, Any], path: Path, model: nn.Module,
@@ -26,3 +26,16 @@ def resume_state(payload: dict[str, Any], path: Path, model: nn.Module,
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
         raise CheckpointError(mismatch.format(reason=reason), path) from None
     return TrainingState.from_dict(payload["training"])
+
+
+def restore_average(stepper: Stepper, payload: dict[str, Any], path: Path) -> None:
+    """Continue the saved weight average; a run saved without one (or with the average
+    turned on later) starts it from the resumed weights."""
+    saved = payload.get("average_state")
+    if stepper.average is None or not saved:
+        return
+    try:
+        stepper.average.load_state_dict(saved)
+    except (RuntimeError, KeyError) as error:
+        raise CheckpointError(f"its weight average does not fit this model: "
+                              f"{str(error).strip().splitlines()[0]}", path) from None

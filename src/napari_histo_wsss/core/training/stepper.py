@@ -14,6 +14,7 @@ from contextlib import AbstractContextManager
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ..devices import autocast_dtype
 from ..errors import ConfigError
@@ -29,7 +30,7 @@ class Stepper:
     """Owns the model being trained (DDP-wrapped under torchrun), its optimiser and scaler."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 device: torch.device, loss_name: str):
+                 device: torch.device, loss_name: str, average_decay: float | None = None):
         self.device = device
         self.loss_name = loss_name
         self.amp_dtype = autocast_dtype(device)
@@ -40,6 +41,19 @@ class Stepper:
         #: The module the step functions call (``model`` itself outside torchrun).
         self.model = distributed.wrap(model, device)
         self.optimizer = optimizer
+        #: An exponential moving average of the weights (and BatchNorm statistics), updated
+        #: after every step: it smooths the last epochs' noise, so the model scored and kept
+        #: does not depend on which batch an epoch happened to end with (docs/algorithms.md 12).
+        self.average = AveragedModel(
+            model, multi_avg_fn=get_ema_multi_avg_fn(average_decay), use_buffers=True,
+        ) if average_decay else None
+
+    @property
+    def kept_model(self) -> nn.Module:
+        """The model to validate and save: the weight average when there is one."""
+        if self.average is not None:
+            return self.average.module
+        return getattr(self.model, "module", self.model)
 
     def autocast(self) -> AbstractContextManager:
         return torch.autocast(self.device.type, dtype=self.amp_dtype,
@@ -55,6 +69,8 @@ class Stepper:
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.average is not None:
+            self.average.update_parameters(getattr(self.model, "module", self.model))
         return value
 
     def check_weights(self, where: str) -> None:
