@@ -98,3 +98,15 @@ def test_compare_scores_writes_masks_and_refuses_unknown_strategies(finished_run
     assert main(["compare", str(out), str(image), "--strategies", "onss"]) == 2
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and "'onss'" in error and "trained: multilayer_ce" in error
+
+
+def test_method_is_optional_and_defaults_to_the_recommended_recipe():
+    from napari_histo_wsss.cli.main import build_parser
+    from napari_histo_wsss.core.config.presets import DEFAULT_METHOD
+
+    parser = build_parser()
+    for argv in (["pipeline", "DATA", "--out", "RUN"], ["train-classifier", "DATA", "--out", "R"],
+                 ["demo"]):
+        assert parser.parse_args(argv).method == DEFAULT_METHOD
+    assert parser.parse_args(["pipeline", "DATA", "--out", "R", "--method", "mlps",
+                              "--schedule", "long"]).schedule == "long"

@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..core.config.presets import METHODS
+from ..core.config.presets import DEFAULT_METHOD, METHODS
 from .flags import (
     add_dataset_flags,
     add_device_flag,
@@ -23,8 +23,9 @@ def add_pipeline_parsers(commands) -> None:
     pipeline = commands.add_parser(
         "pipeline", help="run every stage with a method preset (resumes an interrupted run)")
     pipeline.add_argument("data_dir", metavar="DATA_DIR")
-    pipeline.add_argument("--method", required=True,
-                          choices=METHODS.names())
+    pipeline.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS.names(),
+                          help="method preset (default: %(default)s, the best measured; "
+                               "docs/results.md)")
     pipeline.add_argument("--out", required=True, metavar="RUN_DIR")
     pipeline.add_argument("--strategies",
                           help="train several noise-suppression losses one after another on the "
@@ -38,8 +39,8 @@ def add_pipeline_parsers(commands) -> None:
     demo.add_argument("--no-viewer", action="store_true", help="do not open napari at the end")
     demo.add_argument("--out", default="histo-wsss-demo", metavar="RUN_DIR",
                       help="run directory (default ./histo-wsss-demo; reused if it exists)")
-    demo.add_argument("--method", default="mlps",
-                      choices=METHODS.names())
+    demo.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS.names(),
+                      help="method preset (default: %(default)s)")
     add_device_flag(demo)
     demo.set_defaults(func=cmd_demo)
 

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..core.config.presets import METHODS
+from ..core.config.presets import DEFAULT_METHOD, METHODS
 
 
 def add_stage1_parsers(commands) -> None:
@@ -21,7 +21,8 @@ def add_stage1_parsers(commands) -> None:
         "train-classifier", help="stage 1: train the CAM classifier on the patch labels "
                                  "(resumes an interrupted run)")
     train.add_argument("data_dir", metavar="DATA_DIR")
-    train.add_argument("--method", required=True, choices=METHODS.names())
+    train.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS.names(),
+                       help="method preset (default: %(default)s)")
     train.add_argument("--out", required=True, metavar="RUN_DIR")
     add_training_flags(train)
     add_dataset_flags(train)

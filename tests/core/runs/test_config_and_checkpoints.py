@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from napari_histo_wsss.core.config.presets import (
+    DEFAULT_METHOD,
     METHODS,
     PRESET_SCHEDULES,
     preset,
@@ -53,8 +54,30 @@ def test_paper_schedule_is_the_registered_paper_epochs():
         config = preset(name, "paper")
         assert (config.classifier.epochs, config.segmenter.epochs) == (
             method.classifier_epochs, method.segmenter_epochs)
-    with pytest.raises(ConfigError, match="unknown schedule 'slow': choose one of fast, paper"):
+    with pytest.raises(ConfigError,
+                       match="unknown schedule 'slow': choose one of fast, long, paper"):
         preset("mlps", "slow")
+
+
+def test_long_schedule_trains_longer_than_fast_but_never_beyond_the_paper():
+    for name in METHODS.names():
+        fast, long, paper = (preset(name, schedule, num_patches=557)
+                             for schedule in ("fast", "long", "paper"))
+        for stage in ("classifier", "segmenter"):
+            epochs = [getattr(config, stage).epochs for config in (fast, long, paper)]
+            assert epochs[0] <= epochs[1] <= epochs[2], (name, stage, epochs)
+        assert long.segmenter.epochs > fast.segmenter.epochs
+    # The recommended recipe's weight average gets about 12 epochs on 557 patches.
+    assert preset(DEFAULT_METHOD, "fast", num_patches=557).segmenter.epochs == 12
+
+
+def test_the_default_method_is_the_recommended_recipe():
+    config = preset(DEFAULT_METHOD)
+    assert DEFAULT_METHOD == "recommended" and config.method == "recommended"
+    segmenter = config.segmenter
+    assert (segmenter.arch, segmenter.loss, segmenter.augment) == ("deeplabv3plus", "ce",
+                                                                   "histo")
+    assert segmenter.weight_average and segmenter.tta == "d4"
 
 
 def test_fast_schedule_keeps_the_recipe_shape():

@@ -33,6 +33,9 @@ class MethodPreset:
     #: Paper epochs of stage 1 and stage 2 (HisynSeg: per training round).
     classifier_epochs: int
     segmenter_epochs: int
+    #: Segmenter images per run on the ``fast`` schedule (epochs = this / patches): a recipe
+    #: whose weight average needs more steps to settle gets more.
+    fast_segmenter_images: int = 2500
 
     @property
     def has_classifier(self) -> bool:
@@ -42,15 +45,18 @@ class MethodPreset:
 
 #: Method presets by the name users give (``--method``).
 METHODS: Registry[MethodPreset] = Registry("method")
-#: How a preset's paper schedule is adapted: ``schedule(config, num_patches)`` edits it in place.
-PRESET_SCHEDULES: Registry[Callable[[RunConfig, int], None]] = Registry("schedule")
+#: How a preset's paper schedule is adapted: ``schedule(config, method, num_patches)`` edits
+#: it in place.
+PRESET_SCHEDULES: Registry[Callable[[RunConfig, MethodPreset, int], None]] = Registry("schedule")
 
 
-def method_preset(name: str, classifier_epochs: int, segmenter_epochs: int):
+def method_preset(name: str, classifier_epochs: int, segmenter_epochs: int,
+                  fast_segmenter_images: int = 2500):
     """Decorator: register a recipe builder as the method ``name`` with its paper epochs."""
 
     def register(build: Callable[[], RunConfig]) -> Callable[[], RunConfig]:
-        METHODS.add(name, MethodPreset(build, classifier_epochs, segmenter_epochs))
+        METHODS.add(name, MethodPreset(build, classifier_epochs, segmenter_epochs,
+                                       fast_segmenter_images))
         return build
 
     return register
@@ -59,6 +65,24 @@ def method_preset(name: str, classifier_epochs: int, segmenter_epochs: int):
 def methods_with_classifier() -> tuple[str, ...]:
     """The methods whose first stage is a CAM classifier."""
     return tuple(name for name, method in METHODS.items() if method.has_classifier)
+
+
+#: The method used when none is named: the best measured on WSSS4LUAD (docs/results.md).
+DEFAULT_METHOD = "recommended"
+
+
+@method_preset("recommended", classifier_epochs=20, segmenter_epochs=20,
+               fast_segmenter_images=6700)
+def _recommended() -> RunConfig:
+    """Our composition (docs/algorithms.md 12): ESFAN's fused multi-layer CAM pseudo-masks, a
+    full-depth DeepLabV3+ trained with cross-entropy on D4 + H&E stain augmentation, a weight
+    average as the kept model, D4 test-time augmentation."""
+    config = _esfan()
+    config.segmenter = SegmenterConfig(
+        arch="deeplabv3plus", loss="ce", lr=0.01, head_lr_mult=10.0, augment="histo",
+        weight_average=0.99, tta="d4",
+    )
+    return config
 
 
 @method_preset("mlps", classifier_epochs=20, segmenter_epochs=30)
@@ -148,20 +172,38 @@ def preset(method: str, schedule: str = "fast", num_patches: int | None = None) 
     config.schedule = schedule
     config.classifier.epochs = recipe.classifier_epochs
     config.segmenter.epochs = recipe.segmenter_epochs
-    adapt(config, num_patches or 500)
+    adapt(config, recipe, num_patches or 500)
     return config
 
 
 @PRESET_SCHEDULES.register("fast")
-def _scale_to_cpu(config: RunConfig, num_patches: int) -> None:
+def _scale_to_cpu(config: RunConfig, method: MethodPreset, num_patches: int) -> None:
     """Fewer epochs, native patch size and smaller batches, keeping each recipe's proportions.
 
-    About 1,500 classifier and 1,000 segmenter images per epoch budget on two CPU cores; epoch
-    switches (PDA from the 4th of 20 epochs) move with the epoch count.
+    About 3,000 classifier and (per recipe) 2,500-7,000 segmenter images per run on two CPU
+    cores; epoch switches (PDA from the 4th of 20 epochs) move with the epoch count.
     """
+    _scale_budget(config, method, num_patches, budget=1.0)
+
+
+@PRESET_SCHEDULES.register("long")
+def _scale_to_cpu_hour(config: RunConfig, method: MethodPreset, num_patches: int) -> None:
+    """``fast`` with LONG_BUDGET times its images: under an hour on two CPU cores."""
+    _scale_budget(config, method, num_patches, budget=LONG_BUDGET)
+
+
+#: How many times the ``fast`` schedule's training images ``long`` gets.
+LONG_BUDGET = 2.0
+
+
+def _scale_budget(config: RunConfig, method: MethodPreset, num_patches: int,
+                  budget: float) -> None:
+    """Epochs from an image budget (never above the paper's), native patch size, batches of
+    at most 16; the PDA/ARS start epochs and the PDA decay rescaled with the epochs."""
+    patches = max(num_patches, 1)
     classifier = config.classifier
     paper_epochs = max(classifier.epochs, 1)
-    classifier.epochs = int(min(paper_epochs, max(3, round(3000 / max(num_patches, 1)))))
+    classifier.epochs = int(min(paper_epochs, max(3, round(budget * 3000 / patches))))
     ratio = classifier.epochs / paper_epochs
     classifier.pda_start_epoch = max(1, round(classifier.pda_start_epoch * ratio))
     classifier.ars_start_epoch = max(1, round(classifier.ars_start_epoch * ratio))
@@ -171,7 +213,8 @@ def _scale_to_cpu(config: RunConfig, num_patches: int) -> None:
     classifier.input_size = None
     classifier.batch_size = min(classifier.batch_size, 16)
     segmenter = config.segmenter
-    segmenter.epochs = int(min(max(segmenter.epochs, 1), max(3, round(2500 / max(num_patches, 1)))))
+    segmenter.epochs = int(min(max(segmenter.epochs, 1), max(
+        3, round(budget * method.fast_segmenter_images / patches))))
     segmenter.batch_size = min(segmenter.batch_size, 16)
     # Native patch size, as for the classifier: the magnification inference will see. HisynSeg's
     # synthetic images take that side too, so no source patch is mirror-padded up to 224.
@@ -181,15 +224,15 @@ def _scale_to_cpu(config: RunConfig, num_patches: int) -> None:
         # real patches (as released for WSSS4LUAD: 2 x 3,600 synthetic for 10,091 real), and a
         # ResNet-10-T filter trains in about 60 % of ResNet-18's time.
         hisynseg = config.hisynseg
-        segmenter.epochs = min(segmenter.epochs, max(3, round(1500 / max(num_patches, 1))))
-        hisynseg.images_per_type = min(hisynseg.images_per_type, max(8, num_patches // 2))
-        hisynseg.discriminator_images = min(hisynseg.discriminator_images, max(16, num_patches))
+        segmenter.epochs = min(segmenter.epochs, max(3, round(budget * 1500 / patches)))
+        hisynseg.images_per_type = min(hisynseg.images_per_type, max(8, patches // 2))
+        hisynseg.discriminator_images = min(hisynseg.discriminator_images, max(16, patches))
         hisynseg.discriminator_arch = "resnet10t"
         hisynseg.discriminator_batch_size = min(hisynseg.discriminator_batch_size, 32)
 
 
 @PRESET_SCHEDULES.register("paper")
-def _keep_paper_schedule(config: RunConfig, num_patches: int) -> None:
+def _keep_paper_schedule(config: RunConfig, method: MethodPreset, num_patches: int) -> None:
     """The published epochs and batch sizes, for a GPU."""
 
 
