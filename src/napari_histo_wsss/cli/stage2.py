@@ -112,6 +112,8 @@ def cmd_train_segmenter(args) -> int:
                      else args.seed, device=args.device or config.device)
     strategy = args.strategy or segmenter.loss
     val = layout.eval_set("val")
+    if val is not None:
+        val.check()
     print(f"{layout.describe()}\nsegmenter: {segmenter.arch} on {segmenter.encoder}, loss "
           f"{segmenter.loss} -> {run.segmenter_dir(strategy)}", file=sys.stderr)
     done = drive(lambda stop: train_segmenter(

@@ -15,6 +15,8 @@ the model was trained on.
 
 An interrupted run leaves ``complete: false`` and a done map of written blocks; running it
 again with the same settings continues from there, and a run whose settings differ is refused.
+While a run writes, it holds the lock ``.<name>.lock`` beside the output (core/runs/locks.py), so
+a second run on the same output, even one that would start over, is refused.
 Out of GPU memory, the batch is halved and the run goes on.
 """
 
@@ -39,6 +41,7 @@ from ..data.classes import DatasetSpec
 from ..errors import ConfigError, HistoWsssError, SlideError
 from ..events import Batch, Done, Event, Message, Preview, Started, StopToken, run_to_completion
 from ..inference.tiling import BLEND_MODES, RowBlender, TileGrid
+from ..runs.locks import locked_job, sibling_lock_path
 from . import ome_zarr_labels as store
 from .slides import Slide, best_level_for_mpp, open_slide, read_region, slide_name
 from .tissue import TissueMask
@@ -162,7 +165,8 @@ def segment_slide(
             stop=stop, resume=resume, write_cams=write_cams, read_workers=read_workers,
             band_budget_bytes=band_budget_bytes,
         )
-        yield from job.run()
+        out_path = Path(out_path)
+        yield from locked_job(sibling_lock_path(out_path), out_path, STAGE, job.run())
     finally:
         if owns_slide:
             slide.close()
