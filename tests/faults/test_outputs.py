@@ -212,3 +212,14 @@ def test_atomic_write_leaves_no_temporary_file_and_replaces_the_old_text(tmp_pat
     atomic_write_text(target, "new")
     assert target.read_text() == "new"
     assert [p.name for p in tmp_path.iterdir()] == ["a.geojson"]
+
+
+def test_atomic_write_gives_a_new_file_the_mode_a_plain_write_would(tmp_path):
+    """mkstemp makes its files 0600: a GeoJSON or status file others could not read."""
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    atomic = atomic_write_text(tmp_path / "atomic.txt", "x")
+    assert atomic.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+    plain.chmod(0o640)
+    atomic_write_text(plain, "y")
+    assert plain.stat().st_mode & 0o777 == 0o640
