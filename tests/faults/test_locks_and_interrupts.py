@@ -1,7 +1,7 @@
 """One writer per output, and Ctrl-C honoured in every phase of a slide: real processes.
 
 The slide runs are the real ``histo-wsss segment-slide`` in a subprocess on the bundled real
-slide (level 2, 64 px tiles, so a run is a few dozen small batches), interrupted by a real
+slide (level 2, 128 px tiles, so a run is a few small batches), interrupted by a real
 SIGINT or SIGKILL at a phase recognised from its own output, then run again to the end.
 """
 
@@ -28,8 +28,9 @@ from napari_histo_wsss.core.runs.locks import (
 )
 from napari_histo_wsss.core.wsi import ome_zarr_labels as store
 
-#: Small work: the coarsest level of the sample, tiles of 64 px, one tile per batch.
-SMALL = ["--level", "2", "--tile", "64", "--halo", "8", "--batch-size", "1", "--device", "cpu"]
+#: Small work: the coarsest level of the sample (741 x 555 px) in tiles of 128 px, four per
+#: batch: about 20 tissue tiles, so a run is a few batches.
+SMALL = ["--level", "2", "--tile", "128", "--halo", "16", "--batch-size", "4", "--device", "cpu"]
 #: A guard against hangs only (the machine may be busy): no run here takes a tenth of it.
 HANG_GUARD_S = 300
 
@@ -162,7 +163,7 @@ def test_no_resume_never_deletes_an_output_another_run_is_writing(
         trained_run, sample_slide_path, tmp_path, reference, capsys):
     out = tmp_path / "slide.zarr"
     first = Process(_segment_slide(trained_run, sample_slide_path, out))
-    first.wait_for(lambda: first.tiles_done() >= 1, "its first tile")
+    first.wait_for(lambda: first.tiles_done() >= 1, "its first batch")
     second = main(_segment_slide(trained_run, sample_slide_path, out, "--no-resume")[3:])
     assert second == 2
     error = capsys.readouterr().err.strip()
@@ -209,7 +210,7 @@ def test_ctrl_c_while_tiles_are_predicted_and_written(trained_run, sample_slide_
                                                      reference):
     out = tmp_path / "slide.zarr"
     _interrupt_then_resume(trained_run, sample_slide_path, out, reference,
-                           lambda p: p.tiles_done() >= 3, "its third tile")
+                           lambda p: p.tiles_done() >= 1, "its first batch")
 
 
 def test_sigkill_leaves_a_stale_lock_that_the_next_run_takes_over(
@@ -217,7 +218,7 @@ def test_sigkill_leaves_a_stale_lock_that_the_next_run_takes_over(
     out = tmp_path / "slide.zarr"
     capsys.readouterr()
     _interrupt_then_resume(trained_run, sample_slide_path, out, reference,
-                           lambda p: p.tiles_done() >= 3, "its third tile", sig=signal.SIGKILL)
+                           lambda p: p.tiles_done() >= 1, "its first batch", sig=signal.SIGKILL)
     said = capsys.readouterr()
     assert "took over the lock" in said.out + said.err
 
