@@ -10,7 +10,7 @@ A weight explosion can stay finite for many steps (lr 200 on the classifier: 0.9
 ...). So a loss more than :data:`DIVERGENCE_FACTOR` times the early loss (the median of this
 session's first :data:`EARLY_STEPS` losses, at least :data:`EARLY_FLOOR`) stops training the
 same way. Healthy runs stay far below: the classifier's loss on 32 px crops at lr 0.01 peaks at
-about 50 times its first value, a loss that is not going down but not diverging either.
+about 55 times its first value, a loss that is not going down but not diverging either.
 """
 
 from __future__ import annotations
