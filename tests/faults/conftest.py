@@ -11,9 +11,10 @@ import pytest
 from napari_histo_wsss.cli import main
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, sample_dataset_dir) -> Path:
-    """MLPS on the 42 bundled patches, one short epoch per stage (as tests/cli does)."""
+    """MLPS on the 42 bundled patches, one short epoch per stage (as tests/cli does); shared
+    by every fault module, which only read it (tests that damage a run copy it first)."""
     out = tmp_path_factory.mktemp("faults") / "run"
     status = main(["pipeline", str(sample_dataset_dir), "--method", "mlps", "--out", str(out),
                    "--epochs-cls", "1", "--epochs-seg", "1", "--batch-size", "8",

@@ -127,6 +127,48 @@ def test_several_slides_with_geojson_folder_below_a_file_are_refused(trained_run
     assert not (tmp_path / "out").exists()
 
 
+def test_geojson_equal_to_out_names_both_flags(trained_run, slide_copy, tmp_path, capsys):
+    """Was refused as "is an input of this command", which sent users looking for the input."""
+    out = tmp_path / "s.zarr"
+    error = assert_refused(["segment-slide", trained_run, slide_copy, "--out", out,
+                            "--geojson", out], capsys, out, slide_copy)
+    assert "both --out and --geojson" in error
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------- outputs claimed only after
+# the inputs loaded: a model that fails to load leaves no empty marked folder behind
+
+
+def _truncated_model(trained_run: Path, tmp_path: Path) -> Path:
+    """A copy of the run whose segmenter checkpoint lost its second half (an interrupted copy)."""
+    run = Path(shutil.copytree(trained_run, tmp_path / "broken_run"))
+    for checkpoint in (run / "segmenter").glob("*/model.pt"):
+        data = checkpoint.read_bytes()
+        checkpoint.write_bytes(data[: len(data) // 2])
+    return run
+
+
+def test_save_masks_folder_is_not_made_when_the_model_fails_to_load(trained_run, val_copy,
+                                                                   tmp_path, capsys):
+    images, masks = val_copy
+    run, out = _truncated_model(trained_run, tmp_path), tmp_path / "predicted"
+    assert main(["evaluate", str(run), str(images), str(masks), "--save-masks", str(out),
+                 "--device", "cpu"]) == 2
+    assert "model.pt" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_compare_out_folder_is_not_made_when_a_model_fails_to_load(trained_run, val_copy,
+                                                                  tmp_path, capsys):
+    images, _ = val_copy
+    run, out = _truncated_model(trained_run, tmp_path), tmp_path / "side_by_side"
+    assert main(["compare", str(run), str(images / "02.png"), "--out", str(out),
+                 "--device", "cpu"]) == 2
+    assert "model.pt" in capsys.readouterr().err
+    assert not out.exists()
+
+
 # ---------------------------------------------------------------- compare, pipeline
 
 
@@ -170,3 +212,14 @@ def test_atomic_write_leaves_no_temporary_file_and_replaces_the_old_text(tmp_pat
     atomic_write_text(target, "new")
     assert target.read_text() == "new"
     assert [p.name for p in tmp_path.iterdir()] == ["a.geojson"]
+
+
+def test_atomic_write_gives_a_new_file_the_mode_a_plain_write_would(tmp_path):
+    """mkstemp makes its files 0600: a GeoJSON or status file others could not read."""
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    atomic = atomic_write_text(tmp_path / "atomic.txt", "x")
+    assert atomic.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+    plain.chmod(0o640)
+    atomic_write_text(plain, "y")
+    assert plain.stat().st_mode & 0o777 == 0o640

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -283,3 +285,90 @@ def test_a_checkpoint_with_nan_weights_is_refused_on_the_command_line(
     assert status == 2
     error = _one_line_error(capsys)
     assert str(path) in error and "'head.weight' is NaN or infinite" in error
+
+
+def _classifier_run(tmp_path, patches, **settings) -> tuple[RunDirectory, RunConfig]:
+    config = preset("mlps", "fast", num_patches=len(patches))
+    config.dataset = patches.spec.to_dict()
+    config.classifier = dataclasses.replace(config.classifier, batch_size=8, input_size=32,
+                                            **settings)
+    run = RunDirectory(tmp_path / "run")
+    run.create(config)
+    return run, config
+
+
+def test_a_finite_loss_explosion_stops_training(tmp_path, patches):
+    """lr 200: the loss goes 0.9 -> 4.7e7 -> 5e16 ... and only turns NaN steps later; the
+    first step past 1000 times the early loss stops it, nothing is saved."""
+    run, config = _classifier_run(tmp_path, patches, epochs=1, lr=200.0)
+    with pytest.raises(ConfigError, match=r"grew to .* over 1000 times its early value .*: "
+                                          "lower the learning rate"):
+        list(train_classifier(run, config, patches, device=CPU))
+    assert not run.classifier_checkpoint.exists()
+    assert not run.is_complete("classifier")
+
+
+def test_a_noisy_but_healthy_loss_is_not_taken_for_divergence(tmp_path, patches):
+    """The same crops at lr 0.01 swing up to ~55 times the first loss: training goes on."""
+    run, config = _classifier_run(tmp_path, patches, epochs=3, lr=0.01)
+    list(train_classifier(run, config, patches, device=CPU))
+    assert run.is_complete("classifier")
+
+
+# --------------------------------------------------------------------------------------------
+# Val masks checked before the first stage; a broken last.pt names the way out (--restart)
+
+
+def _break_mask(mask: Path, how: str) -> None:
+    from PIL import Image
+
+    if how == "truncated":
+        mask.write_bytes(mask.read_bytes()[:100])
+        return
+    with Image.open(mask) as image:
+        palette, size = image.getpalette(), image.size
+    values = np.zeros(size[::-1], np.uint8)
+    if how == "wrong size":
+        values = values[: size[1] // 2]
+    else:  # a value past the classes and the background
+        values[0, 0] = 9
+    broken = Image.fromarray(values, mode="P")
+    broken.putpalette(palette)
+    broken.save(mask)
+
+
+@pytest.mark.parametrize("command", ["pipeline", "train-classifier"])
+@pytest.mark.parametrize("how, problem", [("wrong size", "but its image"),
+                                          ("out of range", "outside the classes"),
+                                          ("truncated", "cannot read mask")])
+def test_a_bad_val_mask_is_refused_before_the_first_stage(command, how, problem, tmp_path,
+                                                          sample_dataset_dir, capsys):
+    data = Path(shutil.copytree(sample_dataset_dir, tmp_path / "data"))
+    mask = sorted((data / "val" / "mask").iterdir())[0]
+    _break_mask(mask, how)
+    run = tmp_path / "run"
+    status = main([command, str(data), "--method", "mlps", "--out", str(run),
+                   "--epochs-cls", "1", "--epochs-seg", "1", "--device", "cpu"]
+                  if command == "pipeline" else
+                  [command, str(data), "--method", "mlps", "--out", str(run), "--epochs-cls",
+                   "1", "--device", "cpu"])
+    assert status == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert str(mask) in error and problem in error
+    assert not (run / "classifier").exists()
+
+
+def test_a_truncated_last_pt_names_restart_which_starts_the_stage_over(
+        tmp_path, sample_dataset_dir, capsys):
+    run = tmp_path / "run"
+    last = run / "classifier" / "last.pt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"PK\x03\x04 half of a checkpoint")
+    argv = ["train-classifier", str(sample_dataset_dir), "--method", "mlps", "--out", str(run),
+            "--epochs-cls", "1", "--batch-size", "21", "--device", "cpu"]
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert str(last) in error and "run again with --restart to start this stage over" in error
+    assert main([*argv, "--restart"]) == 0
+    assert RunDirectory(run).is_complete("classifier")
+    assert load_checkpoint(last, kind="classifier")["training"]["finished"]

@@ -11,6 +11,9 @@ from pathlib import Path
 
 from .flags import add_device_flag, add_overwrite_flag
 
+#: The command named in the marker of an --out folder (core/runs/outputs.py).
+OUT_COMMAND = "compare --out"
+
 
 def add_compare_parsers(commands) -> None:
     """Register ``compare`` on the ``histo-wsss`` sub-command parser."""
@@ -39,6 +42,7 @@ def cmd_compare(args) -> int:
     from ..core.data.datasets import read_mask, read_rgb, write_palette_mask
     from ..core.inference.metrics import format_scores
     from ..core.inference.predict import json_ready
+    from ..core.runs.outputs import claim_output_folder
     from ..core.runs.run_dir import RunDirectory
     from ..core.stage2.compare import check_mask_fits, compare_strategies, disagreement
 
@@ -46,12 +50,14 @@ def cmd_compare(args) -> int:
     spec = DatasetSpec.from_dict(run.config().dataset)
     strategies = args.strategies.split(",") if args.strategies else None
     if args.out:
-        _claim_out_folder(args, run, strategies)
+        _check_out_folder(args, run, strategies)
     image = read_rgb(args.image)
     truth = read_mask(args.mask, spec) if args.mask else None
     if truth is not None:
         check_mask_fits(truth, image, args.mask)
     results = compare_strategies(run, image, strategies, truth=truth, device=args.device)
+    if args.out:  # marked only once every model loaded and predicted
+        claim_output_folder(args.out, OUT_COMMAND)
     report: dict = {"image": str(args.image), "strategies": {}}
     for strategy, result in results.items():
         entry = report["strategies"][strategy] = {}
@@ -76,14 +82,13 @@ def cmd_compare(args) -> int:
     return 0
 
 
-def _claim_out_folder(args, run, strategies: list[str] | None) -> None:
+def _check_out_folder(args, run, strategies: list[str] | None) -> None:
     """Refuse an --out folder that is an input or holds other files, and a mask path that is
     the image or the ground truth, before any strategy predicts."""
-    from ..core.runs.outputs import COLLECTION, FILE, check_output, claim_output_folder
+    from ..core.runs.outputs import COLLECTION, FILE, check_output
 
-    command = "compare --out"
     inputs = [args.run_dir, args.image, args.mask]
-    check_output(args.out, inputs, kind=COLLECTION, overwrite=args.overwrite, command=command)
+    check_output(args.out, inputs, kind=COLLECTION, overwrite=args.overwrite,
+                 command=OUT_COMMAND)
     for strategy in strategies or run.segmenter_strategies():
         check_output(Path(args.out) / f"{strategy}.png", inputs, kind=FILE, overwrite=True)
-    claim_output_folder(args.out, command)

@@ -87,12 +87,17 @@ def cmd_segment_slide(args) -> int:
         print("stopped; run the same command again to resume", file=sys.stderr)
         return 1
     result = done.result
-    for zarr_path in result.outputs:
-        print(zarr_path)
-        if args.geojson:
-            geojson = _geojson_path(args, zarr_path.stem, len(slides))
-            segmentation_to_geojson(zarr_path, geojson)
-            print(geojson)
+    try:
+        for zarr_path in result.outputs:
+            print(zarr_path, flush=True)
+            if args.geojson:
+                geojson = _geojson_path(args, zarr_path.stem, len(slides))
+                segmentation_to_geojson(zarr_path, geojson)  # written atomically
+                print(geojson, flush=True)
+    except KeyboardInterrupt:
+        print("stopped while exporting GeoJSON; run the same command again to finish (the "
+              "segmentations are complete and are not computed again)", file=sys.stderr)
+        return 1
     for problem in result.failures.values():
         print(f"histo-wsss: error: {problem}", file=sys.stderr)
     return 2 if result.failures else 0
@@ -105,7 +110,7 @@ def _geojson_path(args, name: str, slide_count: int) -> Path:
 
 def _check_outputs(args, slides: list[Path]) -> None:
     """Every output path is refused or accepted before the model is loaded (core/runs/outputs)."""
-    from ..core.runs.outputs import COLLECTION, FILE, FOLDER, check_output
+    from ..core.runs.outputs import COLLECTION, FILE, FOLDER, OutputError, check_output
     from ..core.wsi.geojson_export import is_exported_geojson
     from ..core.wsi.ome_zarr_labels import is_segmentation
     from ..core.wsi.slides import slide_name
@@ -121,6 +126,9 @@ def _check_outputs(args, slides: list[Path]) -> None:
         check_output(store, inputs, kind=FOLDER, made_here=is_segmentation)
     if args.geojson is None:
         return
+    if Path(args.geojson).expanduser().resolve() == out.expanduser().resolve():
+        raise OutputError("is given as both --out and --geojson; give the GeoJSON its own "
+                          "path (for example OUT.geojson)", args.geojson)
     if len(slides) > 1:
         check_output(args.geojson, inputs, kind=COLLECTION)
     for store in stores:

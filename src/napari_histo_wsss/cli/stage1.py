@@ -26,6 +26,8 @@ def add_stage1_parsers(commands) -> None:
     train.add_argument("--out", required=True, metavar="RUN_DIR")
     add_training_flags(train)
     add_dataset_flags(train)
+    train.add_argument("--restart", action="store_true",
+                       help="train from scratch instead of resuming classifier/last.pt")
     train.set_defaults(func=cmd_train_classifier)
 
     masks = commands.add_parser(
@@ -54,8 +56,12 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
     )
     device = resolve_device(args.device or config.device)
     print(f"{layout.describe()}\nrun directory: {run.root}", file=sys.stderr)
+    val = layout.eval_set("val")
+    if val is not None:
+        val.check()  # a bad val mask is found now, not after hours of training
     patches = layout.patches()
-    done = drive(lambda stop: train_classifier(run, config, patches, device=device, stop=stop))
+    done = drive(lambda stop: train_classifier(run, config, patches, device=device, stop=stop,
+                                               resume=not args.restart))
     if done is None or done.stopped:
         print(f"stopped; run the same command again to resume ({run.root})", file=sys.stderr)
         return 1

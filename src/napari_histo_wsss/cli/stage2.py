@@ -27,6 +27,8 @@ from .flags import (
     spec_from_args,
 )
 
+#: The command named in the marker of a --save-masks folder (core/runs/outputs.py).
+SAVE_MASKS_COMMAND = "evaluate --save-masks"
 TTA_CHOICES = RegistryNames("napari_histo_wsss.core.inference.predict", "TTA_MODES")
 
 
@@ -112,6 +114,8 @@ def cmd_train_segmenter(args) -> int:
                      else args.seed, device=args.device or config.device)
     strategy = args.strategy or segmenter.loss
     val = layout.eval_set("val")
+    if val is not None:
+        val.check()
     print(f"{layout.describe()}\nsegmenter: {segmenter.arch} on {segmenter.encoder}, loss "
           f"{segmenter.loss} -> {run.segmenter_dir(strategy)}", file=sys.stderr)
     done = drive(lambda stop: train_segmenter(
@@ -140,14 +144,17 @@ def cmd_evaluate(args) -> int:
     from ..core.errors import ConfigError
     from ..core.inference.metrics import format_scores
     from ..core.inference.predict import evaluate, evaluate_mask_folder, json_ready, load_predictor
+    from ..core.runs.outputs import claim_output_folder
 
     source = Path(args.source).expanduser()
     if _is_model(source):
         if args.save_masks:
-            _claim_masks_folder(args, source)
+            _check_masks_folder(args, source)
         predictor = load_predictor(source, args.device, args.strategy, tta=args.tta,
                                    use_class_gate=False if args.no_class_gate else None)
         eval_set = load_eval_set(args.images_dir, args.masks_dir, predictor.spec)
+        if args.save_masks:  # marked only once the model and the set are known to load
+            claim_output_folder(args.save_masks, SAVE_MASKS_COMMAND)
         scores = evaluate(predictor, eval_set, save_masks=args.save_masks)
     else:
         if args.save_masks or args.strategy or args.tta:
@@ -163,13 +170,12 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def _claim_masks_folder(args, source: Path) -> None:
+def _check_masks_folder(args, source: Path) -> None:
     """Refuse a --save-masks folder that is an input or holds other files, before predicting."""
-    from ..core.runs.outputs import COLLECTION, check_output, claim_output_folder
+    from ..core.runs.outputs import COLLECTION, check_output
 
     check_output(args.save_masks, [source, args.images_dir, args.masks_dir], kind=COLLECTION,
-                 overwrite=args.overwrite, command="evaluate --save-masks")
-    claim_output_folder(args.save_masks, "evaluate --save-masks")
+                 overwrite=args.overwrite, command=SAVE_MASKS_COMMAND)
 
 
 def _is_model(source: Path) -> bool:

@@ -23,6 +23,7 @@ from .devices import release_memory, resolve_device
 from .errors import ConfigError
 from .events import Done, Event, Message, StopToken
 from .inference.metrics import format_scores
+from .runs.locks import writes_run
 from .runs.run_dir import RunDirectory
 from .runs.stages import CLASSIFIER, PSEUDO_MASKS, segmenter_stage
 from .runs.status import METHOD_WITHOUT_CAMS
@@ -77,6 +78,7 @@ def prepare_run(
     return run, config, layout
 
 
+@writes_run("pipeline")
 def run_pipeline(
     run: RunDirectory,
     config: RunConfig,
@@ -92,9 +94,11 @@ def run_pipeline(
     """
     stop = stop or StopToken()
     device = resolve_device(config.device)
+    val = layout.eval_set("val")
+    if val is not None:
+        val.check()
     patches = layout.patches()
     patches.decode_all()
-    val = layout.eval_set("val")
     started = time.perf_counter()
     summary: dict = {"run": str(run.root), "method": config.method, "device": str(device)}
     if config.method == METHOD_WITHOUT_CAMS:

@@ -232,6 +232,13 @@ class EvalSet:
             )
         return image, mask
 
+    def check(self) -> None:
+        """Read every pair once (mask readable, values within the classes, size of its image):
+        a bad mask is then refused before training starts, not at the first validation hours
+        later."""
+        for index in range(len(self)):
+            self.pair(index)
+
     def names(self) -> list[str]:
         return [p.name for p in self.image_paths]
 

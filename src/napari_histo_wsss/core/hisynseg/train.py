@@ -42,7 +42,8 @@ from ..models.segmenter import (
     load_segmenter,
     normalise,
 )
-from ..runs.checkpoints import load_checkpoint, save_checkpoint
+from ..runs.checkpoints import save_checkpoint
+from ..runs.locks import writes_run
 from ..runs.run_dir import LossLog, RunDirectory
 from ..stage1.pseudo_masks import white_background
 from ..stage2.losses import (
@@ -62,7 +63,7 @@ from ..stage2.train_segmenter import (
 )
 from ..training import distributed
 from ..training.loop import EpochResult, EpochTrainer, run_epochs
-from ..training.resume import resume_state
+from ..training.resume import load_resume_checkpoint, resume_state
 from ..training.schedules import set_lr
 from ..training.state import TrainingState
 from ..training.stepper import Stepper, channels_last
@@ -95,6 +96,7 @@ AUGMENT_P = 0.5
 _PART_NAMES = ("dice", "bce", "bce_real", "consistency")
 
 
+@writes_run("hisynseg")
 def train_hisynseg(
     run: RunDirectory,
     config: RunConfig,
@@ -158,7 +160,7 @@ class _HisynSegJob:
 
         optimizer = build_segmenter_optimizer(model, self.settings)
         if self.last_path.is_file():
-            payload = load_checkpoint(self.last_path, kind=SEGMENTER_KIND)
+            payload = load_resume_checkpoint(self.last_path, kind=SEGMENTER_KIND)
             self.state = resume_state(payload, self.last_path, model, optimizer,
                                       RESUME_MISMATCH)
         if self.state.extra["round"] == 1:

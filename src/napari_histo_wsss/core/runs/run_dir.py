@@ -34,6 +34,7 @@ from typing import Any
 
 from ..config.run_config import RunConfig
 from ..errors import ConfigError
+from .locks import RUN_LOCK_NAME
 from .outputs import atomic_write_text
 from .stages import canonical_stage
 
@@ -63,6 +64,11 @@ class RunDirectory:
     @property
     def status_path(self) -> Path:
         return self.root / "status.json"
+
+    @property
+    def lock_path(self) -> Path:
+        """Held while a stage writes the run (core/runs/locks.py)."""
+        return self.root / RUN_LOCK_NAME
 
     @property
     def classifier_dir(self) -> Path:

@@ -32,6 +32,7 @@ from ..events import Batch, Done, Event, Preview, Started, StopToken
 from ..inference.metrics import ConfusionMatrix
 from ..models.classifier import CamClassifier, load_classifier
 from ..registry import Registry
+from ..runs.locks import writes_run
 from ..runs.run_dir import RunDirectory
 from ..runs.stages import PSEUDO_MASKS
 from .cams import class_activation_maps
@@ -273,6 +274,7 @@ def _batches_by_size(shapes: Sequence[tuple[int, ...]], batch_size: int) -> list
 # The job: every training patch of a run
 
 
+@writes_run(STAGE)
 def generate_pseudo_masks(run: RunDirectory, config: RunConfig, patches: PatchSet, *,
                           device: torch.device, stop: StopToken | None = None
                           ) -> Generator[Event, None, None]:

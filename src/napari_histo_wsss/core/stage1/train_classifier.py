@@ -31,11 +31,12 @@ from ..errors import CheckpointError, ConfigError, DatasetError
 from ..events import Event, StopToken
 from ..models.classifier import CamClassifier, ClassifierOutput, build_classifier
 from ..registry import Registry
-from ..runs.checkpoints import check_same_classes, load_checkpoint, save_checkpoint
+from ..runs.checkpoints import check_same_classes, save_checkpoint
+from ..runs.locks import writes_run
 from ..runs.run_dir import LossLog, RunDirectory
 from ..training import distributed
 from ..training.loop import EpochResult, EpochTrainer, run_epochs
-from ..training.resume import resume_state
+from ..training.resume import RESTART_HINT, load_resume_checkpoint, resume_state
 from ..training.schedules import set_lr
 from ..training.state import TrainingState
 from ..training.stepper import Stepper, channels_last
@@ -200,6 +201,7 @@ def _same_settings(payload: dict, config: RunConfig) -> bool:
             and saved.get("seed") == config.seed)
 
 
+@writes_run(STAGE)
 def train_classifier(run: RunDirectory, config: RunConfig, patches, *, device: torch.device,
                      stop: StopToken | None = None, resume: bool = True
                      ) -> Generator[Event, None, None]:
@@ -308,10 +310,10 @@ class ClassifierTrainer(EpochTrainer):
 def _restore(path: Path, model: CamClassifier, optimizer: torch.optim.Optimizer,
              spec: DatasetSpec, config: RunConfig) -> TrainingState:
     """Load ``last.pt`` into the model and optimiser; the state to continue from."""
-    payload = load_checkpoint(path, kind="classifier")
+    payload = load_resume_checkpoint(path, kind="classifier")
     check_same_classes(payload, spec, path)
     if not _same_settings(payload, config):
         raise CheckpointError(
             "was trained with other classifier settings or seed; resuming would mix two "
-            "schedules: start a new run directory (or train without resume)", path)
+            f"schedules: start a new run directory, or {RESTART_HINT}", path)
     return resume_state(payload, path, model, optimizer, "does not fit this classifier ({reason})")

@@ -37,12 +37,13 @@ from ..models.segmenter import (
     normalise,
 )
 from ..registry import Registry
-from ..runs.checkpoints import load_checkpoint, save_checkpoint
+from ..runs.checkpoints import save_checkpoint
+from ..runs.locks import writes_run
 from ..runs.outputs import atomic_write_text
 from ..runs.run_dir import LossLog, RunDirectory
 from ..training import distributed
 from ..training.loop import EpochResult, EpochTrainer, run_epochs
-from ..training.resume import restore_average, resume_state
+from ..training.resume import load_resume_checkpoint, restore_average, resume_state
 from ..training.sampling import SAMPLINGS, epoch_order
 from ..training.schedules import SCHEDULES, set_lr
 from ..training.state import TrainingState
@@ -63,6 +64,7 @@ RESUME_MISMATCH = ("cannot resume: it was trained with other settings ({reason})
 SEGMENTER_AUGMENTATIONS: Registry = Registry("segmenter augmentation")
 
 
+@writes_run("segmenter")
 def train_segmenter(
     run: RunDirectory,
     config: RunConfig,
@@ -120,7 +122,7 @@ class SegmenterTrainer(EpochTrainer):
         optimizer = build_segmenter_optimizer(self.model, settings)
         self.state = TrainingState()
         if self.last_path.is_file():
-            payload = load_checkpoint(self.last_path, kind=SEGMENTER_KIND)
+            payload = load_resume_checkpoint(self.last_path, kind=SEGMENTER_KIND)
             self.state = resume_state(payload, self.last_path, self.model, optimizer,
                                       RESUME_MISMATCH)
         self.saved_config = checkpoint_config(config, strategy, self.side, settings.normalise,

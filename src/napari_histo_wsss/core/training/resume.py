@@ -9,8 +9,20 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from ..runs.checkpoints import load_checkpoint
 from .state import TrainingState
 from .stepper import Stepper, restore_optimizer
+
+#: How to get past a resume checkpoint that cannot be used (said with every such refusal).
+RESTART_HINT = "run again with --restart to start this stage over (or delete this file)"
+
+
+def load_resume_checkpoint(path: Path, kind: str) -> dict[str, Any]:
+    """``last.pt`` read for resuming; a truncated or corrupt one is refused with the way out."""
+    try:
+        return load_checkpoint(path, kind=kind)
+    except CheckpointError as error:
+        raise CheckpointError(f"{error}; {RESTART_HINT}") from None
 
 
 def resume_state(payload: dict[str, Any], path: Path, model: nn.Module,

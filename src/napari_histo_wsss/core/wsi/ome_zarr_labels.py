@@ -20,6 +20,7 @@ slide pixels; ``level0_downsample`` says how many level-0 pixels one output pixe
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,14 +148,17 @@ def write_tissue_mask(root, mask: np.ndarray, downsample: float) -> None:
     array.attrs["downsample"] = downsample
 
 
-def build_pyramids(root, workers: int = 2) -> None:
+def build_pyramids(root, workers: int = 2, stopped: Callable[[], bool] | None = None) -> bool:
     """Fill levels 1..n from level 0: nearest for labels, 2x2 mean for the per-class maps.
 
     Works one output chunk at a time (reading twice the area from the level above), so memory
     stays at a few chunks whatever the slide size; all-background chunks are never written.
+    ``stopped()`` is asked before each chunk: True ends the build early (it returns False;
+    building again later starts over from level 0, which stays intact).
     """
     labels = root[LABELS_PATH]
     maps = [root[name] for name in (PROBABILITIES_PATH, CAMS_PATH) if name in root]
+    stopped = stopped or (lambda: False)
     level = 1
     with ThreadPoolExecutor(max_workers=workers) as pool:
         while str(level) in labels:
@@ -162,10 +166,14 @@ def build_pyramids(root, workers: int = 2) -> None:
             source, target = labels[str(level - 1)], labels[str(level)]
 
             def downsample(origin, source=source, target=target, pairs=pairs):
-                _downsample_chunk(origin, source, target, pairs)
+                if not stopped():
+                    _downsample_chunk(origin, source, target, pairs)
 
             list(pool.map(downsample, _chunk_origins(target.shape, target.chunks)))
+            if stopped():
+                return False
             level += 1
+    return True
 
 
 def _downsample_chunk(origin, source, target, map_pairs) -> None:

@@ -15,6 +15,8 @@ the model was trained on.
 
 An interrupted run leaves ``complete: false`` and a done map of written blocks; running it
 again with the same settings continues from there, and a run whose settings differ is refused.
+While a run writes, it holds the lock ``.<name>.lock`` beside the output (core/runs/locks.py), so
+a second run on the same output, even one that would start over, is refused.
 Out of GPU memory, the batch is halved and the run goes on.
 """
 
@@ -39,6 +41,7 @@ from ..data.classes import DatasetSpec
 from ..errors import ConfigError, HistoWsssError, SlideError
 from ..events import Batch, Done, Event, Message, Preview, Started, StopToken, run_to_completion
 from ..inference.tiling import BLEND_MODES, RowBlender, TileGrid
+from ..runs.locks import locked_job, sibling_lock_path
 from . import ome_zarr_labels as store
 from .slides import Slide, best_level_for_mpp, open_slide, read_region, slide_name
 from .tissue import TissueMask
@@ -162,7 +165,8 @@ def segment_slide(
             stop=stop, resume=resume, write_cams=write_cams, read_workers=read_workers,
             band_budget_bytes=band_budget_bytes,
         )
-        yield from job.run()
+        out_path = Path(out_path)
+        yield from locked_job(sibling_lock_path(out_path), out_path, STAGE, job.run())
     finally:
         if owns_slide:
             slide.close()
@@ -293,6 +297,9 @@ class _SlideJob:
         if self.note:
             yield Message(STAGE, f"{self.slide.name}: {self.note}")
         mask = compute_tissue_mask(self.slide) if self.use_tissue_mask else None
+        if self._stop_requested():
+            yield from self._stopped()  # nothing written yet
+            return
         root = yield from self.output.open(self.resume, mask)
         if root is None:
             yield Done(STAGE, self.out_path)
@@ -310,16 +317,23 @@ class _SlideJob:
         )
         yield Started(STAGE, total_epochs=1, batches_per_epoch=total)
         finished = yield from self._predict_and_write(root, windows, total)
+        if finished:
+            yield Message(STAGE, f"{self.slide.name}: building the pyramid")
+            finished = store.build_pyramids(root, stopped=self._stop_requested)
         if not finished:
-            yield Message(STAGE, f"stopped; run again with the same settings to resume "
-                                 f"({self.out_path})")
-            yield Done(STAGE, self.out_path, stopped=True)
+            yield from self._stopped()
             return
-        yield Message(STAGE, f"{self.slide.name}: building the pyramid")
-        store.build_pyramids(root)
         store.mark_complete(root, seconds=round(time.perf_counter() - started, 2),
                             tiles_predicted=total)
         yield Done(STAGE, self.out_path)
+
+    def _stop_requested(self) -> bool:
+        return self.stop is not None and self.stop.requested
+
+    def _stopped(self) -> Generator[Event, None, None]:
+        yield Message(STAGE, f"stopped; run again with the same settings to resume "
+                             f"({self.out_path})")
+        yield Done(STAGE, self.out_path, stopped=True)
 
     def _predict_and_write(self, root, windows, total) -> Generator[Event, None, bool]:
         """The streaming loop; returns False when a stop request ended it early."""
@@ -356,7 +370,7 @@ class _SlideJob:
                 for _ in images:
                     done_tiles += 1
                     yield Batch(STAGE, epoch=0, index=done_tiles, total=total)
-                if self.stop is not None and self.stop.requested:
+                if self._stop_requested():
                     return False
             return True
         finally:
