@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .flags import add_device_flag, add_overwrite_flag
+from .flags import add_device_flag, add_engine_flags, add_overwrite_flag, print_engine_note
 
 
 def add_compare_parsers(commands) -> None:
@@ -31,6 +31,7 @@ def add_compare_parsers(commands) -> None:
     compare.add_argument("--json", action="store_true",
                          help="print one JSON object (per strategy: miou, per_class, mask)")
     add_device_flag(compare)
+    add_engine_flags(compare)
     compare.set_defaults(func=cmd_compare)
 
 
@@ -51,7 +52,9 @@ def cmd_compare(args) -> int:
     truth = read_mask(args.mask, spec) if args.mask else None
     if truth is not None:
         check_mask_fits(truth, image, args.mask)
-    results = compare_strategies(run, image, strategies, truth=truth, device=args.device)
+    results = compare_strategies(run, image, strategies, truth=truth, device=args.device,
+                                 engine=args.engine, precision=args.precision,
+                                 on_engine=print_engine_note)
     report: dict = {"image": str(args.image), "strategies": {}}
     for strategy, result in results.items():
         entry = report["strategies"][strategy] = {}
