@@ -28,6 +28,12 @@ NORMALISATION = {"mean": (123.7, 116.3, 103.5), "std": (58.4, 57.1, 57.4)}
 SIDE = 256
 
 
+@pytest.fixture(autouse=True)
+def engine_as_requested(monkeypatch):
+    """The suite forces torch through HISTO_WSSS_ENGINE; these tests choose engines."""
+    monkeypatch.delenv("HISTO_WSSS_ENGINE", raising=False)
+
+
 def save_run(root, seed: int = 0) -> RunDirectory:
     """A run holding a small DeepLabV3+ (ImageNet EfficientNet-Lite0 encoder, seeded head)."""
     torch.manual_seed(seed)
@@ -170,3 +176,51 @@ def test_unknown_choices_and_impossible_pairs_are_refused(run):
     if "onnxruntime" in installed_engines():
         with pytest.raises(ConfigError, match="onnxruntime engine runs fp32 only"):
             load_predictor(run.root, "cpu", engine="onnxruntime", precision="bf16")
+
+
+class PoolsToFixedBins(torch.nn.Module):
+    """PSPNet's pyramid pooling in small: adaptive pooling to 3x3 bins, which the TorchScript
+    exporter cannot express for an input of unknown size."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.head = torch.nn.Conv2d(16, WSSS4LUAD.num_classes, 1)
+
+    def forward(self, x):
+        features = torch.relu(self.conv(x))
+        pooled = torch.nn.functional.adaptive_avg_pool2d(features, 3)
+        context = torch.nn.functional.interpolate(pooled, size=x.shape[-2:], mode="bilinear")
+        return SegmenterOutput(self.head(torch.cat([features, context], dim=1)))
+
+
+def test_a_network_that_exports_only_at_fixed_sizes_gets_one_export_per_size(tmp_path, capfd):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    cache = ExportCache(tmp_path, "pooled")
+    model = PoolsToFixedBins().eval()
+    engine = build_engine(model, "onnxruntime", device=torch.device("cpu"), cache=cache,
+                          tile=64, **NORMALISATION)
+    assert engine.name == "onnxruntime" and engine.note == ""
+    assert cache.fixed_size_marker.is_file() and cache.model_path((64, 64)).is_file()
+    assert capfd.readouterr().out == ""  # the failed first export printed nothing
+    x = torch.randn(2, 3, 96, 64)  # a new size: exported on first use, checked against torch
+    with torch.inference_mode():
+        np.testing.assert_allclose(engine(x), model(x).logits, atol=1e-4)
+        np.testing.assert_allclose(engine(x), model(x).logits, atol=1e-4)
+    assert cache.model_path((96, 64)).is_file() and engine.forward.fallback_sizes == []
+
+
+def test_cli_evaluate_names_the_engine_on_stderr_and_keeps_json_clean(run, capfd,
+                                                                     sample_dataset_dir):
+    import json
+
+    from napari_histo_wsss.cli.main import main
+
+    val = sample_dataset_dir / "val"
+    assert main(["evaluate", str(run.root), str(val / "img"), str(val / "mask"), "--json",
+                 "--engine", "auto"]) == 0
+    captured = capfd.readouterr()
+    assert "miou" in json.loads(captured.out)
+    assert captured.err.startswith("histo-wsss: engine ")

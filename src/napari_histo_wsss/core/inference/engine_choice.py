@@ -1,8 +1,8 @@
 """Choosing the inference engine: the one asked for, or (``auto``) the fastest that is
 installed and predicts like fp32 torch on real tissue.
 
-``auto`` times every candidate (torch fp32; torch bf16 and OpenVINO bf16 where the CPU has bf16
-in hardware; ONNX Runtime and OpenVINO fp32 where installed) on a real tile of the bundled
+``auto`` times every candidate (torch fp32; torch bf16 and OpenVINO bf16 where oneDNN has bf16
+kernels for the CPU; ONNX Runtime and OpenVINO fp32 where installed) on a real tile of the bundled
 CMU-1 slide, after checking each one against fp32 torch on real tiles: an export must match its
 logits, bf16 must give the same labels on ``BF16_MIN_AGREEMENT`` of the pixels. The choice is
 saved beside the export, keyed by the checkpoint and this machine, so later runs skip the
@@ -25,7 +25,7 @@ from torch import nn
 from ..devices import autocast_dtype
 from ..errors import ConfigError
 from ..models.segmenter import normalise
-from .engine_names import EXPORT_ENGINES
+from .engine_names import ENGINE_ENV_VAR, EXPORT_ENGINES
 from .engines import (
     Engine,
     ExportCache,
@@ -65,8 +65,10 @@ def build_engine(model: nn.Module, engine: str = "torch", precision: str | None 
     """The engine that runs ``model`` (normalised with ``mean``/``std``) for prediction.
 
     An explicit exported engine that is not installed is refused; one whose export or check
-    fails falls back to torch and says so in ``Engine.note``.
+    fails falls back to torch and says so in ``Engine.note``. ``HISTO_WSSS_ENGINE`` overrides
+    ``engine``.
     """
+    engine = (os.environ.get(ENGINE_ENV_VAR) or engine).strip().lower()
     check_choice(engine, precision)
     if device.type != "cpu":
         if engine not in ("auto", "torch"):

@@ -92,8 +92,8 @@ def require_installed(engine: str) -> None:
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 in hardware (AVX-512 BF16 / AMX): elsewhere bf16 is
-    emulated and slower than fp32, so it is not worth calibrating."""
+    """Whether oneDNN has bf16 kernels on this CPU (AVX-512 and newer; fastest with AVX-512
+    BF16 or AMX): elsewhere bf16 is emulated element by element and not worth timing."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
@@ -198,7 +198,8 @@ def export_onnx(model: nn.Module, cache: ExportCache, size: tuple[int, int] | No
         options = {"dynamo": False, "dynamic_axes": {"x": axes, "logits": axes},
                    "opset_version": 17}
     try:
-        with warnings.catch_warnings(), _quiet_stdout():
+        # Exports may be made mid-prediction, under inference mode, which tracing cannot use.
+        with warnings.catch_warnings(), _quiet_stdout(), torch.inference_mode(False):
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
             torch.onnx.export(LogitsOnly(model).eval(), (example,), str(partial),
                               input_names=["x"], output_names=["logits"], **options)
