@@ -142,7 +142,11 @@ def _calibrated(model, precision, device, cache, tiles, reference) -> Engine:
             refused.append(f"{name} {chosen_precision}: {_reason(error)}")
             continue
         timed.append((_seconds_per_tile(engine, tiles[:1]), engine))
-    baseline = timed[0][0] if timed and timed[0][1].label == "torch fp32" else None
+    if not timed:  # only bf16 was asked for, and no bf16 engine predicts like fp32 here
+        fallback = torch_engine(model, "fp32", device)
+        fallback.note = f"no engine passed its check ({'; '.join(refused)}): running torch fp32"
+        return fallback
+    baseline = timed[0][0] if timed[0][1].label == "torch fp32" else None
     seconds, best = min(timed, key=lambda pair: pair[0])
     speed = f", {baseline / seconds:.1f}x torch fp32" if baseline else ""
     best.note = f"engine {best.label} (auto{speed} on a real tile)" + (
