@@ -188,7 +188,6 @@ def export_onnx(model: nn.Module, cache: ExportCache, size: tuple[int, int] | No
         return path
     cache.folder.mkdir(parents=True, exist_ok=True)
     cache.remove_stale()
-    example = torch.zeros(2, 3, *(size or example_size))
     partial = path.with_name(path.name + ".partial")
     if size:
         options = {"dynamo": True, "dynamic_shapes": ({0: torch.export.Dim("batch")},),
@@ -201,6 +200,7 @@ def export_onnx(model: nn.Module, cache: ExportCache, size: tuple[int, int] | No
         # Exports may be made mid-prediction, under inference mode, which tracing cannot use.
         with warnings.catch_warnings(), _quiet_stdout(), torch.inference_mode(False):
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
+            example = torch.zeros(2, 3, *(size or example_size))
             torch.onnx.export(LogitsOnly(model).eval(), (example,), str(partial),
                               input_names=["x"], output_names=["logits"], **options)
     except BaseException:
