@@ -13,7 +13,12 @@ Printed ratios: end-to-end / model-only throughput per size (1.0 = the pipeline 
 on top of the model), and peak memory of the large slide / the small one (1.0 = memory does not
 grow with the slide).
 
-    python benchmarks/bench_slide.py [--device cpu] [--quick]
+``--engines`` instead segments the smaller slide once per installed inference engine and
+precision (core/inference/engines.py) and prints each one's throughput as a ratio to torch fp32
+in the same run, the share of pixels labelled as torch fp32 labels them, and the model's FLOP/s
+against the CPU's peak (cores x clock x FLOPs per cycle: FMA units x vector lanes x 2).
+
+    python benchmarks/bench_slide.py [--device cpu] [--quick] [--engines]
 """
 
 from __future__ import annotations
@@ -94,20 +99,39 @@ class TinySegmenter(nn.Module):
         return SegmenterOutput(self.body(x))
 
 
-def make_predictor(model: str, device: str):
+NORMALISATION = {"mean": (123.7, 116.3, 103.5), "std": (58.4, 57.1, 57.4)}
+
+
+def make_network(model: str):
+    """The benchmarked network: ``segmenter`` has the shipped ImageNet Lite0 encoder (real
+    features, so engines are compared on realistic activations) and a seeded random head."""
     from napari_histo_wsss.core.config.run_config import SegmenterConfig
     from napari_histo_wsss.core.data.classes import WSSS4LUAD
-    from napari_histo_wsss.core.devices import resolve_device
-    from napari_histo_wsss.core.inference.predict import SegmentationPredictor
     from napari_histo_wsss.core.models.segmenter import build_segmenter
 
+    torch.manual_seed(0)
     if model == "tiny":
-        network = TinySegmenter(WSSS4LUAD.num_classes)
-    else:
-        network = build_segmenter(SegmenterConfig(weights="none"), WSSS4LUAD.num_classes)
-    network = network.to(resolve_device(device)).eval()
-    return SegmentationPredictor(network, WSSS4LUAD, mean=(0.5,) * 3, std=(0.25,) * 3,
-                                 input_size=512, mpp=None, config={"benchmark": model})
+        return TinySegmenter(WSSS4LUAD.num_classes)
+    return build_segmenter(SegmenterConfig(), WSSS4LUAD.num_classes)
+
+
+def make_predictor(model: str, device: str, engine: str = "torch", precision: str | None = None,
+                   cache_folder: str | None = None):
+    from napari_histo_wsss.core.data.classes import WSSS4LUAD
+    from napari_histo_wsss.core.devices import resolve_device
+    from napari_histo_wsss.core.inference.engine_choice import build_engine
+    from napari_histo_wsss.core.inference.engines import ExportCache
+    from napari_histo_wsss.core.inference.predict import SegmentationPredictor
+
+    device = resolve_device(device)
+    network = make_network(model).to(device).eval()
+    cache = ExportCache(Path(cache_folder), f"bench-{model}") if cache_folder else None
+    runner = build_engine(network, engine, precision, device=device, cache=cache,
+                          **NORMALISATION)
+    if runner.note:
+        print(runner.note, file=sys.stderr)
+    return SegmentationPredictor(network, WSSS4LUAD, input_size=512, mpp=None, engine=runner,
+                                 config={"benchmark": model}, **NORMALISATION)
 
 
 def child(slide_path: str, out_path: str, args) -> dict:
@@ -117,7 +141,8 @@ def child(slide_path: str, out_path: str, args) -> dict:
     from napari_histo_wsss.core.wsi.slide_inference import segment_slide
     from napari_histo_wsss.core.wsi.slides import open_slide, read_region
 
-    predictor = make_predictor(args.model, args.device)
+    predictor = make_predictor(args.model, args.device, args.engine, args.precision,
+                               str(Path(out_path).parent))
     warm = np.full((args.batch_size, args.tile, args.tile, 3), 200, np.uint8)
     predictor.predict_batch(warm)
     baseline_mb = _current_rss_mb()
@@ -155,6 +180,7 @@ def child(slide_path: str, out_path: str, args) -> dict:
         "model_mpx_s": (model_tiles // args.batch_size) * args.batch_size * tile_mpx / model_s,
         "peak_rss_mb": peak_mb,
         "baseline_rss_mb": baseline_mb,
+        "engine": predictor.engine.label,
     }
 
 
@@ -163,6 +189,95 @@ def _current_rss_mb() -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def run_child(args, slide: Path, out: Path, engine: str = "torch",
+              precision: str = "fp32") -> dict:
+    command = [sys.executable, __file__, "--child", str(slide), str(out), "--device",
+               args.device, "--model", args.model, "--mpp", str(args.mpp), "--tile",
+               str(args.tile), "--halo", str(args.halo), "--batch-size", str(args.batch_size),
+               "--engine", engine, "--precision", precision]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def compare_engines(args, side: int) -> None:
+    """Every installed engine and precision on one slide, ratios against torch fp32."""
+    from napari_histo_wsss.core.inference.engine_choice import candidates
+    from napari_histo_wsss.core.wsi.ome_zarr_labels import open_segmentation
+
+    with tempfile.TemporaryDirectory(dir=args.keep) as scratch:
+        folder = Path(args.keep) if args.keep else Path(scratch)
+        slide = folder / f"mirrored-{side}.tif"
+        if not slide.exists():
+            build_slide(slide, side)
+        results, labels = {}, {}
+        for engine, precision in candidates(None):
+            out = folder / f"mirrored-{side}-{engine}-{precision}.zarr"
+            results[engine, precision] = run_child(args, slide, out, engine, precision)
+            labels[engine, precision] = open_segmentation(out).labels[0].compute()
+    flops = forward_flops(args.model, args.tile)
+    print(f"engines on a {side}x{side} slide, {args.model} model, {os.cpu_count()} CPU cores, "
+          f"{torch.get_num_threads()} threads, {args.mpp} um/px, tile {args.tile}, batch "
+          f"{args.batch_size}; {flops / 1e9:.2f} GFLOP per tile")
+    print(f"{'engine':>18} {'runs as':>18} {'e2e Mpx/s':>10} {'x torch':>8} {'model Mpx/s':>12} "
+          f"{'x torch':>8} {'labels = fp32':>14} {'GFLOP/s':>8} {'% peak':>7}")
+    baseline = results["torch", "fp32"]
+    reference = labels["torch", "fp32"]
+    for (engine, precision), r in results.items():
+        tiles_per_s = r["model_mpx_s"] / (args.tile * args.tile / 1e6)
+        achieved = flops * tiles_per_s
+        peak = cpu_peak_flops(precision, args.fma_units)
+        same = float(np.mean(labels[engine, precision] == reference))
+        print(f"{engine + ' ' + precision:>18} {r['engine']:>18} {r['end_to_end_mpx_s']:>10.2f} "
+              f"{r['end_to_end_mpx_s'] / baseline['end_to_end_mpx_s']:>8.2f} "
+              f"{r['model_mpx_s']:>12.2f} {r['model_mpx_s'] / baseline['model_mpx_s']:>8.2f} "
+              f"{100 * same:>13.2f}% {achieved / 1e9:>8.1f} {100 * achieved / peak:>6.1f}%")
+    per_cycle = flops_per_cycle("fp32", args.fma_units)
+    print(f"peak: {os.cpu_count()} cores x {cpu_ghz():.2f} GHz x {per_cycle} fp32 FLOP/cycle "
+          "(x2 for bf16 only with AVX-512 BF16 or AMX: "
+          f"{'yes' if has_bf16_hardware() else 'no'})")
+
+
+def forward_flops(model: str, tile: int) -> float:
+    """FLOPs of one tile's forward pass (torch's FlopCounterMode: convolutions, matmuls)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    network = make_network(model).eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        network(torch.zeros(1, 3, tile, tile))
+    return float(counter.get_total_flops())
+
+
+def _cpu_flags() -> set[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def has_bf16_hardware() -> bool:
+    return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
+
+
+def cpu_ghz() -> float:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("cpu MHz"):
+            return float(line.split(":", 1)[1]) / 1000
+    return float("nan")
+
+
+def flops_per_cycle(precision: str, fma_units: int) -> int:
+    """Per core: FMA units x fp32 lanes of the widest vectors x 2 (multiply and add)."""
+    flags = _cpu_flags()
+    lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
+    per_cycle = fma_units * lanes * 2
+    return per_cycle * 2 if precision == "bf16" and has_bf16_hardware() else per_cycle
+
+
+def cpu_peak_flops(precision: str, fma_units: int) -> float:
+    return (os.cpu_count() or 1) * cpu_ghz() * 1e9 * flops_per_cycle(precision, fma_units)
 
 
 def main() -> None:
@@ -177,6 +292,12 @@ def main() -> None:
     parser.add_argument("--halo", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--keep", metavar="DIR", help="build the slides here and keep them")
+    parser.add_argument("--engine", default="torch", help=argparse.SUPPRESS)
+    parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
+    parser.add_argument("--engines", action="store_true",
+                        help="compare the installed inference engines on the smaller slide")
+    parser.add_argument("--fma-units", type=int, default=2,
+                        help="FMA units per core, for the CPU's peak (default 2)")
     parser.add_argument("--child", nargs=2, metavar=("SLIDE", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -184,6 +305,9 @@ def main() -> None:
         return
 
     sides = (10240, 20480) if args.quick else (20480, 40960)
+    if args.engines:
+        compare_engines(args, sides[0])
+        return
     with tempfile.TemporaryDirectory(dir=args.keep) as scratch:
         folder = Path(args.keep) if args.keep else Path(scratch)
         results = {}
@@ -194,12 +318,7 @@ def main() -> None:
                 build_slide(slide, side)
                 print(f"built {slide.name}: {slide.stat().st_size / 2**20:.0f} MiB in "
                       f"{time.perf_counter() - started:.0f} s", file=sys.stderr)
-            command = [sys.executable, __file__, "--child", str(slide),
-                       str(folder / f"mirrored-{side}.zarr"), "--device", args.device,
-                       "--model", args.model, "--mpp", str(args.mpp), "--tile", str(args.tile),
-                       "--halo", str(args.halo), "--batch-size", str(args.batch_size)]
-            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-            results[side] = json.loads(output.strip().splitlines()[-1])
+            results[side] = run_child(args, slide, folder / f"mirrored-{side}.zarr")
 
     print(f"slide inference, {args.model} model on {args.device} ({os.cpu_count()} CPU cores), "
           f"{args.mpp} um/px, tile {args.tile}, halo {args.halo}, batch {args.batch_size}")

@@ -171,8 +171,17 @@ def segmenter_figures(patches: PatchSet, config: RunConfig, device: torch.device
         stepper.step(loss, "in the benchmark")
 
     pure = pure_step_seconds(step, args.steps, args.warmup, device)
-    return summarise("segmenter", f"{settings.arch} {settings.encoder} ({settings.loss})",
-                     batch, side, real, pure)
+    figures = summarise("segmenter", f"{settings.arch} {settings.encoder} ({settings.loss})",
+                        batch, side, real, pure)
+    if args.cpu_bf16 and device.type == "cpu":
+        def bf16_step() -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                step()
+
+        bf16 = pure_step_seconds(bf16_step, args.steps, args.warmup, device)
+        figures["pure_bf16_images_per_s"] = round(batch / statistics.median(bf16), 2)
+        figures["bf16_over_fp32"] = round(statistics.median(pure) / statistics.median(bf16), 3)
+    return figures
 
 
 def summarise(stage: str, model: str, batch: int, side: int, real: list[float],
@@ -197,6 +206,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument("--cpu-bf16", action="store_true",
+                        help="also time the segmenter's fwd+bwd under CPU bf16 autocast")
     args = parser.parse_args()
 
     device = resolve_device(args.device)
@@ -221,6 +232,10 @@ def main() -> None:
     for row in rows:
         print(f"| {row['stage']} | {row['model']} | {row['batch']} | {row['side']} | "
               f"{row['trainer_images_per_s']} | {row['pure_images_per_s']} | {row['ratio']} |")
+    for row in rows:
+        if "bf16_over_fp32" in row:
+            print(f"{row['stage']}: pure fwd+bwd under CPU bf16 autocast "
+                  f"{row['pure_bf16_images_per_s']} img/s, {row['bf16_over_fp32']}x fp32")
     if args.json:
         args.json.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
 

@@ -27,5 +27,6 @@ fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-python -m pip install -q -e ".[testing]"
+# [fast]: ONNX Runtime and OpenVINO for CPU prediction (--engine); optional, on by default.
+python -m pip install -q -e ".[testing,fast]"
 echo "Installed: $(command -v histo-wsss)" >&2

@@ -9,6 +9,9 @@ import pytest
 
 # Tests run on the CPU even where a GPU exists, unless a test asks for CUDA itself.
 os.environ.setdefault("HISTO_WSSS_DEVICE", "cpu")
+# Prediction runs in torch unless a test chooses an engine (exports and calibration take
+# seconds per model; tests/core/inference/test_engines.py covers them).
+os.environ.setdefault("HISTO_WSSS_ENGINE", "torch")
 
 SAMPLE_ROOT = Path(__file__).resolve().parents[1] / "src" / "napari_histo_wsss" / "sample_data"
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .flags import add_device_flag, add_overwrite_flag
+from .flags import add_device_flag, add_engine_flags, add_overwrite_flag, print_engine_note
 
 #: The command named in the marker of an --out folder (core/runs/outputs.py).
 OUT_COMMAND = "compare --out"
@@ -34,6 +34,7 @@ def add_compare_parsers(commands) -> None:
     compare.add_argument("--json", action="store_true",
                          help="print one JSON object (per strategy: miou, per_class, mask)")
     add_device_flag(compare)
+    add_engine_flags(compare)
     compare.set_defaults(func=cmd_compare)
 
 
@@ -55,7 +56,9 @@ def cmd_compare(args) -> int:
     truth = read_mask(args.mask, spec) if args.mask else None
     if truth is not None:
         check_mask_fits(truth, image, args.mask)
-    results = compare_strategies(run, image, strategies, truth=truth, device=args.device)
+    results = compare_strategies(run, image, strategies, truth=truth, device=args.device,
+                                 engine=args.engine, precision=args.precision,
+                                 on_engine=print_engine_note)
     if args.out:  # marked only once every model loaded and predicted
         claim_output_folder(args.out, OUT_COMMAND)
     report: dict = {"image": str(args.image), "strategies": {}}

@@ -15,10 +15,12 @@ from ..core.inference.tiling import BLEND_MODES
 from .flags import (
     add_batch_size_flag,
     add_device_flag,
+    add_engine_flags,
     add_overwrite_flag,
     non_negative_int,
     positive_float,
     positive_int,
+    print_engine_note,
 )
 
 
@@ -52,6 +54,7 @@ def add_slides_parsers(commands) -> None:
                         help="how overlapping tiles are merged (default gaussian)")
     add_batch_size_flag(parser, "tiles per batch (default 8)")
     add_device_flag(parser)
+    add_engine_flags(parser)
     parser.add_argument("--no-tissue-mask", action="store_true",
                         help="predict every tile, background included")
     parser.add_argument("--no-resume", action="store_true",
@@ -77,10 +80,12 @@ def cmd_segment_slide(args) -> int:
         "blend": args.blend, "batch_size": args.batch_size,
         "tissue_mask": not args.no_tissue_mask, "resume": not args.no_resume,
     }
+    engine = {"engine": args.engine, "precision": args.precision}
     if args.scheduler:
-        predictor = partial(load_predictor, args.run_dir, args.device)
+        predictor = partial(load_predictor, args.run_dir, args.device, **engine)
     else:
-        predictor = load_predictor(args.run_dir, args.device)
+        predictor = load_predictor(args.run_dir, args.device, **engine)
+        print_engine_note(predictor)
     done = drive(lambda stop: segment_slides(
         predictor, slides, outputs, scheduler=args.scheduler, stop=stop, **options))
     if done is None or done.stopped:

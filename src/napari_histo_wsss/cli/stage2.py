@@ -20,10 +20,12 @@ from .flags import (
     add_batch_size_flag,
     add_dataset_flags,
     add_device_flag,
+    add_engine_flags,
     add_overwrite_flag,
     add_run_positionals,
     add_seed_flag,
     add_segmenter_epochs_flag,
+    print_engine_note,
     spec_from_args,
 )
 
@@ -85,6 +87,7 @@ def add_stage2_parsers(commands) -> None:
     add_overwrite_flag(evaluate, "write --save-masks into a folder that holds other files "
                                  "(same-named masks are replaced)")
     add_device_flag(evaluate)
+    add_engine_flags(evaluate)
     add_dataset_flags(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
 
@@ -151,7 +154,9 @@ def cmd_evaluate(args) -> int:
         if args.save_masks:
             _check_masks_folder(args, source)
         predictor = load_predictor(source, args.device, args.strategy, tta=args.tta,
-                                   use_class_gate=False if args.no_class_gate else None)
+                                   use_class_gate=False if args.no_class_gate else None,
+                                   engine=args.engine, precision=args.precision)
+        print_engine_note(predictor)
         eval_set = load_eval_set(args.images_dir, args.masks_dir, predictor.spec)
         if args.save_masks:  # marked only once the model and the set are known to load
             claim_output_folder(args.save_masks, SAVE_MASKS_COMMAND)

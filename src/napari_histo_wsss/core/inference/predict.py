@@ -26,6 +26,7 @@ from ..errors import CheckpointError, ConfigError, DatasetError
 from ..models.segmenter import Segmenter, load_segmenter, normalise
 from ..registry import Registry
 from ..runs.run_dir import RunDirectory
+from .engines import Engine, ExportCache, torch_engine
 from .metrics import ConfusionMatrix
 
 #: MSV's test scales (relative to the native patch size), softmax-averaged.
@@ -76,7 +77,7 @@ class SegmentationPredictor:
 
     def __init__(self, model: Segmenter, spec: DatasetSpec, *, mean, std, input_size: int,
                  mpp: float | None = None, tta: str = "none", gate: ClassGate | None = None,
-                 config: dict[str, Any] | None = None):
+                 config: dict[str, Any] | None = None, engine: Engine | None = None):
         TTA_MODES.check(tta)
         self.model = model.eval()
         self.spec = spec
@@ -86,6 +87,10 @@ class SegmentationPredictor:
         self.tta = tta
         self.gate = gate
         self.device = next(model.parameters()).device
+        #: What runs the network's forward pass (``core.inference.engines``); torch by default,
+        #: with bf16 autocast on a GPU.
+        self.engine = engine or torch_engine(
+            model, "bf16" if autocast_dtype(self.device) is not None else "fp32", self.device)
         self.config = {"tta": tta, "class_gate": gate.threshold if gate else None,
                        "mean": list(self.mean), "std": list(self.std), **(config or {})}
 
@@ -99,9 +104,7 @@ class SegmentationPredictor:
         batch = torch.from_numpy(np.array(images, dtype=np.uint8)).to(self.device)
         present = self.gate.present(batch.permute(0, 3, 1, 2)) if self.gate else None
         x = normalise(batch, self.mean, self.std)
-        dtype = autocast_dtype(self.device)
-        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-            probabilities = TTA_MODES.get(self.tta)(self, x, present)
+        probabilities = TTA_MODES.get(self.tta)(self, x, present)
         return probabilities.float().cpu().numpy()
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -114,7 +117,7 @@ class SegmentationPredictor:
             x = F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.model(x).logits[..., :height, :width].float()
+        return self.engine(x)[..., :height, :width].float()
 
 
 
@@ -257,13 +260,17 @@ def json_ready(value: Any) -> Any:
 
 def load_predictor(source: str | Path, device: torch.device | str | None = "auto",
                    strategy: str | None = None, *, tta: str | None = None,
-                   use_class_gate: bool | None = None) -> SegmentationPredictor:
+                   use_class_gate: bool | None = None, engine: str = "torch",
+                   precision: str | None = None) -> SegmentationPredictor:
     """A predictor from a run directory or a segmenter checkpoint file.
 
     In a run directory ``strategy`` picks the segmenter (``segmenter/<strategy>/``); without it,
     the one with the best validation mIoU, else the latest trained. ``tta`` None keeps the
     recipe's TTA. The recipe's class gate needs the run's stage-1 classifier; ``use_class_gate``
     None follows the choice made on val (``select_class_gate``), else the recipe.
+    ``engine`` (``auto``, ``torch``, ``onnxruntime``, ``openvino``) and ``precision`` (``fp32``,
+    ``bf16``, None for the engine's default) choose what runs the network (``engine_choice``);
+    exports are cached beside the checkpoint.
     """
     device = device if isinstance(device, torch.device) else resolve_device(device)
     checkpoint, run_root = _find_checkpoint(Path(source).expanduser(), strategy)
@@ -282,10 +289,16 @@ def load_predictor(source: str | Path, device: torch.device | str | None = "auto
         classifier, _ = load_classifier(classifier_path, device)
         gate = ClassGate(classifier, gate_threshold, window=saved["input_size"])
     spec = DatasetSpec.from_dict(payload["dataset"])
+    mean, std = saved["normalisation"]["mean"], saved["normalisation"]["std"]
+    from .engine_choice import build_engine
+
+    exports = device.type == "cpu" and engine != "torch"
+    runner = build_engine(model, engine, precision, device=device, mean=mean, std=std,
+                          cache=ExportCache.beside(checkpoint) if exports else None)
     return SegmentationPredictor(
-        model, spec, mean=saved["normalisation"]["mean"], std=saved["normalisation"]["std"],
+        model, spec, mean=mean, std=std,
         input_size=saved["input_size"], mpp=config.mpp, tta=tta or config.segmenter.tta,
-        gate=gate,
+        gate=gate, engine=runner,
         config={"checkpoint": str(checkpoint), "strategy": saved["strategy"],
                 "arch": config.segmenter.arch, "encoder": config.segmenter.encoder,
                 "method": config.method},

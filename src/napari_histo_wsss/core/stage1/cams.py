@@ -2,8 +2,9 @@
 
 The released codes run one forward and one backward per image, class and layer (12 backward
 passes per LUAD patch for MLPS). Here one forward serves a whole batch and every layer, and one
-backward per class gives that class's gradient at every requested layer for every image (images
-are independent in eval mode, so the gradient of the summed logit is each image's own). At the
+vectorised backward (``is_grads_batched``: the classes as a batch dimension of the backward)
+gives every class's gradient at every requested layer for every image (images are independent
+in eval mode, so the gradient of the summed logit is each image's own). At the
 classifier input no backward is needed at all: after global average pooling and a linear
 classifier, dz_c/dA = w_c / (h w) everywhere, so Grad-CAM there is the CAM divided by h w.
 
@@ -12,7 +13,8 @@ Grad-CAM has no ReLU (docs/algorithms.md 1.2); Grad-CAM++ follows docs/algorithm
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -87,26 +89,53 @@ def gradient_weighted_maps(
     model: CamClassifier, images: torch.Tensor, layers: tuple[str, ...] | list[str],
     weighting: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> ClassMaps:
-    """Maps from activations and class gradients (``gradcam``, ``gradcampp``), one backward
-    per class for every layer at once; analytic at the classifier input."""
-    with torch.enable_grad():
-        logits, activations = model.cam_forward(images, layers)
+    """Maps from activations and class gradients (``gradcam``, ``gradcampp``): one batched
+    backward gives every class's gradient at every layer; analytic at the classifier input."""
+    with torch.enable_grad(), _frozen(model):
+        # The parameters are frozen, so the input carries the graph to the activations.
+        inputs = _channels_last(images).detach().requires_grad_(True)
+        logits, activations = model.cam_forward(inputs, layers)
         analytic = {name: a for name, a in activations.items() if name == model.feature_layer}
         traced = {name: a for name, a in activations.items() if name not in analytic}
-        per_class: dict[str, list[torch.Tensor]] = {name: [] for name in activations}
-        for c in range(logits.shape[1]):
-            if traced:
-                gradients = torch.autograd.grad(
-                    logits[:, c].sum(), list(traced.values()),
-                    retain_graph=c + 1 < logits.shape[1],
-                )
-                for (name, activation), gradient in zip(traced.items(), gradients, strict=True):
-                    per_class[name].append(weighting(activation.detach(), gradient))
-            for name, activation in analytic.items():
-                per_class[name].append(weighting(
-                    activation.detach(), _classifier_input_gradient(model, activation, c)))
-    maps = {name: torch.stack(class_maps, dim=1) for name, class_maps in per_class.items()}
-    return ClassMaps(logits.detach(), maps)
+        classes = logits.shape[1]
+        maps = {}
+        if traced:
+            # One vectorised backward over the classes: grad_outputs[c] selects logit c.
+            selectors = torch.eye(classes, dtype=logits.dtype, device=logits.device)
+            selectors = selectors[:, None, :].expand(classes, *logits.shape)
+            gradients = torch.autograd.grad(logits, list(traced.values()), selectors,
+                                            is_grads_batched=True)
+            for (name, activation), gradient in zip(traced.items(), gradients, strict=True):
+                maps[name] = _per_class(weighting, activation.detach(), gradient)
+        for name, activation in analytic.items():
+            gradient = torch.stack([_classifier_input_gradient(model, activation, c)
+                                    for c in range(classes)])
+            maps[name] = _per_class(weighting, activation.detach(), gradient)
+    return ClassMaps(logits.detach(), {name: maps[name] for name in activations})
+
+
+def _per_class(weighting, activation: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+    """(N, C, h, w) maps from one activation and (C, N, K, h, w) class gradients."""
+    return torch.stack([weighting(activation, gradient) for gradient in gradients], dim=1)
+
+
+@contextmanager
+def _frozen(model: torch.nn.Module) -> Iterator[None]:
+    """Parameters without gradients while maps are made: the backward then computes only the
+    activations' gradients, and no weight gradient is kept."""
+    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    for parameter, _ in flags:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+
+
+def _channels_last(images: torch.Tensor) -> torch.Tensor:
+    """Inputs that need a graph: channels-last is oneDNN's (and cuDNN's) faster layout."""
+    return images.contiguous(memory_format=torch.channels_last) if images.dim() == 4 else images
 
 
 def _classifier_input_gradient(model: CamClassifier, activation: torch.Tensor,

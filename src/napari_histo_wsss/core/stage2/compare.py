@@ -8,7 +8,7 @@ map shows which pseudo-mask pixels its loss believed (``trust_maps``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +18,7 @@ from ..devices import resolve_device
 from ..errors import ConfigError, DatasetError
 from ..events import StopToken
 from ..inference.metrics import ConfusionMatrix
-from ..inference.predict import load_predictor, predict_image
+from ..inference.predict import SegmentationPredictor, load_predictor, predict_image
 from ..runs.model_cache import ModelCache
 from ..runs.run_dir import RunDirectory
 from .trust_maps import strategy_trust_map
@@ -75,12 +75,17 @@ def iter_comparisons(
     device: Any = "auto",
     models: ModelCache | None = None,
     stop: StopToken | None = None,
+    engine: str = "torch",
+    precision: str | None = None,
+    on_engine: Callable[[SegmentationPredictor], None] | None = None,
 ) -> Iterator[StrategyComparison]:
     """Each strategy's comparison in turn (a caller can show one while the next is computed).
 
     ``truth`` (H, W) class indices scores the predictions; ``patch`` (training patch name,
     image-level label) adds trust maps; ``models`` keeps loaded predictors between calls;
-    a requested ``stop`` ends the iteration before the next strategy.
+    a requested ``stop`` ends the iteration before the next strategy. ``engine`` and
+    ``precision`` choose what runs the networks (``load_predictor``); ``on_engine`` is told
+    each newly loaded predictor (to show which engine runs it).
     """
     names = chosen_strategies(run, strategies)
     device = resolve_device(device) if isinstance(device, str | None) else device
@@ -90,8 +95,9 @@ def iter_comparisons(
     for strategy in names:
         if stop is not None and stop.requested:
             return
-        predictor = models.get(run.segmenter_checkpoint(strategy), device,
-                               lambda s=strategy: load_predictor(run.root, device, strategy=s))
+        predictor = models.get(run.segmenter_checkpoint(strategy), (device, engine, precision),
+                               lambda s=strategy: _loaded(run, s, device, engine, precision,
+                                                          on_engine))
         labels, _ = predict_image(predictor, image)
         result = StrategyComparison(strategy, labels)
         if truth is not None:
@@ -101,6 +107,14 @@ def iter_comparisons(
         if patch is not None:
             result.trust = strategy_trust_map(run, strategy, image, *patch, device)
         yield result
+
+
+def _loaded(run, strategy, device, engine, precision, on_engine) -> SegmentationPredictor:
+    predictor = load_predictor(run.root, device, strategy=strategy, engine=engine,
+                               precision=precision)
+    if on_engine is not None:
+        on_engine(predictor)
+    return predictor
 
 
 def compare_strategies(run: RunDirectory, image: np.ndarray,
