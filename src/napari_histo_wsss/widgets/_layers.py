@@ -15,6 +15,16 @@ import numpy as np
 #: Larger image layers are refused by whole-image jobs.
 MAX_IMAGE_SIDE = 4096
 
+# Layer defaults: the tissue stays visible. One filled overlay (a prediction or a pseudo-mask)
+# is shown at a time, half transparent; ground truth is drawn as outlines over it; class maps
+# and the other overlays are added hidden, ready to be switched on in the layer list.
+#: A filled class overlay (labels).
+OVERLAY_STYLE: dict[str, Any] = {"opacity": 0.5, "blending": "translucent"}
+#: Ground truth as class-coloured outlines (``contour`` is set after the layer exists).
+TRUTH_STYLE: dict[str, Any] = {"opacity": 1.0, "contour": 2}
+#: A class activation map: hidden until asked for, translucent over the tissue.
+CAM_STYLE: dict[str, Any] = {"blending": "translucent", "opacity": 0.7, "visible": False}
+
 
 def display_labels(mask: np.ndarray, num_classes: int) -> np.ndarray:
     """Dataset mask (classes 0..C-1, background C, 255 unlabelled) -> displayed labels."""
@@ -23,12 +33,14 @@ def display_labels(mask: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 def labels_colormap(spec):
-    """The dataset's class colours for displayed labels; background is transparent."""
+    """The dataset's class colours for displayed labels, brightened so that dark palette
+    colours (WSSS4LUAD's navy tumour) read on napari's dark canvas; background is
+    transparent."""
     from napari.utils.colormaps import DirectLabelColormap
 
     colours: dict[Any, tuple[float, ...]] = {0: (0.0, 0.0, 0.0, 0.0), None: (0.0, 0.0, 0.0, 0.0)}
     for index, colour in enumerate(spec.colours[: spec.num_classes]):
-        colours[index + 1] = (*(channel / 255.0 for channel in colour), 1.0)
+        colours[index + 1] = (*bright_colour(colour), 1.0)
     return DirectLabelColormap(color_dict=colours)
 
 
@@ -56,12 +68,15 @@ def cam_colormap(class_name: str, colour: tuple[int, int, int]):
     return Colormap([[*rgb, 0.0], [*rgb, 1.0]], name=f"histo-wsss {class_name}")
 
 
-def put_layer(viewer, kind: str, name: str, data, **properties):
+def put_layer(viewer, kind: str, name: str, data, *, above=None, **properties):
     """Update the layer called ``name`` in place, or add it (``kind``: "image" or "labels").
 
     Updating keeps the user's opacity, visibility and position in the layer list between
-    patches; a layer of another kind or shape family with that name is replaced.
+    patches; a layer of another kind or shape family with that name is replaced. A new layer
+    goes right above the layer ``above`` (its image, or the overlay placed before it), so an
+    overlay is never hidden under an opaque image that was added later.
     """
+    contour = properties.pop("contour", None)
     layer = layer_named(viewer, name)
     if layer is not None and _can_update(layer, kind, data, properties):
         layer.data = data
@@ -73,7 +88,12 @@ def put_layer(viewer, kind: str, name: str, data, **properties):
     if layer is not None:
         viewer.layers.remove(layer)
     add = viewer.add_labels if kind == "labels" else viewer.add_image
-    return add(data, name=name, **properties)
+    layer = add(data, name=name, **properties)
+    if contour is not None:
+        layer.contour = contour
+    if above is not None and above in viewer.layers:
+        viewer.layers.move(viewer.layers.index(layer), viewer.layers.index(above) + 1)
+    return layer
 
 
 def _can_update(layer, kind: str, data, properties: dict) -> bool:

@@ -30,6 +30,8 @@ from ._base import (
 )
 from ._jobs import JobState
 from ._layers import (
+    OVERLAY_STYLE,
+    TRUTH_STYLE,
     class_features,
     display_labels,
     labels_colormap,
@@ -40,6 +42,7 @@ from ._layers import (
 )
 from ._runs import describe_run, given_path, open_run
 from ._tooltips import TOOLTIPS
+from .legend import ensure_legend
 
 if TYPE_CHECKING:
     import napari
@@ -111,6 +114,8 @@ class CompareWidget(JobWidget):
                       device=self.device, dataset=self.dataset)
         self._models = ModelCache()
         self._shown_layers: set[str] = set()
+        self._source_layer = None  # the viewer layer compared on, if any
+        self._anchor = None  # the layer the next new layer goes above
         self._results: dict[str, StrategyComparison] = {}
         self._image: ComparedImage | None = None
         self.run_folder.changed.connect(self._load_run)
@@ -161,6 +166,8 @@ class CompareWidget(JobWidget):
         if self._context is None:
             raise ConfigError("choose a run folder with trained segmenters")
         strategies = list(self.strategies.value)
+        if not strategies and self.strategies.choices:
+            raise ConfigError("select at least one strategy to compare")
         if not strategies:
             raise ConfigError("this run has no trained segmenter to compare yet")
         run, _, layout = self._context
@@ -192,6 +199,7 @@ class CompareWidget(JobWidget):
         from ..core.errors import ConfigError
 
         spec, source, index = layout.spec, self.source.value, int(self.index.value)
+        self._source_layer = None
         if source == "validation image":
             evaluation = layout.eval_set("val")
             if evaluation is None or not len(evaluation):
@@ -225,8 +233,10 @@ class CompareWidget(JobWidget):
         if source == "image layer":
             image = rgb_pixels(layer)
             transform = layer_transform(layer)
+            self._source_layer = layer
             return lambda: (ComparedImage(f"layer '{layer.name}'", spec, image,
                                           transform=transform, show_image=False), None)
+        self._source_layer = layer
         return self._slide_view_loader(layer, spec)
 
     def _slide_view_loader(self, layer, spec):
@@ -286,43 +296,55 @@ class CompareWidget(JobWidget):
             self._show_result(event.data)
 
     def _show_image(self, compared: ComparedImage) -> None:
+        """The image, then (above it) the pseudo-mask and the ground truth as outlines."""
         self._image = compared
         names = []
         spec, transform = compared.spec, compared.transform
+        self._anchor = self._source_layer
         if compared.show_image:
             reset = IMAGE_LAYER not in self.viewer.layers or \
                 self.viewer.layers[IMAGE_LAYER].data.shape != compared.image.shape
             layer = put_layer(self.viewer, "image", IMAGE_LAYER, compared.image, rgb=True)
             self.viewer.layers.move(self.viewer.layers.index(layer), 0)
+            self._anchor = layer
             names.append(IMAGE_LAYER)
             if reset:
                 self.viewer.reset_view()
-        for name, mask in ((TRUTH_LAYER, compared.truth),
-                           (PSEUDO_MASK_LAYER, compared.pseudo_mask)):
+        for name, mask, style in ((PSEUDO_MASK_LAYER, compared.pseudo_mask, OVERLAY_STYLE),
+                                  (TRUTH_LAYER, compared.truth, TRUTH_STYLE)):
             if mask is not None:
-                put_layer(self.viewer, "labels", name, display_labels(mask, spec.num_classes),
-                          colormap=labels_colormap(spec), features=class_features(spec),
-                          opacity=0.5, **transform)
+                self._anchor = put_layer(
+                    self.viewer, "labels", name, display_labels(mask, spec.num_classes),
+                    above=self._anchor, colormap=labels_colormap(spec),
+                    features=class_features(spec), visible=name == TRUTH_LAYER, **style,
+                    **transform)
                 names.append(name)
         self._forget_layers(keep=names)
         set_info(self.run_info, f"comparing on {compared.title}")
+        ensure_legend(self.viewer)
 
     def _show_result(self, result: StrategyComparison) -> None:
+        """A strategy's prediction (the first one shown, later ones hidden: tick them in the
+        layer list or use the grid) and its trust map (hidden; its key is in the legend)."""
         from napari.experimental import link_layers, unlink_layers
 
         compared = self._image
         spec, transform = compared.spec, compared.transform
+        first = not self._results
         self._results[result.strategy] = result
         name = prediction_layer_name(result.strategy)
-        put_layer(self.viewer, "labels", name, display_labels(result.labels, spec.num_classes),
-                  colormap=labels_colormap(spec), features=class_features(spec), opacity=0.6,
-                  **transform)
+        self._anchor = put_layer(
+            self.viewer, "labels", name, display_labels(result.labels, spec.num_classes),
+            above=self._anchor, colormap=labels_colormap(spec), features=class_features(spec),
+            visible=first, **OVERLAY_STYLE, **transform)
         self._shown_layers.add(name)
         if result.trust is not None:
             trust = trust_layer_name(result.strategy)
             high = float(max(np.percentile(result.trust, 99), 1e-6))
-            put_layer(self.viewer, "image", trust, result.trust, colormap="viridis",
-                      contrast_limits=(0.0, high), opacity=0.7, visible=False, **transform)
+            self._anchor = put_layer(
+                self.viewer, "image", trust, result.trust, above=self._anchor,
+                colormap="viridis", contrast_limits=(0.0, high), opacity=0.7, visible=False,
+                **transform)
             self._shown_layers.add(trust)
         predictions = [self.viewer.layers[prediction_layer_name(s)] for s in self._results]
         if len(predictions) > 1:
@@ -371,4 +393,6 @@ class CompareWidget(JobWidget):
             self._apply_grid()
 
     def _apply_grid(self, *_: Any) -> None:
+        """Grid on or off, then fit the camera to the new layout (napari keeps the old zoom)."""
         self.viewer.grid.enabled = bool(self.grid.value)
+        self.viewer.reset_view()

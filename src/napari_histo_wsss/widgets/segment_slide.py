@@ -27,6 +27,7 @@ from ._base import JobWidget, device_field, info_label, run_folder_field, set_in
 from ._jobs import JobState
 from ._runs import describe_run, given_path
 from ._tooltips import TOOLTIPS
+from .legend import ensure_legend
 
 if TYPE_CHECKING:
     import napari
@@ -274,6 +275,7 @@ class SegmentSlideWidget(JobWidget):
             f"{segmentation.attrs.get('slide', {}).get('name', out.stem)} (segmenting)",
             self._live.levels, segmentation.spec)
         self._refresh_timer.start()
+        ensure_legend(self.viewer)
 
     def _geometry_for(self, segmentation) -> dict[str, tuple]:
         layer = self._slide_layer_at_start

@@ -29,8 +29,26 @@ CAM_METHODS = methods_with_classifier()
 PRESET_TEXT = "preset"
 
 
-def preset_spin_box(label: str, tooltip: str, maximum: int, step: int = 1) -> SpinBox:
-    box = SpinBox(label=label, min=0, max=maximum, step=step, value=0, tooltip=tooltip)
+class PresetSpinBox(FloatSpinBox):
+    """A whole-number field whose 0 reads "preset" (the method's preset decides).
+
+    magicgui's integer spin box (superqt's QLargeIntSpinBox) ignores Qt's special value text
+    and would show "0", which reads as "no epochs"; Qt's double spin box honours it, so this
+    is one with no decimals whose value is an int.
+    """
+
+    @property
+    def value(self) -> int:
+        return int(round(FloatSpinBox.value.fget(self)))
+
+    @value.setter
+    def value(self, value) -> None:
+        FloatSpinBox.value.fset(self, float(value or 0))
+
+
+def preset_spin_box(label: str, tooltip: str, maximum: int, step: int = 1) -> PresetSpinBox:
+    box = PresetSpinBox(label=label, min=0, max=maximum, step=step, value=0, tooltip=tooltip)
+    box.native.setDecimals(0)
     box.native.setSpecialValueText(PRESET_TEXT)
     return box
 
