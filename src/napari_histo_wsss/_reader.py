@@ -95,7 +95,7 @@ def segmentation_layer_data(segmentation) -> list[tuple]:
     """Layer data tuples for a :class:`~napari_histo_wsss.core.wsi.ome_zarr_labels.Segmentation`."""
     from napari.utils.colormaps import Colormap
 
-    from .widgets._layers import class_features, labels_colormap
+    from .widgets._layers import bright_colour, class_features, labels_colormap
 
     mpp = segmentation.slide_mpp
     slide_pixel = mpp if mpp is not None else 1.0
@@ -117,23 +117,29 @@ def segmentation_layer_data(segmentation) -> list[tuple]:
         channel_names = segmentation.channel_names[map_name]
         colours = list(segmentation.spec.colours) + [(255, 255, 255)] * len(channel_names)
         for index, channel in enumerate(channel_names):
-            colour = np.asarray(colours[index], float) / 255.0
+            colour = bright_colour(colours[index])
             colormap = Colormap([[0, 0, 0, 0], [*colour, 1.0]], name=f"{channel} {map_name}")
             layers.append((
-                [level[index] for level in levels],
-                {**common, "name": f"{name} {channel} {map_name}", "multiscale": True,
+                _levels_or_array([level[index] for level in levels]),
+                {**common, "name": f"{name} {channel} {map_name}", "multiscale": len(levels) > 1,
                  "colormap": colormap, "contrast_limits": (0, 255), "blending": "additive",
                  "visible": False},
                 "image",
             ))
+    labels = segmentation.labels
     layers.append((
-        segmentation.labels if segmentation.complete else done_part_pyramid(segmentation.labels),
-        {**common, "name": f"{name} labels", "multiscale": True, "opacity": 0.5,
+        _levels_or_array(labels if segmentation.complete else done_part_pyramid(labels)),
+        {**common, "name": f"{name} labels", "multiscale": len(labels) > 1, "opacity": 0.5,
          "colormap": labels_colormap(segmentation.spec),
          "features": class_features(segmentation.spec)},
         "labels",
     ))
     return layers
+
+
+def _levels_or_array(levels: list):
+    """A small output has one level: napari wants the array itself, not a list of one."""
+    return levels if len(levels) > 1 else levels[0]
 
 
 def done_part_pyramid(levels: list) -> list:

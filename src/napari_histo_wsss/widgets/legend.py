@@ -233,8 +233,12 @@ class LegendWidget(QWidget):
         low, high = layer.contrast_limits
         self.title.setText(f"<b>{layer.name}</b> · colour key")
         colours = np.asarray(layer.colormap.colors)
-        self.ramp.set_ramp(colours, f"{low:.2g}", f"{high:.2g}")
+        self.ramp.set_ramp(colours, _number(low), _number(high))
         self.ramp.setVisible(True)
+
+
+def _number(value: float) -> str:
+    return f"{value:.0f}" if abs(value) >= 10 else f"{value:.2g}"
 
 
 def _swatch(rgba: tuple[float, ...]) -> QFrame:
