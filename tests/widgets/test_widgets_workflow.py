@@ -129,16 +129,26 @@ def test_train_classifier_stop_then_resume(make_napari_viewer, qtbot, sample_dat
     from napari_histo_wsss.core.runs.run_dir import RunDirectory
     from napari_histo_wsss.widgets.train_classifier import TrainClassifierWidget
 
+    from napari.utils import progress
+    from napari.utils.notifications import notification_manager
+
     viewer = make_napari_viewer()
     widget = docked(viewer, TrainClassifierWidget)
+    assert widget.epochs.native.text() == "preset"  # not "0", which reads as "don't train"
+    assert widget.input_size.native.text() == "preset"
     widget.dataset.value = sample_dataset_dir
     widget.run_folder.value = tmp_path / "run"
     widget.method.value = METHOD
     widget.epochs.value = 1
+    assert widget.epochs.native.text() == "1" and widget.epochs.value == 1
     widget.batch_size.value = TINY_CLASSIFIER["batch_size"]
     widget.input_size.value = TINY_CLASSIFIER["input_size"]
-    events = []
+    events, activity = [], []  # the activity dock's bar position at each batch
     widget.runner.event.connect(events.append)
+    widget.runner.event.connect(lambda event: isinstance(event, Batch) and activity.append(
+        (widget.activity.bar in progress._all_instances, widget.activity.bar.n)))
+    messages = []
+    notification_manager.notification_ready.connect(messages.append)
 
     widget.toggle_button.click()
     assert widget.runner.state is JobState.RUNNING
@@ -146,6 +156,9 @@ def test_train_classifier_stop_then_resume(make_napari_viewer, qtbot, sample_dat
     qtbot.waitUntil(lambda: any(isinstance(e, Batch) for e in events), timeout=JOB_TIMEOUT_MS)
     widget.toggle_button.click()  # Stop: finish the batch, save, keep the model
     assert wait_for_job(qtbot, widget.runner) is JobState.STOPPED
+    assert activity[0] == (True, 1)  # a bar in napari's activity dock, at batch 1
+    assert widget.activity.bar is None  # closed with the job
+    assert any("Train classifier: stopped" in m.message for m in messages)
     run = RunDirectory(tmp_path / "run")
     assert run.classifier_checkpoint.is_file() and not run.is_complete("classifier")
     stopped_at = sum(isinstance(e, Batch) for e in events)
@@ -154,8 +167,12 @@ def test_train_classifier_stop_then_resume(make_napari_viewer, qtbot, sample_dat
     assert not widget.epochs.enabled  # an existing run keeps its settings
 
     events.clear()
+    activity.clear()
     widget.toggle_button.click()  # Train again: continue from the checkpoint
     assert wait_for_job(qtbot, widget.runner) is JobState.DONE
+    notification_manager.notification_ready.disconnect(messages.append)
+    assert activity[0] == (True, stopped_at + 1)  # the bar continues where it stopped
+    assert any(m.message == "Train classifier: finished" for m in messages)
     batches = [e for e in events if isinstance(e, Batch)]
     assert len(batches) == 5 - stopped_at
     assert (batches[0].epoch, batches[0].index) == (0, stopped_at)

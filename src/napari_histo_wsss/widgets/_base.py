@@ -18,7 +18,7 @@ from qtpy.QtCore import QEvent, QObject
 from qtpy.QtWidgets import QPushButton
 
 from ._jobs import JobFactory, JobRunner, JobState
-from ._progress import ProgressPanel
+from ._progress import ActivityProgress, ProgressPanel
 from ._settings import load_settings, save_settings
 from ._tooltips import TOOLTIPS
 
@@ -41,14 +41,16 @@ class JobWidget(Container):
         self.toggle_button = QPushButton(self.start_text)
         self.toggle_button.clicked.connect(self.toggle)
         self.progress = ProgressPanel(epochs=epochs, plot=plot)
+        self.activity = ActivityProgress(description)
         self._persisted: dict[str, Any] = {}
         self._locked: list[Any] = []
         self._runners = [self.runner]
         runners = self._runners  # not self: the callbacks must outlive the Qt widget
         # Closing the dock (napari takes the widget out of it) or the viewer (which deletes
         # it): stop the jobs the graceful way and stop reporting to the widget.
-        self._close_watcher = _CloseWatcher(self.native, lambda: _shut_down(runners))
-        self.native.destroyed.connect(lambda *_: _shut_down(runners))
+        activity = self.activity
+        self._close_watcher = _CloseWatcher(self.native, lambda: _shut_down(runners, activity))
+        self.native.destroyed.connect(lambda *_: _shut_down(runners, activity))
 
     def add_runner(self, description: str) -> JobRunner:
         """Another job runner (browsing, exports) that also stops when the widget closes."""
@@ -138,6 +140,7 @@ class JobWidget(Container):
 
     def _on_job_event(self, event: Any) -> None:
         self.progress.show_event(event)
+        self.activity.show_event(event)
         self.on_job_event(event)
 
     def _on_state_changed(self, state: JobState) -> None:
@@ -153,14 +156,28 @@ class JobWidget(Container):
         else:
             self.toggle_button.setText(self.start_text)
             self.toggle_button.setEnabled(True)
+            self.activity.close()
             if state is JobState.FAILED and self.runner.error:
                 self.progress.set_status(f"failed: {self.runner.error}")
+            self._notify_end(state)
             self.on_job_finished(state)
 
+    def _notify_end(self, state: JobState) -> None:
+        """A notification when a job ends, for a user looking elsewhere (a failure has its
+        own error notification already)."""
+        from napari.utils.notifications import show_info
 
-def _shut_down(runners: list[JobRunner]) -> None:
+        if state is JobState.DONE:
+            show_info(f"{self.runner.description}: finished")
+        elif state is JobState.STOPPED:
+            show_info(f"{self.runner.description}: stopped; press "
+                      f"'{self.start_text}' again to continue")
+
+
+def _shut_down(runners: list[JobRunner], activity: ActivityProgress) -> None:
     for runner in runners:
         runner.shutdown()
+    activity.close()
 
 
 class _CloseWatcher(QObject):
