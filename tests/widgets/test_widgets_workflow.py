@@ -125,12 +125,12 @@ def test_classifier_dataset_feedback_and_remembered_settings(make_napari_viewer,
 
 def test_train_classifier_stop_then_resume(make_napari_viewer, qtbot, sample_dataset_dir,
                                            tmp_path):
+    from napari.utils import progress
+    from napari.utils.notifications import notification_manager
+
     from napari_histo_wsss.core.events import Batch, Done
     from napari_histo_wsss.core.runs.run_dir import RunDirectory
     from napari_histo_wsss.widgets.train_classifier import TrainClassifierWidget
-
-    from napari.utils import progress
-    from napari.utils.notifications import notification_manager
 
     viewer = make_napari_viewer()
     widget = docked(viewer, TrainClassifierWidget)
