@@ -18,6 +18,7 @@ import pytest
 
 from napari_histo_wsss.widgets import _settings
 from napari_histo_wsss.widgets._jobs import JobState
+from napari_histo_wsss.widgets.legend import class_rows
 
 pytestmark = pytest.mark.gui
 
@@ -215,6 +216,17 @@ def test_pseudo_masks_generate_and_browse(make_napari_viewer, qtbot, base_run, t
     assert isinstance(mask, Labels) and mask.data.max() <= 3
     assert "ground truth" not in viewer.layers  # training patches have none
     assert "label:" in widget.view_info.value
+    # Readable by default: the patch, then the class maps (hidden), then the pseudo-mask shown
+    # half transparent; the legend dock names its classes.
+    names = [layer.name for layer in viewer.layers]
+    assert names.index("image (pseudo-masks)") < names.index("CAM tumor") < \
+        names.index("pseudo-mask")
+    assert not any(viewer.layers[f"CAM {n}"].visible for n in ("tumor", "stroma", "normal"))
+    assert mask.visible and mask.opacity == 0.5
+    legend = viewer.window._histo_wsss_legend
+    viewer.layers.selection.active = mask
+    assert [text for _, text, _ in class_rows(mask)] == ["tumor", "stroma", "normal"]
+    assert legend.title.text().startswith("<b>pseudo-mask</b>")
 
     widget.source.value = "validation images"
     widget.index.value = 0
@@ -224,6 +236,9 @@ def test_pseudo_masks_generate_and_browse(make_napari_viewer, qtbot, base_run, t
     truth = viewer.layers["ground truth"]
     assert truth.data.shape == viewer.layers["pseudo-mask"].data.shape
     assert set(np.unique(truth.data)) <= {0, 1, 2, 3}
+    assert truth.contour == 2 and truth.visible  # outlines over the pseudo-mask
+    names = [layer.name for layer in viewer.layers]
+    assert names.index("pseudo-mask") < names.index("ground truth")
 
     # An image layer of the viewer (the CMU slide region is multiscale, so a crop of it).
     viewer.add_image(viewer.layers["image (pseudo-masks)"].data.copy(), name="my image",
@@ -236,6 +251,8 @@ def test_pseudo_masks_generate_and_browse(make_napari_viewer, qtbot, base_run, t
                     timeout=JOB_TIMEOUT_MS)
     assert "ground truth" not in viewer.layers and "gated by prediction" in \
         widget.view_info.value
+    names = [layer.name for layer in viewer.layers]  # over the user's image, not under it
+    assert names.index("my image") < names.index("CAM tumor") < names.index("pseudo-mask")
 
 
 def test_train_segmenter_with_two_strategies(make_napari_viewer, qtbot, base_run, tmp_path):
@@ -287,6 +304,11 @@ def test_compare_two_strategies(make_napari_viewer, qtbot, two_strategy_run):
     image = viewer.layers["image (compare)"]
     for layer in predictions:
         assert isinstance(layer, Labels) and layer.data.shape == image.data.shape[:2]
+    assert predictions[0].visible and not predictions[1].visible  # one overlay at a time
+    assert viewer.layers["ground truth (compare)"].contour == 2
+    names = [layer.name for layer in viewer.layers]
+    assert names.index("image (compare)") < names.index("ground truth (compare)") < \
+        names.index("prediction: ce") < names.index("prediction: onss")
     predictions[0].opacity = 0.25  # linked: the other prediction follows
     assert predictions[1].opacity == 0.25
     assert "ground truth (compare)" in viewer.layers and viewer.grid.enabled
@@ -304,6 +326,13 @@ def test_compare_two_strategies(make_napari_viewer, qtbot, two_strategy_run):
     trust = viewer.layers["trust: onss"]  # ONSS weighs pixels; plain CE trusts them all
     assert isinstance(trust, Image) and trust.data.shape == image.data.shape[:2]
     assert "trust: ce" not in viewer.layers
+    legend = viewer.window._histo_wsss_legend
+    viewer.layers.selection.active = trust  # its colour key
+    assert not legend.ramp.isHidden() and legend.ramp.low.text() == "0"
+
+    widget.strategies.value = []
+    widget.toggle_button.click()  # nothing selected: said as such, not "no segmenter"
+    assert widget.progress.status.text() == "select at least one strategy to compare"
 
 
 def test_segment_slide_fills_in_and_exports(make_napari_viewer, qtbot, two_strategy_run,
@@ -355,3 +384,36 @@ def test_segment_slide_fills_in_and_exports(make_napari_viewer, qtbot, two_strat
     widget.export_zarr(tmp_path / "copy.zarr")
     wait_for_job(qtbot, widget.export_runner)
     assert open_segmentation(tmp_path / "copy.zarr").complete
+
+
+def test_a_run_folder_opens_with_file_open(make_napari_viewer, two_strategy_run):
+    viewer = make_napari_viewer()
+    layers = viewer.open(str(two_strategy_run), plugin=PLUGIN)
+    shown = {layer.name: layer.visible for layer in layers}
+    assert {"val images", "ground truth", "prediction: ce", "prediction: onss",
+            "training patches", "pseudo-masks", "CAM tumor"} <= set(shown)
+    # one overlay at a time: the first prediction and the pseudo-masks; the rest hidden
+    assert shown["prediction: ce"] and not shown["prediction: onss"]
+    assert not shown["ground truth"] and not shown["CAM tumor"]
+    assert list(viewer.layers["prediction: ce"].features["class"]) == [
+        "background", "tumor", "stroma", "normal"]
+
+
+def test_widgets_share_one_run_folder_and_scroll(make_napari_viewer, base_run):
+    from napari_histo_wsss.widgets.compare import CompareWidget
+    from napari_histo_wsss.widgets.pseudo_masks import PseudoMaskWidget
+    from napari_histo_wsss.widgets.train_segmenter import TrainSegmenterWidget
+
+    viewer = make_napari_viewer()
+    masks = docked(viewer, PseudoMaskWidget)
+    masks.run_folder.value = base_run
+    compare = docked(viewer, CompareWidget)  # opened later: starts on the chosen run
+    assert Path(compare.run_folder.value) == base_run
+    segmenter = docked(viewer, TrainSegmenterWidget)
+    segmenter.run_folder.value = base_run.parent / "other"
+    assert Path(masks.run_folder.value) == Path(compare.run_folder.value) == \
+        base_run.parent / "other"
+    from qtpy.QtWidgets import QScrollArea
+
+    assert isinstance(masks.native, QScrollArea)  # a long form scrolls in its dock
+    assert masks.native.widget() is masks.form

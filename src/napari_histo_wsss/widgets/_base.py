@@ -21,6 +21,7 @@ from ._jobs import JobFactory, JobRunner, JobState
 from ._progress import ActivityProgress, ProgressPanel
 from ._settings import load_settings, save_settings
 from ._tooltips import TOOLTIPS
+from ._warmup import device_choices, when_ready
 
 
 class JobWidget(Container):
@@ -33,6 +34,14 @@ class JobWidget(Container):
 
     def __init__(self, viewer, description: str, *, epochs: bool = True, plot: bool = True):
         super().__init__(labels=True)
+        from qtpy.QtWidgets import QFrame, QScrollArea
+
+        # napari docks ``native``: a scroll area, so that five docks fit a 1080-pixel screen
+        # (each scrolls) instead of stretching the window to the sum of their heights.
+        self._scroll_area = QScrollArea()
+        self._scroll_area.setWidgetResizable(True)
+        self._scroll_area.setFrameShape(QFrame.Shape.NoFrame)
+        self._scroll_area.setWidget(self._widget._mgui_get_native_widget())
         self.viewer = viewer
         self.runner = JobRunner(description)
         self.runner.state_changed.connect(self._on_state_changed)
@@ -52,6 +61,17 @@ class JobWidget(Container):
         self._close_watcher = _CloseWatcher(self.native, lambda: _shut_down(runners, activity))
         self.native.destroyed.connect(lambda *_: _shut_down(runners, activity))
 
+    @property
+    def native(self):
+        """The scroll area around the form (what napari puts in the dock)."""
+        scroll_area = self.__dict__.get("_scroll_area")
+        return scroll_area if scroll_area is not None else self._widget._mgui_get_native_widget()
+
+    @property
+    def form(self):
+        """The widget holding the fields (inside the scroll area)."""
+        return self._widget._mgui_get_native_widget()
+
     def add_runner(self, description: str) -> JobRunner:
         """Another job runner (browsing, exports) that also stops when the widget closes."""
         runner = JobRunner(description)
@@ -67,7 +87,7 @@ class JobWidget(Container):
         """
         from superqt import QCollapsible
 
-        layout = self.native.layout()
+        layout = self.form.layout()
         if len(self.advanced):
             collapsible = QCollapsible("Advanced settings")
             collapsible.addWidget(self.advanced.native)
@@ -86,17 +106,35 @@ class JobWidget(Container):
         self._locked.extend(fields.values())
 
     def restore_settings(self) -> None:
-        """Put back the values saved last time (values that no longer fit are skipped)."""
+        """Put back the values saved last time (values that no longer fit are skipped).
+
+        Choices that need torch (devices, losses, architectures) arrive after a background
+        import: their saved values are put back then, and ``on_models_ready`` runs.
+        """
+        self._apply_saved(self._persisted)
+        for field in self._persisted.values():
+            field.changed.connect(self.save_settings)
+        when_ready(self._on_heavy_modules_ready)
+
+    def _apply_saved(self, fields: dict[str, Any]) -> None:
         saved = load_settings(self.settings_key)
-        for name, field in self._persisted.items():
+        for name, field in fields.items():
             if name not in saved or saved[name] is None:
                 continue
             with contextlib.suppress(ValueError, TypeError, KeyError):
                 if isinstance(field, ComboBox) and saved[name] not in field.choices:
                     continue
                 field.value = saved[name]
-        for field in self._persisted.values():
-            field.changed.connect(self.save_settings)
+
+    def _on_heavy_modules_ready(self) -> None:
+        self.reset_choices()
+        self.advanced.reset_choices()
+        self._apply_saved({name: field for name, field in self._persisted.items()
+                           if callable(getattr(field, "_default_choices", None))})
+        self.on_models_ready()
+
+    def on_models_ready(self) -> None:
+        """Hook for subclasses: the lists that need torch are filled in."""
 
     def save_settings(self, *_: Any) -> None:
         values = {}
@@ -196,10 +234,9 @@ class _CloseWatcher(QObject):
 
 
 def device_field(label: str = "device") -> ComboBox:
-    """A combo of the devices this machine has, "auto" first."""
-    from ..core.devices import available_devices
-
-    return ComboBox(label=label, choices=["auto", *available_devices()], value="auto",
+    """A combo of the devices this machine has, "auto" first (filled in once torch is
+    imported in the background, see ``_warmup``)."""
+    return ComboBox(label=label, choices=device_choices, value="auto",
                     tooltip=TOOLTIPS["device"])
 
 

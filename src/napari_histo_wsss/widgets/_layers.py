@@ -84,6 +84,10 @@ def put_layer(viewer, kind: str, name: str, data, *, above=None, **properties):
                     "metadata"):
             if key in properties:
                 setattr(layer, key, properties[key])
+        if above is not None and above in viewer.layers:
+            index, anchor = viewer.layers.index(layer), viewer.layers.index(above)
+            if index < anchor:  # an image added since sits over it: lift it above its image
+                viewer.layers.move(index, anchor + 1)
         return layer
     if layer is not None:
         viewer.layers.remove(layer)

@@ -95,10 +95,17 @@ class ProgressPanel(QWidget):
         self.batch_bar = QProgressBar()
         self.batch_bar.setFormat("batch %v / %m" if epochs else "%v / %m  (%p%)")
         layout.addWidget(self.batch_bar)
-        self.loss_plot = LossPlot() if plot else None
-        if self.loss_plot is not None:
-            layout.addWidget(self.loss_plot.widget)
+        self.loss_plot: LossPlot | None = None
+        self._layout = layout
+        if plot:  # pyqtgraph is imported in the background with torch (see _warmup)
+            from ._warmup import when_ready
+
+            when_ready(self._add_loss_plot)
         self.reset()
+
+    def _add_loss_plot(self) -> None:
+        self.loss_plot = LossPlot()
+        self._layout.addWidget(self.loss_plot.widget)
 
     def reset(self) -> None:
         """Empty bars (hidden until a job says how long it is) and an empty plot."""

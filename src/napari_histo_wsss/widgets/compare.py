@@ -41,6 +41,7 @@ from ._layers import (
     rgb_pixels,
 )
 from ._runs import describe_run, given_path, open_run
+from ._shared_run import shared_run_folder
 from ._tooltips import TOOLTIPS
 from .legend import ensure_legend
 
@@ -77,6 +78,46 @@ def prediction_layer_name(strategy: str) -> str:
 
 def trust_layer_name(strategy: str) -> str:
     return f"trust: {strategy}"
+
+
+def slide_view_loader(layer, spec):
+    """Read the part of a (multiscale) slide layer that is in view, at most MAX_VIEW_SIDE."""
+    from ..core.errors import ConfigError
+
+    if not getattr(layer, "rgb", False):
+        raise ConfigError(f"'{layer.name}' is not an RGB slide layer")
+    levels = list(layer.data) if layer.multiscale else [layer.data]
+    factors = np.asarray(layer.downsample_factors)[:, -2:] if layer.multiscale \
+        else np.ones((1, 2))
+    level = int(layer.data_level) if layer.multiscale else 0
+    corners = np.asarray(layer.corner_pixels)[:, -2:].astype(int)
+    if np.any(corners[1] - corners[0] <= 0):
+        corners = np.array([[0, 0], list(levels[level].shape[:2])])
+    # Go to coarser levels until the view fits.
+    while max(corners[1] - corners[0]) > MAX_VIEW_SIDE and level + 1 < len(levels):
+        ratio = factors[level + 1] / factors[level]
+        corners = np.stack([corners[0] // ratio, -(-corners[1] // ratio)]).astype(int)
+        level += 1
+    (y0, x0), (y1, x1) = corners
+    if max(y1 - y0, x1 - x0) > MAX_VIEW_SIDE:
+        raise ConfigError("zoom in: the view is larger than the coarsest level can show")
+    array = levels[level]
+    factor = factors[level]
+    scale = np.asarray(layer.scale[-2:]) * factor
+    translate = np.asarray(layer.translate[-2:]) + np.asarray(layer.scale[-2:]) * (
+        np.array([y0, x0]) * factor + (factor - 1) / 2)
+    transform = {"scale": tuple(scale), "translate": tuple(translate),
+                 "units": tuple(layer.units[-2:])}
+    title = f"view of '{layer.name}' (level {level}, {x1 - x0}x{y1 - y0} px)"
+
+    def load_view():
+        pixels = np.asarray(array[y0:y1, x0:x1])
+        if pixels.dtype != np.uint8:
+            pixels = np.clip(pixels, 0, 255).astype(np.uint8)
+        return ComparedImage(title, spec, np.ascontiguousarray(pixels[..., :3]),
+                             transform=transform, show_image=False), None
+
+    return load_view
 
 
 class CompareWidget(JobWidget):
@@ -123,6 +164,7 @@ class CompareWidget(JobWidget):
         self.source.changed.connect(self._on_source_changed)
         self.grid.changed.connect(self._apply_grid)
         self.restore_settings()
+        shared_run_folder(viewer).follow(self.run_folder)
         self._load_run()
 
     # -- run and source ------------------------------------------------------------------------
@@ -237,46 +279,7 @@ class CompareWidget(JobWidget):
             return lambda: (ComparedImage(f"layer '{layer.name}'", spec, image,
                                           transform=transform, show_image=False), None)
         self._source_layer = layer
-        return self._slide_view_loader(layer, spec)
-
-    def _slide_view_loader(self, layer, spec):
-        """Read the part of a (multiscale) slide layer that is in view, at most MAX_VIEW_SIDE."""
-        from ..core.errors import ConfigError
-
-        if not getattr(layer, "rgb", False):
-            raise ConfigError(f"'{layer.name}' is not an RGB slide layer")
-        levels = list(layer.data) if layer.multiscale else [layer.data]
-        factors = np.asarray(layer.downsample_factors)[:, -2:] if layer.multiscale \
-            else np.ones((1, 2))
-        level = int(layer.data_level) if layer.multiscale else 0
-        corners = np.asarray(layer.corner_pixels)[:, -2:].astype(int)
-        if np.any(corners[1] - corners[0] <= 0):
-            corners = np.array([[0, 0], list(levels[level].shape[:2])])
-        # Go to coarser levels until the view fits.
-        while max(corners[1] - corners[0]) > MAX_VIEW_SIDE and level + 1 < len(levels):
-            ratio = factors[level + 1] / factors[level]
-            corners = np.stack([corners[0] // ratio, -(-corners[1] // ratio)]).astype(int)
-            level += 1
-        (y0, x0), (y1, x1) = corners
-        if max(y1 - y0, x1 - x0) > MAX_VIEW_SIDE:
-            raise ConfigError("zoom in: the view is larger than the coarsest level can show")
-        array = levels[level]
-        factor = factors[level]
-        scale = np.asarray(layer.scale[-2:]) * factor
-        translate = np.asarray(layer.translate[-2:]) + np.asarray(layer.scale[-2:]) * (
-            np.array([y0, x0]) * factor + (factor - 1) / 2)
-        transform = {"scale": tuple(scale), "translate": tuple(translate),
-                     "units": tuple(layer.units[-2:])}
-        title = f"view of '{layer.name}' (level {level}, {x1 - x0}x{y1 - y0} px)"
-
-        def load_view():
-            pixels = np.asarray(array[y0:y1, x0:x1])
-            if pixels.dtype != np.uint8:
-                pixels = np.clip(pixels, 0, 255).astype(np.uint8)
-            return ComparedImage(title, spec, np.ascontiguousarray(pixels[..., :3]),
-                                 transform=transform, show_image=False), None
-
-        return load_view
+        return slide_view_loader(layer, spec)
 
     # -- results -> layers (main thread) -------------------------------------------------------
     def on_job_starting(self) -> None:

@@ -45,6 +45,7 @@ from ._layers import (
     rgb_pixels,
 )
 from ._runs import describe_run, given_path, open_run
+from ._shared_run import shared_run_folder
 from ._tooltips import TOOLTIPS
 from .legend import ensure_legend
 
@@ -131,6 +132,7 @@ class PseudoMaskWidget(JobWidget):
         self.index.changed.connect(self.show_class_maps)
         self.show_button.changed.connect(lambda *_: self.show_class_maps(notify=True))
         self.restore_settings()
+        shared_run_folder(viewer).follow(self.run_folder)
         self._load_run()
 
     # -- run and source ----------------------------------------------------------------------

@@ -26,6 +26,7 @@ from ..core.inference.tiling import BLEND_MODES
 from ._base import JobWidget, device_field, info_label, run_folder_field, set_info
 from ._jobs import JobState
 from ._runs import describe_run, given_path
+from ._shared_run import shared_run_folder
 from ._tooltips import TOOLTIPS
 from .legend import ensure_legend
 
@@ -166,6 +167,7 @@ class SegmentSlideWidget(JobWidget):
         self._refresh_timer.timeout.connect(self._refresh_live_layer)
         self.run_folder.changed.connect(self._load_run)
         self.restore_settings()
+        shared_run_folder(viewer).follow(self.run_folder)
         self._load_run()
         self._set_result(None)
 

@@ -17,6 +17,7 @@ from ..core.config.presets import PRESET_SCHEDULES, methods_with_classifier
 from ._base import JobWidget, device_field, info_label, run_folder_field, set_info
 from ._jobs import JobState
 from ._runs import describe_dataset, describe_run, given_path
+from ._shared_run import shared_run_folder
 from ._tooltips import TOOLTIPS
 
 if TYPE_CHECKING:
@@ -100,6 +101,7 @@ class TrainClassifierWidget(JobWidget):
         self.dataset.changed.connect(self._show_dataset)
         self.run_folder.changed.connect(self._show_run)
         self.restore_settings()
+        shared_run_folder(viewer).follow(self.run_folder)
         self._show_dataset()
         self._show_run()
 

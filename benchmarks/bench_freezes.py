@@ -1,0 +1,195 @@
+"""How long napari's main thread stands still while the widgets open and work.
+
+A 10 ms QTimer runs on the main thread the whole time; every tick that arrives late by more
+than its period means the event loop was busy (a frozen window for the user). The script opens
+the first widget in a fresh process (torch not imported yet), then drives each long job and
+image step of the workflow on the bundled WSSS4LUAD sample and CMU slide with tiny budgets,
+and prints per phase: how long it took, the worst and 99th-percentile lateness, and how many
+ticks were more than 200 ms late.
+
+Run it with a display, e.g.::
+
+    xvfb-run -a -s "-screen 0 1920x1080x24" python benchmarks/bench_freezes.py
+
+The figures depend on the machine and on what else runs on it: compare phases within one
+run, and runs on the same machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "src" / "napari_histo_wsss" / "sample_data"
+TIMER_MS = 10
+STALL_MS = 200
+TINY = {"epochs": 1, "batch_size": 8, "input_size": 64}
+
+
+class LatencyProbe:
+    """A main-thread timer that records how late each 10 ms tick arrives."""
+
+    def __init__(self):
+        from qtpy.QtCore import QTimer
+
+        self.lateness_ms: list[float] = []
+        self._last = time.perf_counter()
+        self._timer = QTimer()
+        self._timer.setInterval(TIMER_MS)
+        self._timer.timeout.connect(self._tick)
+        self._timer.start()
+
+    def _tick(self):
+        now = time.perf_counter()
+        self.lateness_ms.append(max(0.0, (now - self._last) * 1000 - TIMER_MS))
+        self._last = now
+
+    def mark(self) -> int:
+        return len(self.lateness_ms)
+
+
+class Phases:
+    """Runs the event loop until a condition holds and records each phase's lateness."""
+
+    def __init__(self, app, probe: LatencyProbe):
+        self.app, self.probe = app, probe
+        self.rows: list[tuple[str, float, list[float]]] = []
+
+    def wait(self, condition, timeout_s: float = 900.0) -> None:
+        end = time.perf_counter() + timeout_s
+        while not condition():
+            if time.perf_counter() > end:
+                raise TimeoutError("phase did not finish")
+            self.app.processEvents()
+            time.sleep(0.001)
+
+    def run(self, name: str, start, done=lambda: True, settle_s: float = 0.0) -> None:
+        """Call ``start`` (on the main thread, as a click would), then run the loop until
+        ``done`` and ``settle_s`` more seconds."""
+        first = self.probe.mark()
+        began = time.perf_counter()
+        self.probe._last = began
+        start()
+        self.wait(done)
+        seconds = time.perf_counter() - began
+        settle_end = time.perf_counter() + settle_s
+        self.wait(lambda: time.perf_counter() >= settle_end)
+        self.app.processEvents()
+        self.rows.append((name, seconds, self.probe.lateness_ms[first:]))
+
+    def report(self) -> None:
+        print(f"{'phase':<38} {'s':>6} {'max ms':>7} {'p99 ms':>7} {'>200ms':>7}")
+        for name, seconds, late in self.rows:
+            ordered = sorted(late) or [0.0]
+            p99 = ordered[min(len(ordered) - 1, int(0.99 * (len(ordered) - 1)))]
+            stalls = sum(value > STALL_MS for value in late)
+            print(f"{name:<38} {seconds:6.2f} {max(ordered):7.0f} {p99:7.0f} {stalls:7d}")
+
+
+def make_run(folder: Path) -> Path:
+    """A tiny run with a classifier, pseudo-masks and two segmenters (core API, no GUI)."""
+    from napari_histo_wsss.core.events import run_to_completion
+    from napari_histo_wsss.core.pipeline import prepare_run, run_pipeline
+
+    run, config, layout = prepare_run(SAMPLE / "wsss4luad", folder, "cam-ce", device="cpu",
+                                      classifier=TINY, segmenter=TINY)
+    run_to_completion(run_pipeline(run, config, layout, strategies=["ce", "onss"]))
+    return folder
+
+
+def main() -> None:  # noqa: PLR0915 (one scripted session, phase after phase)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--browse-steps", type=int, default=6)
+    parser.add_argument("--settle", type=float, default=6.0,
+                        help="seconds watched after the first widget opens (background import)")
+    args = parser.parse_args()
+    os.environ.setdefault("HISTO_WSSS_DEVICE", "cpu")
+    scratch = Path(tempfile.mkdtemp(prefix="bench-freezes-"))
+    os.environ.setdefault("HISTO_WSSS_CONFIG_DIR", str(scratch / "config"))
+
+    import sys
+
+    import napari
+    from qtpy.QtWidgets import QApplication
+
+    viewer = napari.Viewer(show=True)
+    app = QApplication.instance()
+    app.processEvents()
+    probe = LatencyProbe()
+    phases = Phases(app, probe)
+    torch_before = "torch" in sys.modules
+    widgets = {}
+
+    def open_first():
+        from napari_histo_wsss.widgets.train_classifier import TrainClassifierWidget
+
+        widgets["classifier"] = TrainClassifierWidget(viewer)
+        viewer.window.add_dock_widget(widgets["classifier"], name="classifier")
+
+    phases.run("open first widget (Train classifier)", open_first)
+    phases.run("background import of torch/pyqtgraph", lambda: None,
+               done=lambda: widgets["classifier"].progress.loss_plot is not None)
+    print(f"torch imported before the first widget: {torch_before}", flush=True)
+
+    run_folder = make_run(scratch / "run")  # main thread, outside any phase
+
+    classifier = widgets["classifier"]
+    classifier.dataset.value = SAMPLE / "wsss4luad"
+    classifier.run_folder.value = scratch / "classifier-run"
+    classifier.method.value = "cam-ce"
+    classifier.epochs.value = 2
+    classifier.batch_size.value = TINY["batch_size"]
+    classifier.input_size.value = 96
+    phases.run("train classifier (2 epochs)", classifier.toggle_button.click,
+               done=lambda: not classifier.runner.busy)
+
+    from napari_histo_wsss.widgets.compare import CompareWidget
+    from napari_histo_wsss.widgets.pseudo_masks import PseudoMaskWidget
+    from napari_histo_wsss.widgets.segment_slide import SegmentSlideWidget
+
+    masks = PseudoMaskWidget(viewer)
+    viewer.window.add_dock_widget(masks, name="pseudo-masks")
+    masks.run_folder.value = run_folder
+    phases.run("pseudo-masks: generate (42 patches)", masks.toggle_button.click,
+               done=lambda: not masks.runner.busy)
+    masks.source.value = "validation images"
+
+    def step(index):
+        return lambda: setattr(masks.index, "value", index)
+
+    for index in range(args.browse_steps):
+        phases.run(f"pseudo-masks: val image {index}", step(index),
+                   done=lambda: not masks.preview_runner.busy and not masks._pending_preview)
+
+    compare = CompareWidget(viewer)
+    viewer.window.add_dock_widget(compare, name="compare")
+    compare.run_folder.value = run_folder
+    compare.source.value = "validation image"
+    phases.run("compare: 2 strategies on a val image", compare.toggle_button.click,
+               done=lambda: not compare.runner.busy)
+    phases.run("compare: grid on", lambda: setattr(compare.grid, "value", True))
+    compare.grid.value = False
+
+    from napari_histo_wsss._reader import read_slide
+
+    data, kwargs, _ = read_slide(str(SAMPLE / "cmu-1-small-region-pyramid.tif"))[0]
+    viewer.add_image(data, **kwargs)
+    viewer.reset_view()
+    slide = SegmentSlideWidget(viewer)
+    viewer.window.add_dock_widget(slide, name="segment slide")
+    slide.run_folder.value = run_folder
+    slide.strategy.value = "onss"
+    slide.output.value = scratch / "slide.zarr"
+    phases.run("segment slide (CMU-1 region)", slide.toggle_button.click,
+               done=lambda: not slide.runner.busy)
+
+    phases.report()
+    viewer.close()
+
+
+if __name__ == "__main__":
+    main()
