@@ -11,6 +11,10 @@ Run it with a display, e.g.::
 
     xvfb-run -a -s "-screen 0 1920x1080x24" python benchmarks/bench_freezes.py
 
+``--screenshots docs/images`` also saves the window after each widget's phase (the pictures of
+docs/widgets.md). They are taken between phases, except the one of the slide half segmented,
+which stalls that phase: measure freezes without ``--screenshots``.
+
 The figures depend on the machine and on what else runs on it: compare phases within one
 run, and runs on the same machine.
 """
@@ -90,6 +94,25 @@ class Phases:
             print(f"{name:<38} {seconds:6.2f} {max(ordered):7.0f} {p99:7.0f} {stalls:7d}")
 
 
+class Screenshots:
+    """Saves the window (docks included) under given names, when a folder was given; each
+    widget's dock is closed after its pictures so the next one has the room."""
+
+    def __init__(self, viewer, folder: str | None):
+        self.viewer, self.folder = viewer, Path(folder) if folder else None
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            viewer.window._qt_window.resize(1500, 950)
+
+    def take(self, name: str) -> None:
+        if self.folder is not None:
+            self.viewer.screenshot(str(self.folder / f"{name}.png"), canvas_only=False)
+
+    def done_with(self, widget) -> None:
+        if self.folder is not None:
+            self.viewer.window.remove_dock_widget(widget.native)
+
+
 def make_run(folder: Path) -> Path:
     """A tiny run with a classifier, pseudo-masks and two segmenters (core API, no GUI)."""
     from napari_histo_wsss.core.events import run_to_completion
@@ -101,11 +124,125 @@ def make_run(folder: Path) -> Path:
     return folder
 
 
-def main() -> None:  # noqa: PLR0915 (one scripted session, phase after phase)
+def classifier_phases(phases, viewer, shots, scratch) -> None:
+    from napari_histo_wsss.widgets.train_classifier import TrainClassifierWidget
+
+    widgets = {}
+
+    def open_first():
+        widgets["classifier"] = TrainClassifierWidget(viewer)
+        viewer.window.add_dock_widget(widgets["classifier"], name="1. Train classifier")
+
+    phases.run("open first widget (Train classifier)", open_first)
+    phases.run("background import of torch/pyqtgraph", lambda: None,
+               done=lambda: widgets["classifier"].progress.loss_plot is not None)
+    classifier = widgets["classifier"]
+    classifier.dataset.value = SAMPLE / "wsss4luad"
+    classifier.run_folder.value = scratch / "classifier-run"
+    classifier.method.value = "cam-ce"
+    classifier.epochs.value = 3
+    classifier.batch_size.value = TINY["batch_size"]
+    classifier.input_size.value = 96
+    phases.run("train classifier (3 epochs)", classifier.toggle_button.click,
+               done=lambda: not classifier.runner.busy)
+    shots.take("widget_train_classifier")
+    shots.done_with(classifier)
+
+
+def pseudo_mask_phases(phases, viewer, shots, run_folder, steps: int) -> None:
+    from napari_histo_wsss.widgets.pseudo_masks import PseudoMaskWidget
+
+    masks = PseudoMaskWidget(viewer)
+    viewer.window.add_dock_widget(masks, name="2. Pseudo-masks")
+    masks.run_folder.value = run_folder
+    phases.run("pseudo-masks: generate (42 patches)", masks.toggle_button.click,
+               done=lambda: not masks.runner.busy)
+    masks.source.value = "validation images"
+    for index in range(steps):
+        phases.run(f"pseudo-masks: val image {index}",
+                   lambda index=index: setattr(masks.index, "value", index),
+                   done=lambda: not masks.preview_runner.busy and not masks._pending_preview)
+    shots.take("widget_pseudo_masks")
+    viewer.layers["pseudo-mask"].visible = False
+    for name in ("tumor", "stroma"):
+        viewer.layers[f"CAM {name}"].visible = True
+    viewer.layers.selection.active = viewer.layers["CAM tumor"]
+    shots.take("widget_pseudo_masks_cams")
+    shots.done_with(masks)
+
+
+def segmenter_phases(phases, viewer, shots, run_folder) -> None:
+    from napari_histo_wsss.widgets.train_segmenter import TrainSegmenterWidget
+
+    segmenter = TrainSegmenterWidget(viewer)
+    viewer.window.add_dock_widget(segmenter, name="3. Train segmenter")
+    segmenter.run_folder.value = run_folder
+    segmenter.strategies.value = ["ce", "onss"]
+    segmenter.epochs.value = 2
+    segmenter.batch_size.value = TINY["batch_size"]
+    segmenter.input_size.value = 96
+    phases.run("train segmenter (ce, onss; 2 epochs)", segmenter.toggle_button.click,
+               done=lambda: not segmenter.runner.busy)
+    shots.take("widget_train_segmenter")
+    shots.done_with(segmenter)
+
+
+def compare_phases(phases, viewer, shots, run_folder) -> None:
+    from napari_histo_wsss.widgets.compare import CompareWidget
+
+    for layer in list(viewer.layers):
+        viewer.layers.remove(layer)
+    compare = CompareWidget(viewer)
+    viewer.window.add_dock_widget(compare, name="4. Compare strategies")
+    compare.run_folder.value = run_folder
+    compare.source.value = "validation image"
+    compare.index.value = 4
+    phases.run("compare: 2 strategies on a val image", compare.toggle_button.click,
+               done=lambda: not compare.runner.busy)
+    phases.run("compare: grid on", lambda: setattr(compare.grid, "value", True))
+    shots.take("widget_compare")
+    compare.grid.value = False
+    compare.source.value = "training patch"
+    compare.index.value = 2
+    phases.run("compare: 2 strategies on a patch", compare.toggle_button.click,
+               done=lambda: not compare.runner.busy)
+    viewer.layers["trust: onss"].visible = True
+    viewer.layers.selection.active = viewer.layers["trust: onss"]
+    shots.take("widget_compare_trust")
+    shots.done_with(compare)
+    for layer in list(viewer.layers):
+        viewer.layers.remove(layer)
+
+
+def slide_phases(phases, viewer, shots, run_folder, scratch) -> None:
+    from napari_histo_wsss._reader import read_slide
+    from napari_histo_wsss.widgets.segment_slide import SegmentSlideWidget
+
+    data, kwargs, _ = read_slide(str(SAMPLE / "cmu-1-small-region-pyramid.tif"))[0]
+    viewer.add_image(data, **kwargs)
+    viewer.reset_view()
+    slide = SegmentSlideWidget(viewer)
+    viewer.window.add_dock_widget(slide, name="5. Segment slide")
+    slide.run_folder.value = run_folder
+    slide.strategy.value = "onss"
+    slide.output.value = scratch / "slide.zarr"
+    halfway = {}
+
+    def half_done():
+        bar = slide.progress.batch_bar
+        if not halfway and bar.maximum() > 1 and bar.value() >= bar.maximum() // 2:
+            halfway["shot"] = True
+            shots.take("widget_segment_slide_running")
+        return not slide.runner.busy
+
+    phases.run("segment slide (CMU-1 region)", slide.toggle_button.click, done=half_done)
+    shots.take("widget_segment_slide")
+
+
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--browse-steps", type=int, default=6)
-    parser.add_argument("--settle", type=float, default=6.0,
-                        help="seconds watched after the first widget opens (background import)")
+    parser.add_argument("--screenshots", default=None, help="folder for the window pictures")
     args = parser.parse_args()
     os.environ.setdefault("HISTO_WSSS_DEVICE", "cpu")
     scratch = Path(tempfile.mkdtemp(prefix="bench-freezes-"))
@@ -119,74 +256,16 @@ def main() -> None:  # noqa: PLR0915 (one scripted session, phase after phase)
     viewer = napari.Viewer(show=True)
     app = QApplication.instance()
     app.processEvents()
-    probe = LatencyProbe()
-    phases = Phases(app, probe)
+    shots = Screenshots(viewer, args.screenshots)
+    phases = Phases(app, LatencyProbe())
     torch_before = "torch" in sys.modules
-    widgets = {}
-
-    def open_first():
-        from napari_histo_wsss.widgets.train_classifier import TrainClassifierWidget
-
-        widgets["classifier"] = TrainClassifierWidget(viewer)
-        viewer.window.add_dock_widget(widgets["classifier"], name="classifier")
-
-    phases.run("open first widget (Train classifier)", open_first)
-    phases.run("background import of torch/pyqtgraph", lambda: None,
-               done=lambda: widgets["classifier"].progress.loss_plot is not None)
+    classifier_phases(phases, viewer, shots, scratch)
     print(f"torch imported before the first widget: {torch_before}", flush=True)
-
     run_folder = make_run(scratch / "run")  # main thread, outside any phase
-
-    classifier = widgets["classifier"]
-    classifier.dataset.value = SAMPLE / "wsss4luad"
-    classifier.run_folder.value = scratch / "classifier-run"
-    classifier.method.value = "cam-ce"
-    classifier.epochs.value = 2
-    classifier.batch_size.value = TINY["batch_size"]
-    classifier.input_size.value = 96
-    phases.run("train classifier (2 epochs)", classifier.toggle_button.click,
-               done=lambda: not classifier.runner.busy)
-
-    from napari_histo_wsss.widgets.compare import CompareWidget
-    from napari_histo_wsss.widgets.pseudo_masks import PseudoMaskWidget
-    from napari_histo_wsss.widgets.segment_slide import SegmentSlideWidget
-
-    masks = PseudoMaskWidget(viewer)
-    viewer.window.add_dock_widget(masks, name="pseudo-masks")
-    masks.run_folder.value = run_folder
-    phases.run("pseudo-masks: generate (42 patches)", masks.toggle_button.click,
-               done=lambda: not masks.runner.busy)
-    masks.source.value = "validation images"
-
-    def step(index):
-        return lambda: setattr(masks.index, "value", index)
-
-    for index in range(args.browse_steps):
-        phases.run(f"pseudo-masks: val image {index}", step(index),
-                   done=lambda: not masks.preview_runner.busy and not masks._pending_preview)
-
-    compare = CompareWidget(viewer)
-    viewer.window.add_dock_widget(compare, name="compare")
-    compare.run_folder.value = run_folder
-    compare.source.value = "validation image"
-    phases.run("compare: 2 strategies on a val image", compare.toggle_button.click,
-               done=lambda: not compare.runner.busy)
-    phases.run("compare: grid on", lambda: setattr(compare.grid, "value", True))
-    compare.grid.value = False
-
-    from napari_histo_wsss._reader import read_slide
-
-    data, kwargs, _ = read_slide(str(SAMPLE / "cmu-1-small-region-pyramid.tif"))[0]
-    viewer.add_image(data, **kwargs)
-    viewer.reset_view()
-    slide = SegmentSlideWidget(viewer)
-    viewer.window.add_dock_widget(slide, name="segment slide")
-    slide.run_folder.value = run_folder
-    slide.strategy.value = "onss"
-    slide.output.value = scratch / "slide.zarr"
-    phases.run("segment slide (CMU-1 region)", slide.toggle_button.click,
-               done=lambda: not slide.runner.busy)
-
+    pseudo_mask_phases(phases, viewer, shots, run_folder, args.browse_steps)
+    segmenter_phases(phases, viewer, shots, scratch / "classifier-run")
+    compare_phases(phases, viewer, shots, run_folder)
+    slide_phases(phases, viewer, shots, run_folder, scratch)
     phases.report()
     viewer.close()
 

@@ -34,21 +34,29 @@ HEAVY_MODULES = (
 START_DELAY_MS = 300
 _callbacks: list[Callable[[], None]] = []
 _worker = None
+_done = False
 
 
 def ready() -> bool:
-    """True when the heavy modules are imported (or torch is, and they import quickly)."""
-    if all(name in sys.modules for name in HEAVY_MODULES):
+    """True when the heavy modules are imported (or torch is, and they import quickly).
+
+    False while the background import runs: its modules are in ``sys.modules`` from the
+    start of their import, and importing them here would wait for it on the main thread.
+    """
+    global _done
+    if _done:
         return True
-    if "torch" in sys.modules:  # the rest is a fraction of a second once torch is there
+    if _worker is not None:
+        return False
+    if "torch" in sys.modules:  # loaded by someone else: the rest takes a fraction of a second
         _import_heavy()
-        return True
-    return False
+        _done = True
+    return _done
 
 
 def ready_without_waiting(module: str) -> bool:
     """True when ``module`` can be used now without importing torch on this thread."""
-    return module in sys.modules or ready()
+    return ready() or (_worker is None and module in sys.modules)
 
 
 def when_ready(callback: Callable[[], None]) -> None:
@@ -86,8 +94,9 @@ def _import_heavy() -> None:
 
 
 def _run_callbacks(*_) -> None:
-    global _worker
+    global _worker, _done
     _worker = None
+    _done = True
     callbacks, _callbacks[:] = list(_callbacks), []
     for callback in callbacks:
         with contextlib.suppress(RuntimeError):  # a widget closed meanwhile
@@ -96,7 +105,7 @@ def _run_callbacks(*_) -> None:
 
 def device_choices(*_) -> list[str]:
     """The device combo's choices: "auto" and "cpu" until torch can list the rest."""
-    if "napari_histo_wsss.core.devices" not in sys.modules:
+    if not ready_without_waiting("napari_histo_wsss.core.devices"):
         return ["auto", "cpu"]
     from ..core.devices import available_devices
 

@@ -19,7 +19,6 @@ from ._jobs import avoid_triton_llvm_clash
 from ._layers import (
     CAM_STYLE,
     OVERLAY_STYLE,
-    TRUTH_STYLE,
     cam_colormap,
     class_features,
     display_labels,
@@ -58,9 +57,9 @@ def add_run_layers(viewer, run_dir: Path, max_images: int = 6, max_patches: int 
 
 
 def run_layer_data(run_dir: Path, max_images: int = 6, max_patches: int = 6) -> list[tuple]:
-    """Layer data tuples for a run: val images with ground truth (contours) and each strategy's
-    prediction (the first shown, the others hidden), then training patches with their
-    pseudo-mask and one hidden class-map layer per class. Raises HistoWsssError."""
+    """Layer data tuples for a run: val images with their ground truth (hidden) and each
+    strategy's prediction (the first shown, the others hidden), then training patches with
+    their pseudo-mask and one hidden class-map layer per class. Raises HistoWsssError."""
     avoid_triton_llvm_clash()  # the canvas may have loaded Mesa's LLVM already
     run = RunDirectory(run_dir)
     config = run.config()
@@ -76,7 +75,8 @@ def run_layer_data(run_dir: Path, max_images: int = 6, max_patches: int = 6) -> 
         layers.append((canvas, {"name": "val images", "rgb": True}, "image"))
         truth = _paste(canvas.shape[:2], [display_labels(m, spec.num_classes) for _, m in pairs],
                        offsets, 0)
-        layers.append((truth, {"name": "ground truth", **labels_style, **TRUTH_STYLE}, "labels"))
+        layers.append((truth, {"name": "ground truth", **labels_style, **OVERLAY_STYLE,
+                               "visible": False}, "labels"))
         layers += _prediction_layers(run, config, pairs, canvas.shape[:2], offsets, spec,
                                      labels_style)
         top = height + 4 * GAP
