@@ -95,7 +95,7 @@ def segmentation_layer_data(segmentation) -> list[tuple]:
     """Layer data tuples for a :class:`~napari_histo_wsss.core.wsi.ome_zarr_labels.Segmentation`."""
     from napari.utils.colormaps import Colormap
 
-    from .widgets._layers import bright_colour, class_features, labels_colormap
+    from .widgets.class_colours import bright_colour, class_features, labels_colormap
 
     mpp = segmentation.slide_mpp
     slide_pixel = mpp if mpp is not None else 1.0

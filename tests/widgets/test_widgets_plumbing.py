@@ -16,12 +16,8 @@ from napari_histo_wsss.core.errors import DatasetError
 from napari_histo_wsss.core.events import Batch, Done, Started
 from napari_histo_wsss.widgets import _settings
 from napari_histo_wsss.widgets._jobs import JobRunner, JobState, describe_error
-from napari_histo_wsss.widgets._layers import (
-    class_features,
-    display_labels,
-    labels_colormap,
-    put_layer,
-)
+from napari_histo_wsss.widgets._layers import display_labels, put_layer
+from napari_histo_wsss.widgets.class_colours import class_features, labels_colormap
 
 
 @pytest.fixture(autouse=True)

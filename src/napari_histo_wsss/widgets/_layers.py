@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from .class_colours import bright_colour
+
 #: Larger image layers are refused by whole-image jobs.
 MAX_IMAGE_SIDE = 4096
 
@@ -30,29 +32,6 @@ def display_labels(mask: np.ndarray, num_classes: int) -> np.ndarray:
     """Dataset mask (classes 0..C-1, background C, 255 unlabelled) -> displayed labels."""
     mask = np.asarray(mask)
     return np.where(mask < num_classes, mask.astype(np.int64) + 1, 0).astype(np.uint8)
-
-
-def labels_colormap(spec):
-    """The dataset's class colours for displayed labels, brightened so that dark palette
-    colours (WSSS4LUAD's navy tumour) read on napari's dark canvas; background is
-    transparent."""
-    from napari.utils.colormaps import DirectLabelColormap
-
-    colours: dict[Any, tuple[float, ...]] = {0: (0.0, 0.0, 0.0, 0.0), None: (0.0, 0.0, 0.0, 0.0)}
-    for index, colour in enumerate(spec.colours[: spec.num_classes]):
-        colours[index + 1] = (*bright_colour(colour), 1.0)
-    return DirectLabelColormap(color_dict=colours)
-
-
-def class_features(spec) -> dict[str, list[str]]:
-    """One row per displayed label value, so the status bar names the class under the mouse."""
-    return {"class": ["background", *spec.class_names]}
-
-
-def bright_colour(colour: tuple[int, int, int]) -> tuple[float, float, float]:
-    """A class colour scaled to full brightness (dark palette colours vanish when added)."""
-    peak = max(max(colour), 1)
-    return tuple(channel / peak for channel in colour)
 
 
 def cam_colormap(class_name: str, colour: tuple[int, int, int]):

@@ -32,9 +32,7 @@ from ._jobs import JobState
 from ._layers import (
     OVERLAY_STYLE,
     TRUTH_STYLE,
-    class_features,
     display_labels,
-    labels_colormap,
     layer_transform,
     put_layer,
     remove_layers,
@@ -43,6 +41,7 @@ from ._layers import (
 from ._runs import describe_run, given_path, open_run
 from ._shared_run import shared_run_folder
 from ._tooltips import TOOLTIPS
+from .class_colours import class_features, labels_colormap
 from .legend import ensure_legend
 
 if TYPE_CHECKING:

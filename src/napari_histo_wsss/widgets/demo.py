@@ -16,14 +16,8 @@ from ..core.data.datasets import find_dataset, read_mask
 from ..core.devices import resolve_device
 from ..core.runs.run_dir import RunDirectory
 from ._jobs import avoid_triton_llvm_clash
-from ._layers import (
-    CAM_STYLE,
-    OVERLAY_STYLE,
-    cam_colormap,
-    class_features,
-    display_labels,
-    labels_colormap,
-)
+from ._layers import CAM_STYLE, OVERLAY_STYLE, cam_colormap, display_labels
+from .class_colours import class_features, labels_colormap
 
 GAP = 20  # pixels between images in the layout
 

@@ -290,7 +290,7 @@ class SegmentSlideWidget(JobWidget):
         return {"scale": (pixel, pixel), "translate": (offset, offset), "units": (unit, unit)}
 
     def _put_labels_layer(self, name: str, levels: list, spec):
-        from ._layers import class_features, labels_colormap
+        from .class_colours import class_features, labels_colormap
 
         if self._live_layer is not None and self._live_layer in self.viewer.layers:
             self.viewer.layers.remove(self._live_layer)
