@@ -37,7 +37,8 @@ def write_segmentation():
     from napari_histo_wsss.core.data.classes import WSSS4LUAD
     from napari_histo_wsss.core.wsi import ome_zarr_labels as store
 
-    def write(path, labels: np.ndarray, level0_downsample: float = 2.0):
+    def write(path, labels: np.ndarray, level0_downsample: float = 2.0, complete: bool = True):
+        """``complete=False``: what a stopped run leaves, level 0 only (no pyramid)."""
         height, width = labels.shape
         root = store.create_segmentation(
             path, shape=labels.shape, chunk=64, spec=WSSS4LUAD,
@@ -50,8 +51,9 @@ def write_segmentation():
         )
         root[store.LABELS_PATH]["0"][:] = labels
         root["probabilities/0"][:] = np.stack([(labels == v) * 255 for v in (1, 2, 3)])
-        store.build_pyramids(root)
-        store.mark_complete(root)
+        if complete:
+            store.build_pyramids(root)
+            store.mark_complete(root)
         return path
 
     return write

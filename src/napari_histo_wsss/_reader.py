@@ -23,6 +23,8 @@ import numpy as np
 
 #: The suffixes the manifest registers; ``.zarr`` folders are handled separately.
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif")
+#: The file that makes a folder a run folder (what the CLI and the widgets write).
+RUN_FILE = "run.json"
 
 
 def get_reader(path: str | list[str]):
@@ -32,6 +34,8 @@ def get_reader(path: str | list[str]):
             return None
         path = path[0]
     path = Path(path)
+    if (path / RUN_FILE).is_file():
+        return read_run_folder
     if path.suffix.lower() == ".zarr" or path.is_dir():
         from .core.wsi.ome_zarr_labels import is_segmentation
 
@@ -89,9 +93,9 @@ def read_segmentation(path: str | list[str]) -> list[tuple]:
 
 def segmentation_layer_data(segmentation) -> list[tuple]:
     """Layer data tuples for a :class:`~napari_histo_wsss.core.wsi.ome_zarr_labels.Segmentation`."""
-    from napari.utils.colormaps import Colormap, DirectLabelColormap
+    from napari.utils.colormaps import Colormap
 
-    from .core.wsi.ome_zarr_labels import label_colours
+    from .widgets.class_colours import bright_colour, class_features, labels_colormap
 
     mpp = segmentation.slide_mpp
     slide_pixel = mpp if mpp is not None else 1.0
@@ -113,33 +117,45 @@ def segmentation_layer_data(segmentation) -> list[tuple]:
         channel_names = segmentation.channel_names[map_name]
         colours = list(segmentation.spec.colours) + [(255, 255, 255)] * len(channel_names)
         for index, channel in enumerate(channel_names):
-            colour = np.asarray(colours[index], float) / 255.0
+            colour = bright_colour(colours[index])
             colormap = Colormap([[0, 0, 0, 0], [*colour, 1.0]], name=f"{channel} {map_name}")
             layers.append((
-                [level[index] for level in levels],
-                {**common, "name": f"{name} {channel} {map_name}", "multiscale": True,
+                _levels_or_array([level[index] for level in levels]),
+                {**common, "name": f"{name} {channel} {map_name}", "multiscale": len(levels) > 1,
                  "colormap": colormap, "contrast_limits": (0, 255), "blending": "additive",
                  "visible": False},
                 "image",
             ))
-    colours = {
-        value: np.asarray(rgba, float) / 255.0
-        for value, rgba in label_colours(segmentation.spec).items()
-    }
-    colours[None] = np.zeros(4)
+    labels = segmentation.labels
     layers.append((
-        segmentation.labels,
-        {**common, "name": f"{name} labels", "multiscale": True, "opacity": 0.5,
-         "colormap": DirectLabelColormap(color_dict=colours)},
+        _levels_or_array(labels if segmentation.complete else done_part_pyramid(labels)),
+        {**common, "name": f"{name} labels", "multiscale": len(labels) > 1, "opacity": 0.5,
+         "colormap": labels_colormap(segmentation.spec),
+         "features": class_features(segmentation.spec)},
         "labels",
     ))
     return layers
 
 
-def read_labels_zarr(path: str | list[str]) -> list[tuple]:
-    """NGFF labels with no image beside them (what this plugin's writer saves)."""
-    from napari.utils.colormaps import DirectLabelColormap
+def _levels_or_array(levels: list):
+    """A small output has one level: napari wants the array itself, not a list of one."""
+    return levels if len(levels) > 1 else levels[0]
 
+
+def done_part_pyramid(levels: list) -> list:
+    """Coarse levels sampled from level 0, for a stopped segmentation.
+
+    The core builds levels 1..n only when the whole slide is done, so a stopped output has
+    its finished rows in level 0 and zeros elsewhere: overview zooms would look empty. Level k
+    of the finished pyramid samples level 0 every 2**k pixels, so sampling it lazily here shows
+    the same thing the finished output will, at every zoom.
+    """
+    return [levels[0], *(levels[0][:: 2**k, :: 2**k] for k in range(1, len(levels)))]
+
+
+def read_labels_zarr(path: str | list[str]) -> list[tuple]:
+    """NGFF labels with no image beside them (what this plugin's writer saves): the layer as it
+    was saved, with its position, colours and class names."""
     from .core.errors import SlideError
     from .core.wsi.ome_zarr_labels import open_ngff_labels
 
@@ -147,15 +163,40 @@ def read_labels_zarr(path: str | list[str]) -> list[tuple]:
         labels = open_ngff_labels(_single(path))
     except SlideError as error:
         return _report(error)
-    layers = []
-    for name, (levels, colours, pixel_size) in labels.items():
-        kwargs: dict[str, Any] = {"name": name, "multiscale": len(levels) > 1,
-                                  "scale": (pixel_size, pixel_size)}
-        if colours:
-            color_dict = {value: np.asarray(rgba, float) / 255.0 for value, rgba in colours.items()}
-            kwargs["colormap"] = DirectLabelColormap(color_dict={None: np.zeros(4), **color_dict})
-        layers.append((levels if len(levels) > 1 else levels[0], kwargs, "labels"))
-    return layers
+    return [ngff_labels_layer_data(name, image) for name, image in labels.items()]
+
+
+def ngff_labels_layer_data(name: str, image) -> tuple[Any, dict[str, Any], str]:
+    """``(data, kwargs, "labels")`` for a :class:`~napari_histo_wsss.core.wsi.ome_zarr_labels.
+    NgffLabels`."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    levels = image.levels
+    kwargs: dict[str, Any] = {"name": name, "multiscale": len(levels) > 1,
+                              "scale": image.scale, "translate": image.translate}
+    if image.unit:
+        kwargs["units"] = (image.unit, image.unit)
+    if image.colours:
+        color_dict = {value: np.asarray(rgba, float) / 255.0
+                      for value, rgba in image.colours.items()}
+        kwargs["colormap"] = DirectLabelColormap(color_dict={None: np.zeros(4), **color_dict})
+    if image.class_names:
+        top = max(image.class_names)
+        kwargs["features"] = {"class": [image.class_names.get(value, str(value))
+                                        for value in range(top + 1)]}
+    return (levels if len(levels) > 1 else levels[0]), kwargs, "labels"
+
+
+def read_run_folder(path: str | list[str]) -> list[tuple]:
+    """A run folder: its val images with ground truth and predictions, its training patches
+    with pseudo-masks and class maps (what ``histo-wsss demo`` shows)."""
+    from .core.errors import HistoWsssError
+    from .widgets.demo import run_layer_data
+
+    try:
+        return run_layer_data(Path(_single(path)))
+    except HistoWsssError as error:
+        return _report(error)
 
 
 def _is_zarr(path: Path) -> bool:

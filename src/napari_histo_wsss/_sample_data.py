@@ -1,7 +1,8 @@
 """napari sample data, all bundled with the package so it works offline.
 
 * a real H&E slide region (CMU-1, CC0) as a 3-level pyramid with its 0.499 um/px scale;
-* real WSSS4LUAD val images with their ground-truth masks, laid out side by side.
+* real WSSS4LUAD val images with their ground-truth masks, laid out side by side (the
+  training patches have image-level labels only, nothing to overlay).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def sample_labelled_patches() -> list[tuple]:
         layers.append((mask, {
             "name": f"WSSS4LUAD val {name} mask", "translate": translate, "opacity": 0.5,
             "colormap": DirectLabelColormap(color_dict=colours, background_value=background),
+            "features": {"class": [*WSSS4LUAD.class_names, "background"]},
         }, "labels"))
         x_offset += image.shape[1] + _GAP
     return layers

@@ -99,7 +99,9 @@ def test_segmentation_opens_as_labels_and_hidden_maps_aligned_with_the_slide(
     assert label_kwargs["translate"] == pytest.approx((0.25, 0.25))
     colormap = label_kwargs["colormap"]
     assert isinstance(colormap, DirectLabelColormap)
-    assert np.allclose(colormap.map([1])[0], [0, 64 / 255, 128 / 255, 1])
+    # the dataset's navy tumour colour, brightened to read on a dark canvas
+    assert np.allclose(colormap.map([1])[0], [0, 0.5, 1, 1])
+    assert list(label_kwargs["features"]["class"]) == ["background", "tumor", "stroma", "normal"]
     assert colormap.map([0])[0][3] == 0
     images = by_type["image"]
     assert len(images) == 3 and not any(kwargs["visible"] for _, kwargs in images)
@@ -132,6 +134,41 @@ def test_writer_saves_ome_zarr_labels_that_read_back(tmp_path):
     assert kwargs["scale"] == (0.5, 0.5)
     np.testing.assert_array_equal(levels[0].compute(), labels)
     assert np.allclose(kwargs["colormap"].map([7])[0], [0, 0, 1, 1])
+
+
+def test_writer_keeps_position_and_class_names_of_a_multiscale_layer(tmp_path):
+    labels = np.zeros((600, 500), np.uint8)
+    labels[100:400, 50:300] = 1
+    labels[450:550, 300:450] = 3
+    levels = [labels, labels[::2, ::2], labels[::4, ::4]]  # what napari hands a writer
+    colormap = DirectLabelColormap(color_dict={None: (0, 0, 0, 0), 0: (0, 0, 0, 0),
+                                               1: (0, 0.5, 1, 1), 3: (1, 0.6, 0, 1)})
+    import pandas as pd
+
+    meta = {"name": "slide labels", "scale": (1.0, 1.0), "translate": (0.25, 10.25),
+            "units": ("micrometer", "micrometer"), "colormap": colormap, "multiscale": True,
+            "features": pd.DataFrame({"class": ["background", "tumor", "stroma", "normal"]})}
+    [written] = write_labels(str(tmp_path / "saved.zarr"), levels, meta)
+    [(data, kwargs, kind)] = get_reader(written)(written)
+    assert kind == "labels" and kwargs["name"] == "slide labels" and kwargs["multiscale"]
+    np.testing.assert_array_equal(data[0].compute(), labels)
+    np.testing.assert_array_equal(data[1].compute(), labels[::2, ::2])
+    assert kwargs["scale"] == pytest.approx((1.0, 1.0))
+    assert kwargs["translate"] == pytest.approx((0.25, 10.25))
+    assert kwargs["units"] == ("micrometer", "micrometer")
+    assert kwargs["features"]["class"] == ["background", "tumor", "stroma", "normal"]
+    assert np.allclose(kwargs["colormap"].map([3])[0], [1, 0.6, 0, 1], atol=1 / 255)
+
+
+def test_a_stopped_segmentation_shows_its_finished_rows_at_every_level(
+        tmp_path, write_segmentation):
+    labels = np.zeros((512, 512), np.uint8)
+    labels[:200] = 2  # the rows done before the stop
+    path = write_segmentation(tmp_path / "stopped.zarr", labels, complete=False)
+    [*_, (levels, kwargs, kind)] = read_segmentation(str(path))
+    assert kind == "labels" and kwargs["name"].endswith("(incomplete) labels")
+    assert len(levels) == 2
+    np.testing.assert_array_equal(np.asarray(levels[1]), labels[::2, ::2])  # not zeros
 
 
 def test_sample_data_is_offline_and_real():

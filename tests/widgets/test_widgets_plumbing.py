@@ -16,12 +16,8 @@ from napari_histo_wsss.core.errors import DatasetError
 from napari_histo_wsss.core.events import Batch, Done, Started
 from napari_histo_wsss.widgets import _settings
 from napari_histo_wsss.widgets._jobs import JobRunner, JobState, describe_error
-from napari_histo_wsss.widgets._layers import (
-    class_features,
-    display_labels,
-    labels_colormap,
-    put_layer,
-)
+from napari_histo_wsss.widgets._layers import display_labels, put_layer
+from napari_histo_wsss.widgets.class_colours import class_features, labels_colormap
 
 
 @pytest.fixture(autouse=True)
@@ -73,7 +69,7 @@ def test_display_labels_and_colours():
     mask = np.array([[0, 1, 2, 3, 255]], dtype=np.uint8)  # tumor, stroma, normal, bg, unlabelled
     assert display_labels(mask, WSSS4LUAD.num_classes).tolist() == [[1, 2, 3, 0, 0]]
     colormap = labels_colormap(WSSS4LUAD)
-    assert np.allclose(colormap.color_dict[1], [0, 64 / 255, 128 / 255, 1])
+    assert np.allclose(colormap.color_dict[1], [0, 0.5, 1, 1])  # navy, brightened to read
     assert colormap.color_dict[0][3] == 0  # background is transparent
     assert class_features(WSSS4LUAD)["class"] == ["background", "tumor", "stroma", "normal"]
 
@@ -108,7 +104,9 @@ def test_runner_failure_is_one_notification(qtbot, monkeypatch):
     runner.start(failing_job)
     qtbot.waitUntil(lambda: not runner.busy, timeout=10_000)
     assert runner.state is JobState.FAILED
-    assert shown == ["Train classifier: /data/patch.png: no label in the file name"]
+    # The toast's one line starts with the file's name; the full path stays in the status.
+    assert shown == ["Train classifier: patch.png: no label in the file name"]
+    assert runner.error == "/data/patch.png: no label in the file name"
 
 
 @pytest.mark.gui

@@ -18,6 +18,7 @@ import pytest
 
 from napari_histo_wsss.widgets import _settings
 from napari_histo_wsss.widgets._jobs import JobState
+from napari_histo_wsss.widgets.legend import class_rows
 
 pytestmark = pytest.mark.gui
 
@@ -125,20 +126,30 @@ def test_classifier_dataset_feedback_and_remembered_settings(make_napari_viewer,
 
 def test_train_classifier_stop_then_resume(make_napari_viewer, qtbot, sample_dataset_dir,
                                            tmp_path):
+    from napari.utils import progress
+    from napari.utils.notifications import notification_manager
+
     from napari_histo_wsss.core.events import Batch, Done
     from napari_histo_wsss.core.runs.run_dir import RunDirectory
     from napari_histo_wsss.widgets.train_classifier import TrainClassifierWidget
 
     viewer = make_napari_viewer()
     widget = docked(viewer, TrainClassifierWidget)
+    assert widget.epochs.native.text() == "preset"  # not "0", which reads as "don't train"
+    assert widget.input_size.native.text() == "preset"
     widget.dataset.value = sample_dataset_dir
     widget.run_folder.value = tmp_path / "run"
     widget.method.value = METHOD
     widget.epochs.value = 1
+    assert widget.epochs.native.text() == "1" and widget.epochs.value == 1
     widget.batch_size.value = TINY_CLASSIFIER["batch_size"]
     widget.input_size.value = TINY_CLASSIFIER["input_size"]
-    events = []
+    events, activity = [], []  # the activity dock's bar position at each batch
     widget.runner.event.connect(events.append)
+    widget.runner.event.connect(lambda event: isinstance(event, Batch) and activity.append(
+        (widget.activity.bar in progress._all_instances, widget.activity.bar.n)))
+    messages = []
+    notification_manager.notification_ready.connect(messages.append)
 
     widget.toggle_button.click()
     assert widget.runner.state is JobState.RUNNING
@@ -146,6 +157,9 @@ def test_train_classifier_stop_then_resume(make_napari_viewer, qtbot, sample_dat
     qtbot.waitUntil(lambda: any(isinstance(e, Batch) for e in events), timeout=JOB_TIMEOUT_MS)
     widget.toggle_button.click()  # Stop: finish the batch, save, keep the model
     assert wait_for_job(qtbot, widget.runner) is JobState.STOPPED
+    assert activity[0] == (True, 1)  # a bar in napari's activity dock, at batch 1
+    assert widget.activity.bar is None  # closed with the job
+    assert any("Train classifier: stopped" in m.message for m in messages)
     run = RunDirectory(tmp_path / "run")
     assert run.classifier_checkpoint.is_file() and not run.is_complete("classifier")
     stopped_at = sum(isinstance(e, Batch) for e in events)
@@ -154,8 +168,12 @@ def test_train_classifier_stop_then_resume(make_napari_viewer, qtbot, sample_dat
     assert not widget.epochs.enabled  # an existing run keeps its settings
 
     events.clear()
+    activity.clear()
     widget.toggle_button.click()  # Train again: continue from the checkpoint
     assert wait_for_job(qtbot, widget.runner) is JobState.DONE
+    notification_manager.notification_ready.disconnect(messages.append)
+    assert activity[0] == (True, stopped_at + 1)  # the bar continues where it stopped
+    assert any(m.message == "Train classifier: finished" for m in messages)
     batches = [e for e in events if isinstance(e, Batch)]
     assert len(batches) == 5 - stopped_at
     assert (batches[0].epoch, batches[0].index) == (0, stopped_at)
@@ -198,6 +216,17 @@ def test_pseudo_masks_generate_and_browse(make_napari_viewer, qtbot, base_run, t
     assert isinstance(mask, Labels) and mask.data.max() <= 3
     assert "ground truth" not in viewer.layers  # training patches have none
     assert "label:" in widget.view_info.value
+    # Readable by default: the patch, then the class maps (hidden), then the pseudo-mask shown
+    # half transparent; the legend dock names its classes.
+    names = [layer.name for layer in viewer.layers]
+    assert names.index("image (pseudo-masks)") < names.index("CAM tumor") < \
+        names.index("pseudo-mask")
+    assert not any(viewer.layers[f"CAM {n}"].visible for n in ("tumor", "stroma", "normal"))
+    assert mask.visible and mask.opacity == 0.5
+    legend = viewer.window._histo_wsss_legend
+    viewer.layers.selection.active = mask
+    assert [text for _, text, _ in class_rows(mask)] == ["tumor", "stroma", "normal"]
+    assert legend.title.text().startswith("<b>pseudo-mask</b>")
 
     widget.source.value = "validation images"
     widget.index.value = 0
@@ -207,6 +236,9 @@ def test_pseudo_masks_generate_and_browse(make_napari_viewer, qtbot, base_run, t
     truth = viewer.layers["ground truth"]
     assert truth.data.shape == viewer.layers["pseudo-mask"].data.shape
     assert set(np.unique(truth.data)) <= {0, 1, 2, 3}
+    assert truth.contour == 2 and truth.visible  # outlines over the pseudo-mask
+    names = [layer.name for layer in viewer.layers]
+    assert names.index("pseudo-mask") < names.index("ground truth")
 
     # An image layer of the viewer (the CMU slide region is multiscale, so a crop of it).
     viewer.add_image(viewer.layers["image (pseudo-masks)"].data.copy(), name="my image",
@@ -219,6 +251,8 @@ def test_pseudo_masks_generate_and_browse(make_napari_viewer, qtbot, base_run, t
                     timeout=JOB_TIMEOUT_MS)
     assert "ground truth" not in viewer.layers and "gated by prediction" in \
         widget.view_info.value
+    names = [layer.name for layer in viewer.layers]  # over the user's image, not under it
+    assert names.index("my image") < names.index("CAM tumor") < names.index("pseudo-mask")
 
 
 def test_train_segmenter_with_two_strategies(make_napari_viewer, qtbot, base_run, tmp_path):
@@ -270,6 +304,11 @@ def test_compare_two_strategies(make_napari_viewer, qtbot, two_strategy_run):
     image = viewer.layers["image (compare)"]
     for layer in predictions:
         assert isinstance(layer, Labels) and layer.data.shape == image.data.shape[:2]
+    assert predictions[0].visible and not predictions[1].visible  # one overlay at a time
+    assert viewer.layers["ground truth (compare)"].contour == 2
+    names = [layer.name for layer in viewer.layers]
+    assert names.index("image (compare)") < names.index("ground truth (compare)") < \
+        names.index("prediction: ce") < names.index("prediction: onss")
     predictions[0].opacity = 0.25  # linked: the other prediction follows
     assert predictions[1].opacity == 0.25
     assert "ground truth (compare)" in viewer.layers and viewer.grid.enabled
@@ -287,6 +326,13 @@ def test_compare_two_strategies(make_napari_viewer, qtbot, two_strategy_run):
     trust = viewer.layers["trust: onss"]  # ONSS weighs pixels; plain CE trusts them all
     assert isinstance(trust, Image) and trust.data.shape == image.data.shape[:2]
     assert "trust: ce" not in viewer.layers
+    legend = viewer.window._histo_wsss_legend
+    viewer.layers.selection.active = trust  # its colour key
+    assert not legend.ramp.isHidden() and legend.ramp.low.text() == "0"
+
+    widget.strategies.value = []
+    widget.toggle_button.click()  # nothing selected: said as such, not "no segmenter"
+    assert widget.progress.status.text() == "select at least one strategy to compare"
 
 
 def test_segment_slide_fills_in_and_exports(make_napari_viewer, qtbot, two_strategy_run,
@@ -338,3 +384,36 @@ def test_segment_slide_fills_in_and_exports(make_napari_viewer, qtbot, two_strat
     widget.export_zarr(tmp_path / "copy.zarr")
     wait_for_job(qtbot, widget.export_runner)
     assert open_segmentation(tmp_path / "copy.zarr").complete
+
+
+def test_a_run_folder_opens_with_file_open(make_napari_viewer, two_strategy_run):
+    viewer = make_napari_viewer()
+    layers = viewer.open(str(two_strategy_run), plugin=PLUGIN)
+    shown = {layer.name: layer.visible for layer in layers}
+    assert {"val images", "ground truth", "prediction: ce", "prediction: onss",
+            "training patches", "pseudo-masks", "CAM tumor"} <= set(shown)
+    # one overlay at a time: the first prediction and the pseudo-masks; the rest hidden
+    assert shown["prediction: ce"] and not shown["prediction: onss"]
+    assert not shown["ground truth"] and not shown["CAM tumor"]
+    assert list(viewer.layers["prediction: ce"].features["class"]) == [
+        "background", "tumor", "stroma", "normal"]
+
+
+def test_widgets_share_one_run_folder_and_scroll(make_napari_viewer, base_run):
+    from napari_histo_wsss.widgets.compare import CompareWidget
+    from napari_histo_wsss.widgets.pseudo_masks import PseudoMaskWidget
+    from napari_histo_wsss.widgets.train_segmenter import TrainSegmenterWidget
+
+    viewer = make_napari_viewer()
+    masks = docked(viewer, PseudoMaskWidget)
+    masks.run_folder.value = base_run
+    compare = docked(viewer, CompareWidget)  # opened later: starts on the chosen run
+    assert Path(compare.run_folder.value) == base_run
+    segmenter = docked(viewer, TrainSegmenterWidget)
+    segmenter.run_folder.value = base_run.parent / "other"
+    assert Path(masks.run_folder.value) == Path(compare.run_folder.value) == \
+        base_run.parent / "other"
+    from qtpy.QtWidgets import QScrollArea
+
+    assert isinstance(masks.native, QScrollArea)  # a long form scrolls in its dock
+    assert masks.native.widget() is masks.form

@@ -18,9 +18,10 @@ from qtpy.QtCore import QEvent, QObject
 from qtpy.QtWidgets import QPushButton
 
 from ._jobs import JobFactory, JobRunner, JobState
-from ._progress import ProgressPanel
+from ._progress import ActivityProgress, ProgressPanel
 from ._settings import load_settings, save_settings
 from ._tooltips import TOOLTIPS
+from ._warmup import device_choices, when_ready
 
 
 class JobWidget(Container):
@@ -33,6 +34,14 @@ class JobWidget(Container):
 
     def __init__(self, viewer, description: str, *, epochs: bool = True, plot: bool = True):
         super().__init__(labels=True)
+        from qtpy.QtWidgets import QFrame, QScrollArea
+
+        # napari docks ``native``: a scroll area, so that five docks fit a 1080-pixel screen
+        # (each scrolls) instead of stretching the window to the sum of their heights.
+        self._scroll_area = QScrollArea()
+        self._scroll_area.setWidgetResizable(True)
+        self._scroll_area.setFrameShape(QFrame.Shape.NoFrame)
+        self._scroll_area.setWidget(self._widget._mgui_get_native_widget())
         self.viewer = viewer
         self.runner = JobRunner(description)
         self.runner.state_changed.connect(self._on_state_changed)
@@ -41,14 +50,27 @@ class JobWidget(Container):
         self.toggle_button = QPushButton(self.start_text)
         self.toggle_button.clicked.connect(self.toggle)
         self.progress = ProgressPanel(epochs=epochs, plot=plot)
+        self.activity = ActivityProgress(description)
         self._persisted: dict[str, Any] = {}
         self._locked: list[Any] = []
         self._runners = [self.runner]
         runners = self._runners  # not self: the callbacks must outlive the Qt widget
         # Closing the dock (napari takes the widget out of it) or the viewer (which deletes
         # it): stop the jobs the graceful way and stop reporting to the widget.
-        self._close_watcher = _CloseWatcher(self.native, lambda: _shut_down(runners))
-        self.native.destroyed.connect(lambda *_: _shut_down(runners))
+        activity = self.activity
+        self._close_watcher = _CloseWatcher(self.native, lambda: _shut_down(runners, activity))
+        self.native.destroyed.connect(lambda *_: _shut_down(runners, activity))
+
+    @property
+    def native(self):
+        """The scroll area around the form (what napari puts in the dock)."""
+        scroll_area = self.__dict__.get("_scroll_area")
+        return scroll_area if scroll_area is not None else self._widget._mgui_get_native_widget()
+
+    @property
+    def form(self):
+        """The widget holding the fields (inside the scroll area)."""
+        return self._widget._mgui_get_native_widget()
 
     def add_runner(self, description: str) -> JobRunner:
         """Another job runner (browsing, exports) that also stops when the widget closes."""
@@ -65,7 +87,7 @@ class JobWidget(Container):
         """
         from superqt import QCollapsible
 
-        layout = self.native.layout()
+        layout = self.form.layout()
         if len(self.advanced):
             collapsible = QCollapsible("Advanced settings")
             collapsible.addWidget(self.advanced.native)
@@ -84,17 +106,35 @@ class JobWidget(Container):
         self._locked.extend(fields.values())
 
     def restore_settings(self) -> None:
-        """Put back the values saved last time (values that no longer fit are skipped)."""
+        """Put back the values saved last time (values that no longer fit are skipped).
+
+        Choices that need torch (devices, losses, architectures) arrive after a background
+        import: their saved values are put back then, and ``on_models_ready`` runs.
+        """
+        self._apply_saved(self._persisted)
+        for field in self._persisted.values():
+            field.changed.connect(self.save_settings)
+        when_ready(self._on_heavy_modules_ready)
+
+    def _apply_saved(self, fields: dict[str, Any]) -> None:
         saved = load_settings(self.settings_key)
-        for name, field in self._persisted.items():
+        for name, field in fields.items():
             if name not in saved or saved[name] is None:
                 continue
             with contextlib.suppress(ValueError, TypeError, KeyError):
                 if isinstance(field, ComboBox) and saved[name] not in field.choices:
                     continue
                 field.value = saved[name]
-        for field in self._persisted.values():
-            field.changed.connect(self.save_settings)
+
+    def _on_heavy_modules_ready(self) -> None:
+        self.reset_choices()
+        self.advanced.reset_choices()
+        self._apply_saved({name: field for name, field in self._persisted.items()
+                           if callable(getattr(field, "_default_choices", None))})
+        self.on_models_ready()
+
+    def on_models_ready(self) -> None:
+        """Hook for subclasses: the lists that need torch are filled in."""
 
     def save_settings(self, *_: Any) -> None:
         values = {}
@@ -138,6 +178,7 @@ class JobWidget(Container):
 
     def _on_job_event(self, event: Any) -> None:
         self.progress.show_event(event)
+        self.activity.show_event(event)
         self.on_job_event(event)
 
     def _on_state_changed(self, state: JobState) -> None:
@@ -153,14 +194,28 @@ class JobWidget(Container):
         else:
             self.toggle_button.setText(self.start_text)
             self.toggle_button.setEnabled(True)
+            self.activity.close()
             if state is JobState.FAILED and self.runner.error:
                 self.progress.set_status(f"failed: {self.runner.error}")
+            self._notify_end(state)
             self.on_job_finished(state)
 
+    def _notify_end(self, state: JobState) -> None:
+        """A notification when a job ends, for a user looking elsewhere (a failure has its
+        own error notification already)."""
+        from napari.utils.notifications import show_info
 
-def _shut_down(runners: list[JobRunner]) -> None:
+        if state is JobState.DONE:
+            show_info(f"{self.runner.description}: finished")
+        elif state is JobState.STOPPED:
+            show_info(f"{self.runner.description}: stopped; press "
+                      f"'{self.start_text}' again to continue")
+
+
+def _shut_down(runners: list[JobRunner], activity: ActivityProgress) -> None:
     for runner in runners:
         runner.shutdown()
+    activity.close()
 
 
 class _CloseWatcher(QObject):
@@ -179,10 +234,9 @@ class _CloseWatcher(QObject):
 
 
 def device_field(label: str = "device") -> ComboBox:
-    """A combo of the devices this machine has, "auto" first."""
-    from ..core.devices import available_devices
-
-    return ComboBox(label=label, choices=["auto", *available_devices()], value="auto",
+    """A combo of the devices this machine has, "auto" first (filled in once torch is
+    imported in the background, see ``_warmup``)."""
+    return ComboBox(label=label, choices=device_choices, value="auto",
                     tooltip=TOOLTIPS["device"])
 
 

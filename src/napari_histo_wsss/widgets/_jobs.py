@@ -108,6 +108,17 @@ def describe_error(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
+def toast_text(error: BaseException) -> str:
+    """The error for a notification, whose one line is cut at the window's width: the file's
+    name and the problem first (the full path stays in the widget's status line)."""
+    from ..core.errors import HistoWsssError
+
+    text = describe_error(error)
+    if isinstance(error, HistoWsssError) and error.path is not None:
+        return f"{error.path.name}: {text.removeprefix(f'{error.path}: ')}"
+    return text
+
+
 class JobRunner:
     """One job at a time for one widget, with a small state model.
 
@@ -196,9 +207,14 @@ class JobRunner:
     def _on_errored(self, error: BaseException) -> None:
         from napari.utils.notifications import show_error
 
+        from ..core.errors import HistoWsssError
+
         self.error = describe_error(error)
-        _log.error("%s failed", self.description, exc_info=error)
-        show_error(f"{self.description}: {self.error}")
+        if isinstance(error, HistoWsssError):  # the user's input: one line, no traceback
+            _log.warning("%s failed: %s", self.description, self.error)
+        else:  # a bug: keep the traceback in the log
+            _log.error("%s failed", self.description, exc_info=error)
+        show_error(f"{self.description}: {toast_text(error)}")
 
     def _on_finished(self) -> None:
         self._worker = None

@@ -12,35 +12,26 @@ from typing import Any
 
 import numpy as np
 
+from .class_colours import bright_colour
+
 #: Larger image layers are refused by whole-image jobs.
 MAX_IMAGE_SIDE = 4096
+
+# Layer defaults: the tissue stays visible. One filled overlay (a prediction or a pseudo-mask)
+# is shown at a time, half transparent; ground truth is drawn as outlines over it; class maps
+# and the other overlays are added hidden, ready to be switched on in the layer list.
+#: A filled class overlay (labels).
+OVERLAY_STYLE: dict[str, Any] = {"opacity": 0.5, "blending": "translucent"}
+#: Ground truth as class-coloured outlines (``contour`` is set after the layer exists).
+TRUTH_STYLE: dict[str, Any] = {"opacity": 1.0, "contour": 2}
+#: A class activation map: hidden until asked for, translucent over the tissue.
+CAM_STYLE: dict[str, Any] = {"blending": "translucent", "opacity": 0.7, "visible": False}
 
 
 def display_labels(mask: np.ndarray, num_classes: int) -> np.ndarray:
     """Dataset mask (classes 0..C-1, background C, 255 unlabelled) -> displayed labels."""
     mask = np.asarray(mask)
     return np.where(mask < num_classes, mask.astype(np.int64) + 1, 0).astype(np.uint8)
-
-
-def labels_colormap(spec):
-    """The dataset's class colours for displayed labels; background is transparent."""
-    from napari.utils.colormaps import DirectLabelColormap
-
-    colours: dict[Any, tuple[float, ...]] = {0: (0.0, 0.0, 0.0, 0.0), None: (0.0, 0.0, 0.0, 0.0)}
-    for index, colour in enumerate(spec.colours[: spec.num_classes]):
-        colours[index + 1] = (*(channel / 255.0 for channel in colour), 1.0)
-    return DirectLabelColormap(color_dict=colours)
-
-
-def class_features(spec) -> dict[str, list[str]]:
-    """One row per displayed label value, so the status bar names the class under the mouse."""
-    return {"class": ["background", *spec.class_names]}
-
-
-def bright_colour(colour: tuple[int, int, int]) -> tuple[float, float, float]:
-    """A class colour scaled to full brightness (dark palette colours vanish when added)."""
-    peak = max(max(colour), 1)
-    return tuple(channel / peak for channel in colour)
 
 
 def cam_colormap(class_name: str, colour: tuple[int, int, int]):
@@ -56,12 +47,15 @@ def cam_colormap(class_name: str, colour: tuple[int, int, int]):
     return Colormap([[*rgb, 0.0], [*rgb, 1.0]], name=f"histo-wsss {class_name}")
 
 
-def put_layer(viewer, kind: str, name: str, data, **properties):
+def put_layer(viewer, kind: str, name: str, data, *, above=None, **properties):
     """Update the layer called ``name`` in place, or add it (``kind``: "image" or "labels").
 
     Updating keeps the user's opacity, visibility and position in the layer list between
-    patches; a layer of another kind or shape family with that name is replaced.
+    patches; a layer of another kind or shape family with that name is replaced. A new layer
+    goes right above the layer ``above`` (its image, or the overlay placed before it), so an
+    overlay is never hidden under an opaque image that was added later.
     """
+    contour = properties.pop("contour", None)
     layer = layer_named(viewer, name)
     if layer is not None and _can_update(layer, kind, data, properties):
         layer.data = data
@@ -69,11 +63,20 @@ def put_layer(viewer, kind: str, name: str, data, **properties):
                     "metadata"):
             if key in properties:
                 setattr(layer, key, properties[key])
+        if above is not None and above in viewer.layers:
+            index, anchor = viewer.layers.index(layer), viewer.layers.index(above)
+            if index < anchor:  # an image added since sits over it: lift it above its image
+                viewer.layers.move(index, anchor + 1)
         return layer
     if layer is not None:
         viewer.layers.remove(layer)
     add = viewer.add_labels if kind == "labels" else viewer.add_image
-    return add(data, name=name, **properties)
+    layer = add(data, name=name, **properties)
+    if contour is not None:
+        layer.contour = contour
+    if above is not None and above in viewer.layers:
+        viewer.layers.move(viewer.layers.index(layer), viewer.layers.index(above) + 1)
+    return layer
 
 
 def _can_update(layer, kind: str, data, properties: dict) -> bool:

@@ -95,10 +95,17 @@ class ProgressPanel(QWidget):
         self.batch_bar = QProgressBar()
         self.batch_bar.setFormat("batch %v / %m" if epochs else "%v / %m  (%p%)")
         layout.addWidget(self.batch_bar)
-        self.loss_plot = LossPlot() if plot else None
-        if self.loss_plot is not None:
-            layout.addWidget(self.loss_plot.widget)
+        self.loss_plot: LossPlot | None = None
+        self._layout = layout
+        if plot:  # pyqtgraph is imported in the background with torch (see _warmup)
+            from ._warmup import when_ready
+
+            when_ready(self._add_loss_plot)
         self.reset()
+
+    def _add_loss_plot(self) -> None:
+        self.loss_plot = LossPlot()
+        self._layout.addWidget(self.loss_plot.widget)
 
     def reset(self) -> None:
         """Empty bars (hidden until a job says how long it is) and an empty plot."""
@@ -163,3 +170,38 @@ def epoch_summary(event: Epoch) -> str:
         if name in event.metrics:
             parts.append(f"val {shown} {100 * event.metrics[name]:.1f}")
     return ", ".join(parts)
+
+
+class ActivityProgress:
+    """The job's progress as a bar in napari's activity dock (bottom right of the window).
+
+    One bar per stage: a ``Started`` event opens it with the stage's whole length (epochs x
+    batches), each ``Batch`` moves it to the batch's absolute position, so a resumed job
+    continues from where it stopped; ``close`` removes it when the job ends.
+    """
+
+    def __init__(self, description: str):
+        self.description = description
+        self.bar = None
+        self._per_epoch = 1
+
+    def show_event(self, event: Any) -> None:
+        from napari.utils import progress
+
+        if isinstance(event, Started):
+            self.close()
+            self._per_epoch = max(event.batches_per_epoch, 1)
+            total = max(event.total_epochs, 1) * self._per_epoch
+            self.bar = progress(total=total, desc=f"{self.description}: {event.stage}")
+        elif isinstance(event, Batch) and self.bar is not None:
+            if event.total != self._per_epoch and event.epoch == 0:
+                self._per_epoch = max(event.total, 1)
+                self.bar.total = self._per_epoch
+            position = min(event.epoch * self._per_epoch + event.index + 1, self.bar.total)
+            if position != self.bar.n:
+                self.bar.update(position - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

@@ -30,16 +30,19 @@ from ._base import (
 )
 from ._jobs import JobState
 from ._layers import (
-    class_features,
+    OVERLAY_STYLE,
+    TRUTH_STYLE,
     display_labels,
-    labels_colormap,
     layer_transform,
     put_layer,
     remove_layers,
     rgb_pixels,
 )
 from ._runs import describe_run, given_path, open_run
+from ._shared_run import shared_run_folder
 from ._tooltips import TOOLTIPS
+from .class_colours import class_features, labels_colormap
+from .legend import ensure_legend
 
 if TYPE_CHECKING:
     import napari
@@ -74,6 +77,46 @@ def prediction_layer_name(strategy: str) -> str:
 
 def trust_layer_name(strategy: str) -> str:
     return f"trust: {strategy}"
+
+
+def slide_view_loader(layer, spec):
+    """Read the part of a (multiscale) slide layer that is in view, at most MAX_VIEW_SIDE."""
+    from ..core.errors import ConfigError
+
+    if not getattr(layer, "rgb", False):
+        raise ConfigError(f"'{layer.name}' is not an RGB slide layer")
+    levels = list(layer.data) if layer.multiscale else [layer.data]
+    factors = np.asarray(layer.downsample_factors)[:, -2:] if layer.multiscale \
+        else np.ones((1, 2))
+    level = int(layer.data_level) if layer.multiscale else 0
+    corners = np.asarray(layer.corner_pixels)[:, -2:].astype(int)
+    if np.any(corners[1] - corners[0] <= 0):
+        corners = np.array([[0, 0], list(levels[level].shape[:2])])
+    # Go to coarser levels until the view fits.
+    while max(corners[1] - corners[0]) > MAX_VIEW_SIDE and level + 1 < len(levels):
+        ratio = factors[level + 1] / factors[level]
+        corners = np.stack([corners[0] // ratio, -(-corners[1] // ratio)]).astype(int)
+        level += 1
+    (y0, x0), (y1, x1) = corners
+    if max(y1 - y0, x1 - x0) > MAX_VIEW_SIDE:
+        raise ConfigError("zoom in: the view is larger than the coarsest level can show")
+    array = levels[level]
+    factor = factors[level]
+    scale = np.asarray(layer.scale[-2:]) * factor
+    translate = np.asarray(layer.translate[-2:]) + np.asarray(layer.scale[-2:]) * (
+        np.array([y0, x0]) * factor + (factor - 1) / 2)
+    transform = {"scale": tuple(scale), "translate": tuple(translate),
+                 "units": tuple(layer.units[-2:])}
+    title = f"view of '{layer.name}' (level {level}, {x1 - x0}x{y1 - y0} px)"
+
+    def load_view():
+        pixels = np.asarray(array[y0:y1, x0:x1])
+        if pixels.dtype != np.uint8:
+            pixels = np.clip(pixels, 0, 255).astype(np.uint8)
+        return ComparedImage(title, spec, np.ascontiguousarray(pixels[..., :3]),
+                             transform=transform, show_image=False), None
+
+    return load_view
 
 
 class CompareWidget(JobWidget):
@@ -111,6 +154,8 @@ class CompareWidget(JobWidget):
                       device=self.device, dataset=self.dataset)
         self._models = ModelCache()
         self._shown_layers: set[str] = set()
+        self._source_layer = None  # the viewer layer compared on, if any
+        self._anchor = None  # the layer the next new layer goes above
         self._results: dict[str, StrategyComparison] = {}
         self._image: ComparedImage | None = None
         self.run_folder.changed.connect(self._load_run)
@@ -118,6 +163,7 @@ class CompareWidget(JobWidget):
         self.source.changed.connect(self._on_source_changed)
         self.grid.changed.connect(self._apply_grid)
         self.restore_settings()
+        shared_run_folder(viewer).follow(self.run_folder)
         self._load_run()
 
     # -- run and source ------------------------------------------------------------------------
@@ -161,6 +207,8 @@ class CompareWidget(JobWidget):
         if self._context is None:
             raise ConfigError("choose a run folder with trained segmenters")
         strategies = list(self.strategies.value)
+        if not strategies and self.strategies.choices:
+            raise ConfigError("select at least one strategy to compare")
         if not strategies:
             raise ConfigError("this run has no trained segmenter to compare yet")
         run, _, layout = self._context
@@ -192,6 +240,7 @@ class CompareWidget(JobWidget):
         from ..core.errors import ConfigError
 
         spec, source, index = layout.spec, self.source.value, int(self.index.value)
+        self._source_layer = None
         if source == "validation image":
             evaluation = layout.eval_set("val")
             if evaluation is None or not len(evaluation):
@@ -225,48 +274,11 @@ class CompareWidget(JobWidget):
         if source == "image layer":
             image = rgb_pixels(layer)
             transform = layer_transform(layer)
+            self._source_layer = layer
             return lambda: (ComparedImage(f"layer '{layer.name}'", spec, image,
                                           transform=transform, show_image=False), None)
-        return self._slide_view_loader(layer, spec)
-
-    def _slide_view_loader(self, layer, spec):
-        """Read the part of a (multiscale) slide layer that is in view, at most MAX_VIEW_SIDE."""
-        from ..core.errors import ConfigError
-
-        if not getattr(layer, "rgb", False):
-            raise ConfigError(f"'{layer.name}' is not an RGB slide layer")
-        levels = list(layer.data) if layer.multiscale else [layer.data]
-        factors = np.asarray(layer.downsample_factors)[:, -2:] if layer.multiscale \
-            else np.ones((1, 2))
-        level = int(layer.data_level) if layer.multiscale else 0
-        corners = np.asarray(layer.corner_pixels)[:, -2:].astype(int)
-        if np.any(corners[1] - corners[0] <= 0):
-            corners = np.array([[0, 0], list(levels[level].shape[:2])])
-        # Go to coarser levels until the view fits.
-        while max(corners[1] - corners[0]) > MAX_VIEW_SIDE and level + 1 < len(levels):
-            ratio = factors[level + 1] / factors[level]
-            corners = np.stack([corners[0] // ratio, -(-corners[1] // ratio)]).astype(int)
-            level += 1
-        (y0, x0), (y1, x1) = corners
-        if max(y1 - y0, x1 - x0) > MAX_VIEW_SIDE:
-            raise ConfigError("zoom in: the view is larger than the coarsest level can show")
-        array = levels[level]
-        factor = factors[level]
-        scale = np.asarray(layer.scale[-2:]) * factor
-        translate = np.asarray(layer.translate[-2:]) + np.asarray(layer.scale[-2:]) * (
-            np.array([y0, x0]) * factor + (factor - 1) / 2)
-        transform = {"scale": tuple(scale), "translate": tuple(translate),
-                     "units": tuple(layer.units[-2:])}
-        title = f"view of '{layer.name}' (level {level}, {x1 - x0}x{y1 - y0} px)"
-
-        def load_view():
-            pixels = np.asarray(array[y0:y1, x0:x1])
-            if pixels.dtype != np.uint8:
-                pixels = np.clip(pixels, 0, 255).astype(np.uint8)
-            return ComparedImage(title, spec, np.ascontiguousarray(pixels[..., :3]),
-                                 transform=transform, show_image=False), None
-
-        return load_view
+        self._source_layer = layer
+        return slide_view_loader(layer, spec)
 
     # -- results -> layers (main thread) -------------------------------------------------------
     def on_job_starting(self) -> None:
@@ -286,43 +298,55 @@ class CompareWidget(JobWidget):
             self._show_result(event.data)
 
     def _show_image(self, compared: ComparedImage) -> None:
+        """The image, then (above it) the pseudo-mask and the ground truth as outlines."""
         self._image = compared
         names = []
         spec, transform = compared.spec, compared.transform
+        self._anchor = self._source_layer
         if compared.show_image:
             reset = IMAGE_LAYER not in self.viewer.layers or \
                 self.viewer.layers[IMAGE_LAYER].data.shape != compared.image.shape
             layer = put_layer(self.viewer, "image", IMAGE_LAYER, compared.image, rgb=True)
             self.viewer.layers.move(self.viewer.layers.index(layer), 0)
+            self._anchor = layer
             names.append(IMAGE_LAYER)
             if reset:
                 self.viewer.reset_view()
-        for name, mask in ((TRUTH_LAYER, compared.truth),
-                           (PSEUDO_MASK_LAYER, compared.pseudo_mask)):
+        for name, mask, style in ((PSEUDO_MASK_LAYER, compared.pseudo_mask, OVERLAY_STYLE),
+                                  (TRUTH_LAYER, compared.truth, TRUTH_STYLE)):
             if mask is not None:
-                put_layer(self.viewer, "labels", name, display_labels(mask, spec.num_classes),
-                          colormap=labels_colormap(spec), features=class_features(spec),
-                          opacity=0.5, **transform)
+                self._anchor = put_layer(
+                    self.viewer, "labels", name, display_labels(mask, spec.num_classes),
+                    above=self._anchor, colormap=labels_colormap(spec),
+                    features=class_features(spec), visible=name == TRUTH_LAYER, **style,
+                    **transform)
                 names.append(name)
         self._forget_layers(keep=names)
         set_info(self.run_info, f"comparing on {compared.title}")
+        ensure_legend(self.viewer)
 
     def _show_result(self, result: StrategyComparison) -> None:
+        """A strategy's prediction (the first one shown, later ones hidden: tick them in the
+        layer list or use the grid) and its trust map (hidden; its key is in the legend)."""
         from napari.experimental import link_layers, unlink_layers
 
         compared = self._image
         spec, transform = compared.spec, compared.transform
+        first = not self._results
         self._results[result.strategy] = result
         name = prediction_layer_name(result.strategy)
-        put_layer(self.viewer, "labels", name, display_labels(result.labels, spec.num_classes),
-                  colormap=labels_colormap(spec), features=class_features(spec), opacity=0.6,
-                  **transform)
+        self._anchor = put_layer(
+            self.viewer, "labels", name, display_labels(result.labels, spec.num_classes),
+            above=self._anchor, colormap=labels_colormap(spec), features=class_features(spec),
+            visible=first, **OVERLAY_STYLE, **transform)
         self._shown_layers.add(name)
         if result.trust is not None:
             trust = trust_layer_name(result.strategy)
             high = float(max(np.percentile(result.trust, 99), 1e-6))
-            put_layer(self.viewer, "image", trust, result.trust, colormap="viridis",
-                      contrast_limits=(0.0, high), opacity=0.7, visible=False, **transform)
+            self._anchor = put_layer(
+                self.viewer, "image", trust, result.trust, above=self._anchor,
+                colormap="viridis", contrast_limits=(0.0, high), opacity=0.7, visible=False,
+                **transform)
             self._shown_layers.add(trust)
         predictions = [self.viewer.layers[prediction_layer_name(s)] for s in self._results]
         if len(predictions) > 1:
@@ -371,4 +395,6 @@ class CompareWidget(JobWidget):
             self._apply_grid()
 
     def _apply_grid(self, *_: Any) -> None:
+        """Grid on or off, then fit the camera to the new layout (napari keeps the old zoom)."""
         self.viewer.grid.enabled = bool(self.grid.value)
+        self.viewer.reset_view()

@@ -31,10 +31,11 @@ from ._base import (
 )
 from ._jobs import JobState
 from ._layers import (
+    CAM_STYLE,
+    OVERLAY_STYLE,
+    TRUTH_STYLE,
     cam_colormap,
-    class_features,
     display_labels,
-    labels_colormap,
     layer_named,
     layer_transform,
     put_layer,
@@ -42,7 +43,10 @@ from ._layers import (
     rgb_pixels,
 )
 from ._runs import describe_run, given_path, open_run
+from ._shared_run import shared_run_folder
 from ._tooltips import TOOLTIPS
+from .class_colours import class_features, labels_colormap
+from .legend import ensure_legend
 
 if TYPE_CHECKING:
     import napari
@@ -118,6 +122,8 @@ class PseudoMaskWidget(JobWidget):
         self._context = None  # (run, config, layout) of the chosen run folder
         self._pending_preview = False
         self._shown_layers: set[str] = set()
+        self._source_layer = None  # the viewer image being browsed, if any
+        self._anchor = None  # the layer the next new layer goes above
 
         self.run_folder.changed.connect(self._load_run)
         self.dataset.changed.connect(self._load_run)
@@ -125,6 +131,7 @@ class PseudoMaskWidget(JobWidget):
         self.index.changed.connect(self.show_class_maps)
         self.show_button.changed.connect(lambda *_: self.show_class_maps(notify=True))
         self.restore_settings()
+        shared_run_folder(viewer).follow(self.run_folder)
         self._load_run()
 
     # -- run and source ----------------------------------------------------------------------
@@ -235,6 +242,7 @@ class PseudoMaskWidget(JobWidget):
                 raise ConfigError("add an RGB image layer to the viewer first")
             image = rgb_pixels(layer)
             transform = layer_transform(layer)
+            self._source_layer = layer
             return lambda: (f"layer '{layer.name}' (classes gated by prediction)", image, None,
                             None, transform)
         if source == "training patches":
@@ -277,27 +285,31 @@ class PseudoMaskWidget(JobWidget):
             self.show_class_maps()
 
     def _show_view(self, view: ClassMapView) -> None:
-        """Turn one browse result into layers (main thread)."""
+        """Turn one browse result into layers (main thread), stacked above their image: class
+        maps (hidden), the pseudo-mask (shown), the ground truth as outlines."""
         spec, result = view.spec, view.result
         names: list[str] = []
         reset_view = False
+        anchor = self._source_layer if view.image is None else None
         if view.image is not None:
             previous = layer_named(self.viewer, IMAGE_LAYER)
             reset_view = previous is None or previous.data.shape != view.image.shape
-            layer = put_layer(self.viewer, "image", IMAGE_LAYER, view.image, rgb=True)
+            anchor = put_layer(self.viewer, "image", IMAGE_LAYER, view.image, rgb=True)
             if previous is None:
-                self.viewer.layers.move(self.viewer.layers.index(layer), 0)
+                self.viewer.layers.move(self.viewer.layers.index(anchor), 0)
             names.append(IMAGE_LAYER)
+        self._anchor = anchor
+        ensure_legend(self.viewer)
         transform = view.transform
         for map_name, maps in result.maps.items():
             main = map_name == view.main_map
             if not main and not view.extra:
                 continue
             suffix = "" if main else f" [{map_name}]"
-            names += self._put_class_maps(spec, maps, suffix, visible=main, **transform)
+            names += self._put_class_maps(spec, maps, suffix, **transform)
         for scale, scaled in view.per_scale.items():
             names += self._put_class_maps(spec, scaled.maps[view.main_map], f" @{scale:g}",
-                                          visible=False, **transform)
+                                          **transform)
             names.append(self._put_mask(f"{MASK_LAYER} @{scale:g}", scaled.masks["final"], spec,
                                         visible=False, **transform))
         if view.extra:
@@ -307,7 +319,8 @@ class PseudoMaskWidget(JobWidget):
                                                 visible=False, **transform))
         names.append(self._put_mask(MASK_LAYER, result.masks["final"], spec, **transform))
         if view.truth is not None:
-            names.append(self._put_mask(TRUTH_LAYER, view.truth, spec, **transform))
+            names.append(self._put_mask(TRUTH_LAYER, view.truth, spec, style=TRUTH_STYLE,
+                                        **transform))
         remove_layers(self.viewer, self._shown_layers - set(names))
         self._shown_layers = set(names)
         if reset_view:
@@ -316,23 +329,23 @@ class PseudoMaskWidget(JobWidget):
                                   zip(spec.class_names, result.probabilities, strict=True))
         set_info(self.view_info, f"{view.title} · classifier: {probabilities}")
 
-    def _put_class_maps(self, spec, maps: np.ndarray, suffix: str, visible: bool,
-                        **transform) -> list[str]:
+    def _put_class_maps(self, spec, maps: np.ndarray, suffix: str, **transform) -> list[str]:
         names = []
         for index, class_name in enumerate(spec.class_names):
             name = f"CAM {class_name}{suffix}"
-            put_layer(self.viewer, "image", name, maps[index],
-                      colormap=cam_colormap(class_name, spec.colours[index]),
-                      blending="translucent", opacity=0.8, contrast_limits=(0.0, 1.0),
-                      visible=visible, **transform)
+            self._anchor = put_layer(
+                self.viewer, "image", name, maps[index], above=self._anchor,
+                colormap=cam_colormap(class_name, spec.colours[index]),
+                contrast_limits=(0.0, 1.0), **CAM_STYLE, **transform)
             names.append(name)
         return names
 
     def _put_mask(self, name: str, mask: np.ndarray, spec, visible: bool = True,
-                  **transform) -> str:
-        put_layer(self.viewer, "labels", name, display_labels(mask, spec.num_classes),
-                  colormap=labels_colormap(spec), features=class_features(spec), opacity=0.5,
-                  visible=visible, **transform)
+                  style: dict | None = None, **transform) -> str:
+        self._anchor = put_layer(
+            self.viewer, "labels", name, display_labels(mask, spec.num_classes),
+            above=self._anchor, colormap=labels_colormap(spec), features=class_features(spec),
+            visible=visible, **(style or OVERLAY_STYLE), **transform)
         return name
 
     # -- the generation job ----------------------------------------------------------------------

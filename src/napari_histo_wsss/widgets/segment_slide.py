@@ -26,7 +26,9 @@ from ..core.inference.tiling import BLEND_MODES
 from ._base import JobWidget, device_field, info_label, run_folder_field, set_info
 from ._jobs import JobState
 from ._runs import describe_run, given_path
+from ._shared_run import shared_run_folder
 from ._tooltips import TOOLTIPS
+from .legend import ensure_legend
 
 if TYPE_CHECKING:
     import napari
@@ -165,6 +167,7 @@ class SegmentSlideWidget(JobWidget):
         self._refresh_timer.timeout.connect(self._refresh_live_layer)
         self.run_folder.changed.connect(self._load_run)
         self.restore_settings()
+        shared_run_folder(viewer).follow(self.run_folder)
         self._load_run()
         self._set_result(None)
 
@@ -274,6 +277,7 @@ class SegmentSlideWidget(JobWidget):
             f"{segmentation.attrs.get('slide', {}).get('name', out.stem)} (segmenting)",
             self._live.levels, segmentation.spec)
         self._refresh_timer.start()
+        ensure_legend(self.viewer)
 
     def _geometry_for(self, segmentation) -> dict[str, tuple]:
         layer = self._slide_layer_at_start
@@ -286,7 +290,7 @@ class SegmentSlideWidget(JobWidget):
         return {"scale": (pixel, pixel), "translate": (offset, offset), "units": (unit, unit)}
 
     def _put_labels_layer(self, name: str, levels: list, spec):
-        from ._layers import class_features, labels_colormap
+        from .class_colours import class_features, labels_colormap
 
         if self._live_layer is not None and self._live_layer in self.viewer.layers:
             self.viewer.layers.remove(self._live_layer)

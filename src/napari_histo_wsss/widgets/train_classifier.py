@@ -17,6 +17,7 @@ from ..core.config.presets import PRESET_SCHEDULES, methods_with_classifier
 from ._base import JobWidget, device_field, info_label, run_folder_field, set_info
 from ._jobs import JobState
 from ._runs import describe_dataset, describe_run, given_path
+from ._shared_run import shared_run_folder
 from ._tooltips import TOOLTIPS
 
 if TYPE_CHECKING:
@@ -29,8 +30,26 @@ CAM_METHODS = methods_with_classifier()
 PRESET_TEXT = "preset"
 
 
-def preset_spin_box(label: str, tooltip: str, maximum: int, step: int = 1) -> SpinBox:
-    box = SpinBox(label=label, min=0, max=maximum, step=step, value=0, tooltip=tooltip)
+class PresetSpinBox(FloatSpinBox):
+    """A whole-number field whose 0 reads "preset" (the method's preset decides).
+
+    magicgui's integer spin box (superqt's QLargeIntSpinBox) ignores Qt's special value text
+    and would show "0", which reads as "no epochs"; Qt's double spin box honours it, so this
+    is one with no decimals whose value is an int.
+    """
+
+    @property
+    def value(self) -> int:
+        return int(round(FloatSpinBox.value.fget(self)))
+
+    @value.setter
+    def value(self, value) -> None:
+        FloatSpinBox.value.fset(self, float(value or 0))
+
+
+def preset_spin_box(label: str, tooltip: str, maximum: int, step: int = 1) -> PresetSpinBox:
+    box = PresetSpinBox(label=label, min=0, max=maximum, step=step, value=0, tooltip=tooltip)
+    box.native.setDecimals(0)
     box.native.setSpecialValueText(PRESET_TEXT)
     return box
 
@@ -82,6 +101,7 @@ class TrainClassifierWidget(JobWidget):
         self.dataset.changed.connect(self._show_dataset)
         self.run_folder.changed.connect(self._show_run)
         self.restore_settings()
+        shared_run_folder(viewer).follow(self.run_folder)
         self._show_dataset()
         self._show_run()
 

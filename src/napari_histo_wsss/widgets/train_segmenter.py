@@ -14,9 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 from magicgui.widgets import ComboBox, FileEdit, FloatSpinBox, LineEdit, Select, SpinBox
 
+from . import _warmup as warmup
 from ._base import JobWidget, device_field, info_label, run_folder_field, set_info
 from ._jobs import JobState
 from ._runs import describe_dataset, describe_run, given_path
+from ._shared_run import shared_run_folder
 from ._tooltips import TOOLTIPS
 from .train_classifier import PRESET_TEXT, preset_spin_box
 
@@ -24,13 +26,27 @@ if TYPE_CHECKING:
     import napari
 
 HISYNSEG = "hisynseg"
+LOSSES_MODULE = "napari_histo_wsss.core.stage2.losses"
+SEGMENTER_MODULE = "napari_histo_wsss.core.models.segmenter"
 
 
 def strategy_names() -> list[str]:
-    """The noise-suppression losses for pseudo-masks (HisynSeg trains from synthetic images)."""
+    """The noise-suppression losses for pseudo-masks (HisynSeg trains from synthetic images);
+    empty until torch is imported in the background (``_warmup``)."""
+    if not warmup.ready_without_waiting(LOSSES_MODULE):
+        return []
     from ..core.stage2.losses import LOSSES
 
     return [name for name in LOSSES.names() if name != HISYNSEG]
+
+
+def architecture_choices(*_) -> list[str]:
+    """"preset" and the registered architectures (those once torch is imported)."""
+    if not warmup.ready_without_waiting(SEGMENTER_MODULE):
+        return ["preset"]
+    from ..core.models.segmenter import ARCHITECTURES
+
+    return ["preset", *ARCHITECTURES.names()]
 
 
 class TrainSegmenterWidget(JobWidget):
@@ -41,7 +57,6 @@ class TrainSegmenterWidget(JobWidget):
     def __init__(self, viewer: napari.viewer.Viewer):
         super().__init__(viewer, "Train segmenter")
         from ..core.config.presets import METHODS, PRESET_SCHEDULES
-        from ..core.models.segmenter import ARCHITECTURES
 
         self.run_folder = run_folder_field()
         self.run_info = info_label()
@@ -63,8 +78,7 @@ class TrainSegmenterWidget(JobWidget):
         self.schedule = ComboBox(label="schedule", choices=PRESET_SCHEDULES.names(), value="fast",
                                  tooltip=TOOLTIPS["schedule"])
         self.seed = SpinBox(label="seed", min=0, max=2**31 - 1, value=0, tooltip=TOOLTIPS["seed"])
-        self.arch = ComboBox(label="architecture",
-                             choices=("preset", *ARCHITECTURES.names()),
+        self.arch = ComboBox(label="architecture", choices=architecture_choices,
                              value="preset", tooltip=TOOLTIPS["arch"])
         self.lr = FloatSpinBox(label="learning rate", min=0.0, max=1.0, step=0.001, value=0.0,
                                tooltip=TOOLTIPS["lr"])
@@ -85,6 +99,7 @@ class TrainSegmenterWidget(JobWidget):
         self.dataset.changed.connect(self._show_run)
         self.method.changed.connect(self._show_run)
         self.restore_settings()
+        shared_run_folder(viewer).follow(self.run_folder)
         self._show_run()
 
     def _show_run(self, *_: Any) -> None:
@@ -118,7 +133,10 @@ class TrainSegmenterWidget(JobWidget):
         selected = [name for name in previous if name in choices]
         if existing is not None and not selected:
             selected = [HISYNSEG if existing.method == HISYNSEG else existing.segmenter.loss]
-        self.strategies.value = selected or [choices[0]]
+        self.strategies.value = [name for name in selected if name in choices] or choices[:1]
+
+    def on_models_ready(self) -> None:
+        self._show_run()
 
     def _strategy_choices(self, *_: Any) -> list[str]:
         """HisynSeg runs have one strategy; CAM methods every pseudo-mask loss."""

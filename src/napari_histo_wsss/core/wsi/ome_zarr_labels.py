@@ -258,14 +258,18 @@ def write_label_pyramid(
     *,
     name: str = "labels",
     colours: dict[int, tuple[int, ...]] | None = None,
-    pixel_size: float = 1.0,
+    class_names: dict[int, str] | None = None,
+    pixel_size: float | tuple[float, float] = 1.0,
+    offset: tuple[float, float] = (0.0, 0.0),
     unit: str | None = None,
     chunk: int = 512,
 ) -> Path:
     """Write a label image as NGFF labels ``path/labels/<name>/0..n`` with a nearest pyramid.
 
     ``labels`` is any 2-D array-like that slices lazily (numpy, dask, zarr): it is copied one
-    chunk at a time, so a huge lazy label layer never has to fit in memory.
+    chunk at a time, so a huge lazy label layer never has to fit in memory. ``pixel_size``
+    (y, x) and ``offset`` place level 0 (a layer's scale and translate); ``class_names``
+    become ``image-label`` properties, so a reader can name the classes again.
     """
     import zarr
 
@@ -277,17 +281,23 @@ def write_label_pyramid(
     group = labels_root.create_group(name, overwrite=True)
     metadata: dict[str, Any] = {
         "multiscales": [
-            _multiscale(name, ["y", "x"], len(shapes), pixel_size, unit, 1.0, nearest=True)
+            _multiscale(name, ["y", "x"], len(shapes), pixel_size, unit, 1.0, nearest=True,
+                        offset=offset)
         ]
     }
+    image_label: dict[str, Any] = {"version": "0.4"}
     if colours:
-        metadata["image-label"] = {
-            "version": "0.4",
-            "colors": [
-                {"label-value": int(value), "rgba": [int(c) for c in rgba]}
-                for value, rgba in sorted(colours.items())
-            ],
-        }
+        image_label["colors"] = [
+            {"label-value": int(value), "rgba": [int(c) for c in rgba]}
+            for value, rgba in sorted(colours.items())
+        ]
+    if class_names:
+        image_label["properties"] = [
+            {"label-value": int(value), "class": str(text)}
+            for value, text in sorted(class_names.items())
+        ]
+    if len(image_label) > 1:
+        metadata["image-label"] = image_label
     group.attrs.update(metadata)
     arrays = [
         group.create_array(
@@ -307,12 +317,20 @@ def write_label_pyramid(
     return Path(path)
 
 
-def open_ngff_labels(path: str | Path) -> dict[str, tuple[list, dict[int, tuple], float]]:
-    """Every NGFF label image under ``path/labels``: name -> (dask levels, colours, pixel size).
+@dataclass
+class NgffLabels:
+    """One NGFF label image read back lazily, with what places and names it."""
 
-    Colours are the ``image-label`` RGBA 0-255 per value (empty when not given); the pixel
-    size is level 0's x scale.
-    """
+    levels: list  # dask arrays (Y, X), finest first
+    colours: dict[int, tuple]  # RGBA 0-255 per value (empty when not given)
+    class_names: dict[int, str]  # ``image-label`` properties' "class" per value
+    scale: tuple[float, float]  # level 0 (y, x)
+    translate: tuple[float, float]  # level 0 (y, x)
+    unit: str | None
+
+
+def open_ngff_labels(path: str | Path) -> dict[str, NgffLabels]:
+    """Every NGFF label image under ``path/labels``, by name."""
     import dask.array as da
     import zarr
 
@@ -322,17 +340,22 @@ def open_ngff_labels(path: str | Path) -> dict[str, tuple[list, dict[int, tuple]
         for name in labels_root.attrs["labels"]:
             group = labels_root[name]
             datasets = _datasets(group)
-            levels = [da.from_zarr(group[d["path"]]) for d in datasets]
-            colours = {
-                int(entry["label-value"]): tuple(entry["rgba"])
-                for entry in group.attrs.get("image-label", {}).get("colors", [])
-            }
-            scale = next(
-                (t["scale"][-1] for t in datasets[0].get("coordinateTransformations", [])
-                 if t.get("type") == "scale"),
-                1.0,
+            image_label = group.attrs.get("image-label", {})
+            transforms = {t.get("type"): t for t in datasets[0].get("coordinateTransformations",
+                                                                     [])}
+            scale = transforms.get("scale", {}).get("scale", [1.0, 1.0])
+            translate = transforms.get("translation", {}).get("translation", [0.0, 0.0])
+            axes = (group.attrs.get("multiscales") or [{}])[0].get("axes", [])
+            result[name] = NgffLabels(
+                levels=[da.from_zarr(group[d["path"]]) for d in datasets],
+                colours={int(entry["label-value"]): tuple(entry["rgba"])
+                         for entry in image_label.get("colors", [])},
+                class_names={int(entry["label-value"]): str(entry["class"])
+                             for entry in image_label.get("properties", []) if "class" in entry},
+                scale=(float(scale[-2]), float(scale[-1])),
+                translate=(float(translate[-2]), float(translate[-1])),
+                unit=next((axis.get("unit") for axis in axes if axis.get("unit")), None),
             )
-            result[name] = (levels, colours, float(scale))
     except Exception as error:  # zarr raises many types for a damaged or foreign folder
         raise SlideError(f"no readable NGFF labels ({error})", path) from None
     if not result:
@@ -346,28 +369,37 @@ def _datasets(group) -> list[dict]:
 
 
 def _multiscale(
-    name: str, axes: list[str], levels: int, pixel_size: float, unit: str | None,
-    level0_downsample: float, nearest: bool,
+    name: str, axes: list[str], levels: int, pixel_size: float | tuple[float, float],
+    unit: str | None, level0_downsample: float, nearest: bool,
+    offset: tuple[float, float] = (0.0, 0.0),
 ) -> dict[str, Any]:
     """NGFF 0.4 multiscales with per-level scale and a half-pixel translation.
 
     The translation puts a pixel's centre where its value comes from: the centre of the
     level-0 slide pixels it covers for a mean pyramid, the sampled level-0 output pixel for a
-    nearest (``[::2]``) pyramid, so overlays line up with the slide at every zoom.
+    nearest (``[::2]``) pyramid, so overlays line up with the slide at every zoom. ``offset``
+    (y, x) moves the whole image (a napari layer's translate).
     """
+    sizes = dict(zip("yx", np.broadcast_to(np.asarray(pixel_size, float), (2,)), strict=True))
+    shifts = dict(zip("yx", offset, strict=True))
     axis_entries = []
     for axis in axes:
         entry: dict[str, Any] = {"name": axis, "type": "channel" if axis == "c" else "space"}
         if axis != "c" and unit:
             entry["unit"] = unit
         axis_entries.append(entry)
-    size_of_level0_pixel = pixel_size / level0_downsample
     datasets = []
     for level in range(levels):
-        size = pixel_size * 2**level
-        spatial_offset = ((pixel_size if nearest else size) - size_of_level0_pixel) / 2.0
-        scale = [1.0 if axis == "c" else size for axis in axes]
-        translation = [0.0 if axis == "c" else spatial_offset for axis in axes]
+        scale, translation = [], []
+        for axis in axes:
+            if axis == "c":
+                scale.append(1.0)
+                translation.append(0.0)
+                continue
+            pixel, size = sizes[axis], sizes[axis] * 2**level
+            centre = ((pixel if nearest else size) - pixel / level0_downsample) / 2.0
+            scale.append(float(size))
+            translation.append(float(centre + shifts[axis]))
         datasets.append(
             {
                 "path": str(level),

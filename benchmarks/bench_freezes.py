@@ -1,0 +1,288 @@
+"""How long napari's main thread stands still while the widgets open and work.
+
+A 10 ms QTimer runs on the main thread the whole time; every tick that arrives late by more
+than its period means the event loop was busy (a frozen window for the user). The script opens
+the first widget in a fresh process (torch not imported yet), then drives each long job and
+image step of the workflow on the bundled WSSS4LUAD sample and CMU slide with tiny budgets,
+and prints per phase: how long it took, the worst and 99th-percentile lateness, and how many
+ticks were more than 200 ms late.
+
+Run it with a display, e.g.::
+
+    xvfb-run -a -s "-screen 0 1920x1080x24" python benchmarks/bench_freezes.py
+
+``--screenshots docs/images`` also saves the window after each widget's phase (the pictures of
+docs/widgets.md). They are taken between phases, except the one of the slide half segmented,
+which stalls that phase: measure freezes without ``--screenshots``.
+
+The figures depend on the machine and on what else runs on it: compare phases within one
+run, and runs on the same machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "src" / "napari_histo_wsss" / "sample_data"
+TIMER_MS = 10
+STALL_MS = 200
+TINY = {"epochs": 1, "batch_size": 8, "input_size": 64}
+
+
+class LatencyProbe:
+    """A main-thread timer that records how late each 10 ms tick arrives."""
+
+    def __init__(self):
+        from qtpy.QtCore import QTimer
+
+        self.lateness_ms: list[float] = []
+        self._last = time.perf_counter()
+        self._timer = QTimer()
+        self._timer.setInterval(TIMER_MS)
+        self._timer.timeout.connect(self._tick)
+        self._timer.start()
+
+    def _tick(self):
+        now = time.perf_counter()
+        self.lateness_ms.append(max(0.0, (now - self._last) * 1000 - TIMER_MS))
+        self._last = now
+
+    def mark(self) -> int:
+        return len(self.lateness_ms)
+
+
+class Phases:
+    """Runs the event loop until a condition holds and records each phase's lateness."""
+
+    def __init__(self, app, probe: LatencyProbe):
+        self.app, self.probe = app, probe
+        self.rows: list[tuple[str, float, list[float]]] = []
+
+    def wait(self, condition, timeout_s: float = 900.0) -> None:
+        end = time.perf_counter() + timeout_s
+        while not condition():
+            if time.perf_counter() > end:
+                raise TimeoutError("phase did not finish")
+            self.app.processEvents()
+            time.sleep(0.001)
+
+    def run(self, name: str, start, done=lambda: True, settle_s: float = 0.0) -> None:
+        """Call ``start`` (on the main thread, as a click would), then run the loop until
+        ``done`` and ``settle_s`` more seconds."""
+        first = self.probe.mark()
+        began = time.perf_counter()
+        self.probe._last = began
+        start()
+        self.wait(done)
+        seconds = time.perf_counter() - began
+        settle_end = time.perf_counter() + settle_s
+        self.wait(lambda: time.perf_counter() >= settle_end)
+        self.app.processEvents()
+        late = self.probe.lateness_ms[first:]
+        if not self.rows:
+            print(f"{'phase':<38} {'s':>6} {'max ms':>7} {'p99 ms':>7} {'>200ms':>7}")
+        self.rows.append((name, seconds, late))
+        ordered = sorted(late) or [0.0]
+        p99 = ordered[min(len(ordered) - 1, int(0.99 * (len(ordered) - 1)))]
+        stalls = sum(value > STALL_MS for value in late)
+        print(f"{name:<38} {seconds:6.2f} {max(ordered):7.0f} {p99:7.0f} {stalls:7d}", flush=True)
+
+
+class Screenshots:
+    """Saves the window (docks included) under given names, when a folder was given; each
+    widget's dock is closed after its pictures so the next one has the room."""
+
+    def __init__(self, viewer, folder: str | None):
+        self.viewer, self.folder = viewer, Path(folder) if folder else None
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            viewer.window._qt_window.resize(1500, 950)
+            viewer.open_sample("napari-histo-wsss", "wsss4luad-patches")  # tissue in view
+
+    def take(self, name: str) -> None:
+        if self.folder is not None:
+            self.viewer.screenshot(str(self.folder / f"{name}.png"), canvas_only=False)
+
+    def done_with(self, widget) -> None:
+        if self.folder is not None:
+            self.viewer.window.remove_dock_widget(widget.native)
+
+
+def make_run(folder: Path) -> Path:
+    """A tiny run with a classifier, pseudo-masks and two segmenters (core API, no GUI)."""
+    from napari_histo_wsss.core.events import run_to_completion
+    from napari_histo_wsss.core.pipeline import prepare_run, run_pipeline
+
+    run, config, layout = prepare_run(SAMPLE / "wsss4luad", folder, "cam-ce", device="cpu",
+                                      classifier=TINY, segmenter=TINY)
+    run_to_completion(run_pipeline(run, config, layout, strategies=["ce", "onss"]))
+    return folder
+
+
+def classifier_phases(phases, viewer, shots, scratch, only_open: bool = False) -> None:
+    from napari_histo_wsss.widgets.train_classifier import TrainClassifierWidget
+
+    widgets = {}
+
+    def open_first():
+        widgets["classifier"] = TrainClassifierWidget(viewer)
+        viewer.window.add_dock_widget(widgets["classifier"], name="1. Train classifier")
+
+    phases.run("open first widget (Train classifier)", open_first)
+    phases.run("background import of torch/pyqtgraph", lambda: None,
+               done=lambda: widgets["classifier"].progress.loss_plot is not None)
+    if only_open:
+        return
+    classifier = widgets["classifier"]
+    classifier.dataset.value = SAMPLE / "wsss4luad"
+    classifier.run_folder.value = scratch / "classifier-run"
+    classifier.method.value = "cam-ce"
+    classifier.epochs.value = 2
+    classifier.batch_size.value = TINY["batch_size"]
+    classifier.input_size.value = 96
+    phases.run("train classifier (2 epochs)", classifier.toggle_button.click,
+               done=lambda: not classifier.runner.busy)
+    shots.take("widget_train_classifier")
+    shots.done_with(classifier)
+    viewer.layers.clear()  # the sample shown behind the classifier's picture
+
+
+def pseudo_mask_phases(phases, viewer, shots, run_folder, steps: int) -> None:
+    from napari_histo_wsss.widgets.pseudo_masks import PseudoMaskWidget
+
+    masks = PseudoMaskWidget(viewer)
+    viewer.window.add_dock_widget(masks, name="2. Pseudo-masks")
+    masks.run_folder.value = run_folder
+    phases.run("pseudo-masks: generate (42 patches)", masks.toggle_button.click,
+               done=lambda: not masks.runner.busy)
+    masks.source.value = "validation images"
+    for index in range(steps):
+        phases.run(f"pseudo-masks: val image {index}",
+                   lambda index=index: setattr(masks.index, "value", index),
+                   done=lambda: not masks.preview_runner.busy and not masks._pending_preview)
+    shots.take("widget_pseudo_masks")
+    viewer.layers["pseudo-mask"].visible = False
+    for name in ("tumor", "stroma"):
+        viewer.layers[f"CAM {name}"].visible = True
+    viewer.layers.selection.active = viewer.layers["CAM tumor"]
+    shots.take("widget_pseudo_masks_cams")
+    shots.done_with(masks)
+
+
+def segmenter_phases(phases, viewer, shots, run_folder) -> None:
+    from napari_histo_wsss.widgets.train_segmenter import TrainSegmenterWidget
+
+    segmenter = TrainSegmenterWidget(viewer)
+    viewer.window.add_dock_widget(segmenter, name="3. Train segmenter")
+    segmenter.run_folder.value = run_folder
+    segmenter.strategies.value = ["ce", "onss"]
+    segmenter.epochs.value = 1
+    segmenter.batch_size.value = TINY["batch_size"]
+    segmenter.input_size.value = 96
+    phases.run("train segmenter (ce, onss; 1 epoch)", segmenter.toggle_button.click,
+               done=lambda: not segmenter.runner.busy)
+    shots.take("widget_train_segmenter")
+    shots.done_with(segmenter)
+
+
+def compare_phases(phases, viewer, shots, run_folder) -> None:
+    from napari_histo_wsss.widgets.compare import CompareWidget
+
+    for layer in list(viewer.layers):
+        viewer.layers.remove(layer)
+    compare = CompareWidget(viewer)
+    viewer.window.add_dock_widget(compare, name="4. Compare strategies")
+    compare.run_folder.value = run_folder
+    compare.source.value = "validation image"
+    compare.index.value = 4
+    phases.run("compare: 2 strategies on a val image", compare.toggle_button.click,
+               done=lambda: not compare.runner.busy)
+    phases.run("compare: grid on", lambda: setattr(compare.grid, "value", True))
+    shots.take("widget_compare")
+    compare.grid.value = False
+    compare.source.value = "training patch"
+    compare.index.value = 2
+    phases.run("compare: 2 strategies on a patch", compare.toggle_button.click,
+               done=lambda: not compare.runner.busy)
+    viewer.layers["trust: onss"].visible = True
+    viewer.layers.selection.active = viewer.layers["trust: onss"]
+    shots.take("widget_compare_trust")
+    shots.done_with(compare)
+    for layer in list(viewer.layers):
+        viewer.layers.remove(layer)
+
+
+def slide_phases(phases, viewer, shots, run_folder, scratch) -> None:
+    from napari_histo_wsss._reader import read_slide
+    from napari_histo_wsss.widgets.segment_slide import SegmentSlideWidget
+
+    data, kwargs, _ = read_slide(str(SAMPLE / "cmu-1-small-region-pyramid.tif"))[0]
+    viewer.add_image(data, **kwargs)
+    viewer.reset_view()
+    slide = SegmentSlideWidget(viewer)
+    viewer.window.add_dock_widget(slide, name="5. Segment slide")
+    slide.run_folder.value = run_folder
+    slide.strategy.value = "onss"
+    slide.output.value = scratch / "slide.zarr"
+    halfway = {}
+
+    def half_done():
+        bar = slide.progress.batch_bar
+        if not halfway and bar.maximum() > 1 and bar.value() >= bar.maximum() // 2:
+            halfway["shot"] = True
+            shots.take("widget_segment_slide_running")
+        return not slide.runner.busy
+
+    phases.run("segment slide (CMU-1 region)", slide.toggle_button.click, done=half_done)
+    shots.take("widget_segment_slide")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--browse-steps", type=int, default=6)
+    parser.add_argument("--screenshots", default=None, help="folder for the window pictures")
+    parser.add_argument("--idle", type=float, default=30.0,
+                        help="seconds of the idle baseline measured first")
+    parser.add_argument("--only-open", action="store_true",
+                        help="stop after the first widget and its background import")
+    args = parser.parse_args()
+    os.environ.setdefault("HISTO_WSSS_DEVICE", "cpu")
+    scratch = Path(tempfile.mkdtemp(prefix="bench-freezes-"))
+    os.environ.setdefault("HISTO_WSSS_CONFIG_DIR", str(scratch / "config"))
+
+    import sys
+
+    import napari
+    from qtpy.QtWidgets import QApplication
+
+    viewer = napari.Viewer(show=True)
+    app = QApplication.instance()
+    app.processEvents()
+    shots = Screenshots(viewer, args.screenshots)
+    phases = Phases(app, LatencyProbe())
+    torch_before = "torch" in sys.modules
+    # The machine's own share: a viewer doing nothing, the same timer. A busy machine (other
+    # processes on the cores) makes ticks late with no widget involved; compare against it.
+    idle_end = time.perf_counter() + args.idle
+    phases.run("idle viewer (baseline)", lambda: None,
+               done=lambda: time.perf_counter() >= idle_end)
+    classifier_phases(phases, viewer, shots, scratch, args.only_open)
+    print(f"torch imported before the first widget: {torch_before}", flush=True)
+    if args.only_open:
+        viewer.close()
+        return
+    run_folder = make_run(scratch / "run")  # main thread, outside any phase
+    pseudo_mask_phases(phases, viewer, shots, run_folder, args.browse_steps)
+    segmenter_phases(phases, viewer, shots, scratch / "classifier-run")
+    compare_phases(phases, viewer, shots, run_folder)
+    slide_phases(phases, viewer, shots, run_folder, scratch)
+    viewer.close()
+
+
+if __name__ == "__main__":
+    main()
