@@ -6,8 +6,9 @@ TOOLTIPS: dict[str, str] = {
                " and optional val/img + val/mask. The label format and classes are detected.",
     "run_folder": "Run folder: everything the run produces (config, checkpoints, pseudo-masks,"
                   " losses). An existing run folder is resumed where it stopped.",
-    "method": "Method preset: fills every setting with a published recipe (MLPS, MSV-ONSS,"
-              " ARML, ESFAN, HisynSeg, or the plain CAM + CE baseline).",
+    "method": "Method preset: 'recommended' (the default, the best measured) or a published"
+              " recipe (MLPS, MSV-ONSS, ARML, ESFAN, HisynSeg, or the plain CAM + CE"
+              " baseline); each fills every setting.",
     "backbone": "Classifier backbone: a timm model name, or res38d (needs a weights file).",
     "weights": "Local weights file for the backbone (offline use). Leave empty for the"
                " ImageNet weights that ship with the package.",

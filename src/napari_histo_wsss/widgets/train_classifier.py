@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from magicgui.widgets import ComboBox, FileEdit, FloatSpinBox, LineEdit, SpinBox
 
-from ..core.config.presets import PRESET_SCHEDULES, methods_with_classifier
+from ..core.config.presets import DEFAULT_METHOD, PRESET_SCHEDULES, methods_with_classifier
 from ._base import JobWidget, device_field, info_label, run_folder_field, set_info
 from ._jobs import JobState
 from ._runs import describe_dataset, describe_run, given_path
@@ -65,7 +65,7 @@ class TrainClassifierWidget(JobWidget):
 
         self.dataset = FileEdit(mode="d", label="dataset", tooltip=TOOLTIPS["dataset"])
         self.dataset_info = info_label()
-        self.method = ComboBox(label="method", choices=CAM_METHODS, value="mlps",
+        self.method = ComboBox(label="method", choices=CAM_METHODS, value=DEFAULT_METHOD,
                                tooltip=TOOLTIPS["method"])
         self.backbone = LineEdit(label="backbone", value=ClassifierConfig().backbone,
                                  tooltip=TOOLTIPS["backbone"])

@@ -56,14 +56,14 @@ class TrainSegmenterWidget(JobWidget):
 
     def __init__(self, viewer: napari.viewer.Viewer):
         super().__init__(viewer, "Train segmenter")
-        from ..core.config.presets import METHODS, PRESET_SCHEDULES
+        from ..core.config.presets import DEFAULT_METHOD, METHODS, PRESET_SCHEDULES
 
         self.run_folder = run_folder_field()
         self.run_info = info_label()
         self.dataset = FileEdit(mode="d", label="dataset (new run)", nullable=True,
                                 tooltip=TOOLTIPS["dataset"])
-        self.method = ComboBox(label="method (new run)", choices=METHODS.names(), value="mlps",
-                               tooltip=TOOLTIPS["method"])
+        self.method = ComboBox(label="method (new run)", choices=METHODS.names(),
+                               value=DEFAULT_METHOD, tooltip=TOOLTIPS["method"])
         self.strategies = Select(label="strategies", choices=self._strategy_choices,
                                  tooltip=TOOLTIPS["strategies"])
         self.strategies.native.setMaximumHeight(110)
