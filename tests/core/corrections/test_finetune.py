@@ -170,3 +170,24 @@ def test_finetune_without_corrections_or_base_model_says_what_to_do(tmp_path, la
             next(finetune_with_corrections(run, config, patches))
     finally:
         (tmp_path / "moved").rename(run.root / "corrections")
+
+
+def test_a_slide_region_is_read_at_its_painted_resolution(sample_slide_path):
+    """A slide correction trains on the slide's own pixels of its region, at its resolution."""
+    from napari_histo_wsss.core.corrections.finetune import correction_pixels
+    from napari_histo_wsss.core.wsi.slides import open_slide, read_region
+
+    labels = np.zeros((64, 96), np.uint8)
+    labels[10:30, 10:50] = 2
+    correction = Correction(sample_slide_path, labels, kind="slide", region=(256, 512, 128, 192),
+                            downsample=2.0)
+    pixels = correction_pixels(correction)
+    assert pixels.shape == (64, 96, 3) and pixels.dtype == np.uint8
+    with open_slide(sample_slide_path) as slide:
+        level = slide.downsamples.index(2.0) if 2.0 in slide.downsamples else None
+        if level is not None:
+            expected = read_region(slide, level, 128, 256, 64, 96)
+            assert np.array_equal(pixels, expected)
+        else:
+            full = read_region(slide, 0, 256, 512, 128, 192).astype(float)
+            assert abs(pixels.astype(float).mean() - full.mean()) < 5
