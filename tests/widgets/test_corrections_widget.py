@@ -77,7 +77,7 @@ def test_paint_retrain_preview_and_review(make_napari_viewer, qtbot, trained_run
     paint.data[stroke] = 3
     paint.refresh()
 
-    widget.epochs.value = 3
+    widget.epochs.value = 8
     widget.toggle()
     qtbot.waitUntil(lambda: not widget.runner.busy, timeout=JOB_TIMEOUT_MS)
     assert widget.runner.state is JobState.DONE, widget.runner.error

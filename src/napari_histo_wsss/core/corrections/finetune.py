@@ -35,6 +35,9 @@ SUFFIX = "-corrections"
 REPLAY_PER_IMAGE = 2
 #: Epochs of a fine-tune (over the corrected images and their replay sample).
 FINETUNE_EPOCHS = 10
+#: The fine-tune's learning rate relative to the run's: the run's own lr, restarted on a
+#: trained model with the painted pixels' large loss, undoes what training learnt.
+FINETUNE_LR_SCALE = 0.1
 
 
 def corrected_strategy(strategy: str) -> str:
@@ -64,7 +67,8 @@ def finetune_with_corrections(
     sparse = [sparse_labels(c, patches.spec.background_index, predictor, patches)
               for c in corrections]
     chosen = replay_patches(patches, sparse, replay, config.seed)
-    settings = replace(config.segmenter, epochs=epochs)
+    settings = replace(config.segmenter, epochs=epochs,
+                       lr=config.segmenter.lr * FINETUNE_LR_SCALE)
     config = replace(config, segmenter=settings)
     yield from train_segmenter(run, config, patches.subset(chosen),
                                strategy=corrected_strategy(base), device=device, stop=stop,
