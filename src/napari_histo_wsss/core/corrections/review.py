@@ -46,7 +46,7 @@ class ReviewItem:
 def distrust_maps(predictor: SegmentationPredictor, image: np.ndarray
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(normalised entropy, view disagreement, averaged probabilities (C, H, W)) of an image."""
-    x = normalise(torch.from_numpy(np.ascontiguousarray(image)[None]).to(predictor.device),
+    x = normalise(torch.from_numpy(np.array(image[None], np.uint8)).to(predictor.device),
                   predictor.mean, predictor.std)
     views = []
     with torch.inference_mode():
