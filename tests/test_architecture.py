@@ -30,7 +30,7 @@ CORE_LAYERS: tuple[tuple[str, ...], ...] = (
     ("training",),
     ("inference",),
     ("stage1", "stage2", "wsi"),
-    ("hisynseg",),
+    ("hisynseg", "corrections"),
     ("pipeline",),
     ("",),  # core/__init__.py: the public API
 )

@@ -26,6 +26,7 @@ def cmd_info(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .compare import add_compare_parsers
+    from .corrections import add_corrections_parsers
     from .pipeline import add_pipeline_parsers
     from .slides import add_slides_parsers
     from .stage1 import add_stage1_parsers
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_stage2_parsers(commands)
     add_slides_parsers(commands)
     add_compare_parsers(commands)
+    add_corrections_parsers(commands)
 
     info = commands.add_parser("info", help="versions and the devices available here")
     info.set_defaults(func=cmd_info)

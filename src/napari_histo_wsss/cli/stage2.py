@@ -56,6 +56,9 @@ def add_stage2_parsers(commands) -> None:
     add_seed_flag(train, default="the run's")
     train.add_argument("--restart", action="store_true",
                        help="train from scratch instead of resuming segmenter/<strategy>/last.pt")
+    train.add_argument("--with-corrections", action="store_true",
+                       help="fine-tune segmenter/<strategy> on the run's painted corrections "
+                            "into segmenter/<strategy>-corrections (docs/corrections.md)")
     add_dataset_flags(train)
     train.set_defaults(func=cmd_train_segmenter)
 
@@ -115,6 +118,10 @@ def cmd_train_segmenter(args) -> int:
                          batch_size=args.batch_size, sampling=args.sampling)
     config = replace(config, segmenter=segmenter, seed=config.seed if args.seed is None
                      else args.seed, device=args.device or config.device)
+    if args.with_corrections:
+        from .corrections import cmd_finetune
+
+        return cmd_finetune(args, run, replace(config, segmenter=segmenter), layout)
     strategy = args.strategy or segmenter.loss
     val = layout.eval_set("val")
     if val is not None:

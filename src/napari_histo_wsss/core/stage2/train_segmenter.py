@@ -28,7 +28,13 @@ from ..data.stain import hed_jitter
 from ..devices import resolve_device
 from ..errors import ConfigError, DatasetError
 from ..events import Event, Preview, StopToken
-from ..inference.predict import GATE_CHOICE_FILE, SegmentationPredictor, evaluate, json_ready
+from ..inference.predict import (
+    GATE_CHOICE_FILE,
+    SegmentationPredictor,
+    evaluate,
+    json_ready,
+    predict_image,
+)
 from ..models.segmenter import (
     SEGMENTER_KIND,
     Segmenter,
@@ -37,7 +43,7 @@ from ..models.segmenter import (
     normalise,
 )
 from ..registry import Registry
-from ..runs.checkpoints import save_checkpoint
+from ..runs.checkpoints import load_checkpoint, save_checkpoint
 from ..runs.locks import writes_run
 from ..runs.outputs import atomic_write_text
 from ..runs.run_dir import LossLog, RunDirectory
@@ -49,6 +55,12 @@ from ..training.schedules import SCHEDULES, set_lr
 from ..training.state import TrainingState
 from ..training.stepper import Stepper, channels_last
 from .losses import IGNORE_INDEX, LossContext, LossTargets, build_loss
+from .sparse_labels import (
+    CORRECTION_PART,
+    SparseLabels,
+    with_corrections,
+    with_partial_cross_entropy,
+)
 
 #: MSV-ONSS's training pipeline (mmseg): rescale ratio range and PhotoMetricDistortion ranges.
 ONSS_RESCALE = (0.75, 3.0)
@@ -56,6 +68,7 @@ BRIGHTNESS_DELTA = 32
 CONTRAST_RANGE = (0.5, 1.5)
 SATURATION_RANGE = (0.5, 1.5)
 HUE_DELTA = 18  # OpenCV hue units (0-180)
+INIT_MISMATCH = "cannot fine-tune this segmenter: it does not fit the run's settings ({reason})"
 RESUME_MISMATCH = ("cannot resume: it was trained with other settings ({reason}); train again "
                    "without resuming (--restart)")
 
@@ -75,12 +88,18 @@ def train_segmenter(
     stop: StopToken | None = None,
     resume: bool = True,
     val: EvalSet | None = None,
+    corrections: Sequence[SparseLabels] = (),
+    init_from: Path | None = None,
+    preview: np.ndarray | None = None,
 ) -> Generator[Event, None, None]:
     """Train ``config.segmenter`` on ``pseudo_masks/<targets>``; ends with ``Done(model.pt)``.
 
     ``strategy`` names the output folder (default: the loss name), so several losses can be
     compared on the same pseudo-masks. With ``val``, every epoch is scored and the best mIoU
     is kept as ``model.pt``. Under ``torchrun`` the ranks share every batch (docs/distributed.md).
+    ``corrections`` (painted pixels, ``sparse_labels.py``) override the pseudo-masks and add a
+    partial CE; ``init_from`` starts from a trained segmenter (a fine-tune, keeping its input
+    size and normalisation); ``preview`` is an image whose prediction every epoch yields.
     """
     settings = config.segmenter
     device = device if isinstance(device, torch.device) else resolve_device(device or config.device)
@@ -93,6 +112,7 @@ def train_segmenter(
                            patches.paths[0].parent if patches.paths else None)
     trainer = SegmenterTrainer(run, config, patches, strategy or settings.loss,
                                distributed.setup(device), resume, val)
+    trainer.add_corrections(corrections, init_from, preview)
     yield from run_epochs(trainer, stop or StopToken())
 
 
@@ -144,6 +164,37 @@ class SegmenterTrainer(EpochTrainer):
             restore_average(self.stepper, payload, self.last_path)
         self.context = LossContext(self.spec.num_classes, total_epochs=settings.epochs)
         self.best_scores: dict | None = None
+        self.painted: list[np.ndarray] | None = None
+        self.preview: np.ndarray | None = None
+
+    def add_corrections(self, corrections: Sequence[SparseLabels], init_from: Path | None,
+                        preview: np.ndarray | None) -> None:
+        """Train on painted pixels too, from ``init_from``'s weights unless resuming."""
+        self.preview = preview
+        if init_from is not None:
+            payload = load_checkpoint(init_from, kind=SEGMENTER_KIND)
+            saved = payload["config"]
+            self.side = saved["input_size"]
+            self.mean = tuple(saved["normalisation"]["mean"])
+            self.std = tuple(saved["normalisation"]["std"])
+            self.saved_config = checkpoint_config(self.config, self.strategy, self.side,
+                                                  self.settings.normalise, self.mean, self.std)
+            if self.state.step == 0:
+                resume_state({**payload, "optimizer_state": None}, init_from, self.model,
+                             self.stepper.optimizer, INIT_MISMATCH)
+                self.state = TrainingState()
+                self.stepper.restart_average()  # from the starting weights, not random ones
+        if not corrections:
+            return
+        self.patches, self.targets, self.painted = with_corrections(self.patches, self.targets,
+                                                                    corrections)
+        self.batch_size = min(self.settings.batch_size, len(self.patches))
+        self.batches_per_epoch = len(self.patches) // self.batch_size
+        if self.log is not None and not self.log.rows():  # a new log: add the column
+            fields = [*self.log.fields]
+            fields.insert(fields.index("lr"), CORRECTION_PART)
+            self.log.path.unlink()
+            self.log = LossLog(self.log.path, fields)
 
     def _clear_outputs(self, resume: bool) -> None:
         if not resume:
@@ -173,8 +224,10 @@ class SegmenterTrainer(EpochTrainer):
                                                 (index + 1) * self.batch_size))
         chosen = self.order[positions]
         rngs = [np.random.default_rng([self.config.seed, epoch, int(p)]) for p in positions]
-        images, masks = make_batch(self.patches, self.targets, chosen, self.side,
+        targets = self.targets if self.painted is None else [*self.targets, self.painted]
+        images, masks = make_batch(self.patches, targets, chosen, self.side,
                                    self.settings.augment, rngs)
+        painted = None if self.painted is None else masks.pop()
         x = channels_last(normalise(torch.from_numpy(images).to(self.device), self.mean,
                                     self.std))
         targets = LossTargets(
@@ -182,6 +235,9 @@ class SegmenterTrainer(EpochTrainer):
             torch.from_numpy(self.patches.labels[chosen]).to(self.device, torch.float32))
         passes = [model(x) for _ in range(self.loss_fn.num_passes)]
         result = self.loss_fn(passes, targets, self.context)  # CE, softmax run in float32
+        if painted is not None:
+            result = with_partial_cross_entropy(result, passes[0].logits, torch.from_numpy(
+                painted).to(self.device, torch.int64), self.spec.background_index)
         self.last_batch = images, masks, result
         return result.loss, result.parts
 
@@ -194,10 +250,13 @@ class SegmenterTrainer(EpochTrainer):
                 "image": images[0], "pseudo_mask": masks[0][0],
                 "weight": result.pixel_weight[0].float().cpu().numpy()}))
         scores = None
+        predictor = SegmentationPredictor(self.stepper.kept_model, self.spec, mean=self.mean,
+                                          std=self.std, input_size=self.side)
         if self.val is not None and distributed.is_main_process():
-            predictor = SegmentationPredictor(self.stepper.kept_model, self.spec, mean=self.mean,
-                                              std=self.std, input_size=self.side)
             scores = evaluate(predictor, self.val)
+        if self.preview is not None and distributed.is_main_process():
+            events.append(Preview(self.stage, "prediction",
+                                  {"labels": predict_image(predictor, self.preview)[0]}))
         miou = scores["miou"] if scores else float("nan")
         improved = bool(np.isfinite(miou)) and (
             state.best_miou is None or miou > state.best_miou)

@@ -61,9 +61,16 @@ class Stepper:
         #: An exponential moving average of the weights (and BatchNorm statistics), updated
         #: after every step: it smooths the last epochs' noise, so the model scored and kept
         #: does not depend on which batch an epoch happened to end with (docs/algorithms.md 12).
-        self.average = AveragedModel(
-            model, multi_avg_fn=get_ema_multi_avg_fn(average_decay), use_buffers=True,
-        ) if average_decay else None
+        self.average_decay = average_decay
+        self.average: AveragedModel | None = None
+        self.restart_average()
+
+    def restart_average(self) -> None:
+        """Start the weight average (if any) from the model's current weights."""
+        if self.average_decay:
+            self.average = AveragedModel(
+                getattr(self.model, "module", self.model),
+                multi_avg_fn=get_ema_multi_avg_fn(self.average_decay), use_buffers=True)
 
     @property
     def kept_model(self) -> nn.Module:

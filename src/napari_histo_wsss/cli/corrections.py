@@ -1,0 +1,197 @@
+"""``histo-wsss review``, ``histo-wsss corrections ...`` and ``train-segmenter
+--with-corrections`` (docs/corrections.md).
+
+``review`` ranks images by how little the run's segmenter can be trusted there and can save
+the queue as QuPath annotations; ``corrections import/export/list`` move painted labels between
+the run and QuPath GeoJSON; the fine-tune itself is started by ``train-segmenter``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from .flags import add_device_flag, add_overwrite_flag, positive_float, positive_int
+
+
+def add_corrections_parsers(commands) -> None:
+    """Register ``review`` and ``corrections`` on the CLI's subcommands."""
+    review = commands.add_parser(
+        "review", help="rank images by low trust in the segmenter: where to correct first",
+        description="Scores every image by prediction entropy and disagreement between "
+                    "test-time views, least trusted first.")
+    review.add_argument("run_dir", metavar="RUN_DIR")
+    review.add_argument("--images", metavar="DIR",
+                        help="images to rank (default: the run dataset's val images)")
+    review.add_argument("--top", type=positive_int, default=20,
+                        help="how many to list (default 20)")
+    review.add_argument("--strategy", help="which trained segmenter (default: the best on val)")
+    review.add_argument("--geojson", metavar="F",
+                        help="also save the queue as QuPath annotations (one rectangle per "
+                             "image around its least trusted area)")
+    add_overwrite_flag(review, "replace a --geojson file histo-wsss did not write")
+    add_device_flag(review)
+    review.set_defaults(func=cmd_review)
+
+    corrections = commands.add_parser(
+        "corrections", help="import, export or list the painted corrections of a run",
+        description="Corrections are sparse painted labels kept in RUN_DIR/corrections; "
+                    "`train-segmenter RUN_DIR --with-corrections` fine-tunes on them.")
+    actions = corrections.add_subparsers(dest="action", required=True, metavar="ACTION")
+    importing = actions.add_parser(
+        "import", help="add classified annotations from QuPath (GeoJSON) as corrections")
+    importing.add_argument("run_dir", metavar="RUN_DIR")
+    importing.add_argument("geojson", metavar="ANNOTATIONS")
+    owner = importing.add_mutually_exclusive_group()
+    owner.add_argument("--image", metavar="IMAGE",
+                       help="the image the annotations were drawn on (default: each "
+                            "annotation's own 'image' property, as our export writes)")
+    owner.add_argument("--slide", metavar="SLIDE",
+                       help="the slide the annotations were drawn on (coordinates in level-0 "
+                            "pixels); the annotated region becomes one correction")
+    importing.add_argument("--downsample", type=positive_float, default=1.0,
+                           help="for --slide: level-0 pixels per painted pixel (default 1)")
+    importing.add_argument("--author", help="who drew them (default: the current user)")
+    importing.set_defaults(func=cmd_import)
+    exporting = actions.add_parser("export", help="save the run's corrections as GeoJSON")
+    exporting.add_argument("run_dir", metavar="RUN_DIR")
+    exporting.add_argument("out", metavar="OUT.geojson")
+    add_overwrite_flag(exporting, "replace a file histo-wsss did not write")
+    exporting.set_defaults(func=cmd_export)
+    listing = actions.add_parser("list", help="one line per corrected image or region")
+    listing.add_argument("run_dir", metavar="RUN_DIR")
+    listing.set_defaults(func=cmd_list)
+
+
+def cmd_review(args) -> int:
+    from ..core.corrections.geojson import review_to_geojson, save_geojson
+    from ..core.corrections.review import review_queue
+    from ..core.inference.predict import load_predictor
+
+    run_dir = Path(args.run_dir).expanduser()
+    images = _review_images(args, run_dir)
+    if args.geojson:
+        _check_geojson_output(args.geojson, [run_dir, args.images], args.overwrite, "review")
+    predictor = load_predictor(run_dir, args.device, args.strategy, tta="none",
+                               use_class_gate=False)
+    items = review_queue(predictor, images, top=args.top)
+    print(f"{'rank':>4}  {'score':>6}  {'entropy':>7}  {'views':>6}  focus (y, x, h, w)  image")
+    for rank, item in enumerate(items, start=1):
+        print(f"{rank:>4}  {item.score:6.3f}  {item.entropy:7.3f}  {item.disagreement:6.3f}  "
+              f"{str(item.focus):18}  {item.image}")
+    if args.geojson:
+        collection = review_to_geojson(items)
+        collection["properties"] = {"histo_wsss": "review", "run": str(run_dir.resolve())}
+        print(f"saved {save_geojson(collection, args.geojson)}", file=sys.stderr)
+    return 0
+
+
+def _review_images(args, run_dir: Path) -> list[Path]:
+    from ..core.data.datasets import IMAGE_SUFFIXES, find_dataset
+    from ..core.errors import ConfigError, DatasetError
+    from ..core.runs.run_dir import RunDirectory
+
+    if args.images:
+        folder = Path(args.images).expanduser()
+        if not folder.is_dir():
+            raise DatasetError("folder not found", folder)
+    else:
+        config = RunDirectory(run_dir).config()
+        layout = find_dataset(config.data_dir) if config.data_dir else None
+        if layout is None or layout.val is None:
+            raise ConfigError("the run's dataset has no val images: give --images DIR", run_dir)
+        folder = layout.val[0]
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise DatasetError("no images to review in this folder", folder)
+    return images
+
+
+def cmd_import(args) -> int:
+    from ..core.corrections.geojson import read_annotations
+    from ..core.corrections.store import CorrectionStore
+    from ..core.errors import DatasetError
+
+    store = CorrectionStore.of_run(args.run_dir)
+    if args.slide and not Path(args.slide).expanduser().is_file():
+        raise DatasetError("slide file not found", args.slide)
+    imported = read_annotations(
+        args.geojson, store.spec, image=args.slide or args.image,
+        kind="slide" if args.slide else "image",
+        downsample=args.downsample if args.slide else 1.0, author=args.author)
+    for correction in imported.corrections:
+        earlier = store.find(correction.image, correction.region)
+        if earlier is not None and earlier.labels.shape == correction.labels.shape:
+            painted = correction.labels > 0  # new strokes over the earlier ones
+            merged = earlier.labels.copy()
+            merged[painted] = correction.labels[painted]
+            correction.labels = merged
+        store.save(correction)
+        print(f"{correction.painted:>9} px  {correction.image}  region {correction.region}")
+    if not imported.corrections:
+        raise DatasetError("no annotation with one of the run's classes in this file",
+                           args.geojson)
+    if imported.skipped:
+        print(f"skipped {imported.skipped} annotations without a class of the run",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from ..core.corrections.geojson import corrections_to_geojson, save_geojson
+    from ..core.corrections.store import CorrectionStore
+
+    store = CorrectionStore.of_run(args.run_dir)
+    _check_geojson_output(args.out, [args.run_dir], args.overwrite, "corrections")
+    collection = corrections_to_geojson(store.load_all(), store.spec)
+    collection["properties"] = {"histo_wsss": "corrections",
+                                "run": str(Path(args.run_dir).resolve())}
+    print(save_geojson(collection, args.out))
+    return 0
+
+
+def cmd_list(args) -> int:
+    from ..core.corrections.store import CorrectionStore
+
+    for entry in CorrectionStore.of_run(args.run_dir).entries():
+        print(f"{entry['painted_pixels']:>9} px  {','.join(entry['classes']):24}  "
+              f"{entry['created']}  {entry['author'] or '-':10}  {entry['image']}")
+    return 0
+
+
+def _check_geojson_output(path, inputs, overwrite: bool, what: str) -> None:
+    """Refuse an input, or a file histo-wsss did not write, before any work."""
+    import json
+
+    from ..core.runs.outputs import check_output
+
+    def made_here(existing: Path) -> bool:
+        try:
+            properties = json.loads(existing.read_text()).get("properties") or {}
+        except (OSError, ValueError, AttributeError):
+            return False
+        return properties.get("histo_wsss") == what
+
+    check_output(path, inputs, overwrite=overwrite, made_here=made_here)
+
+
+def cmd_finetune(args, run, config, layout) -> int:
+    """``train-segmenter --with-corrections``: fine-tune on the run's corrections."""
+    from ..core.corrections.finetune import FINETUNE_EPOCHS, finetune_with_corrections
+    from ..core.inference.metrics import format_scores
+    from ..core.inference.predict import evaluate, load_predictor
+    from .progress import drive
+
+    done = drive(lambda stop: finetune_with_corrections(
+        run, config, layout.patches(), strategy=args.strategy,
+        epochs=args.epochs_seg or FINETUNE_EPOCHS, device=config.device, stop=stop,
+        resume=not args.restart))
+    if done is None or done.stopped:
+        print(f"stopped; run the same command again to resume ({run.root})", file=sys.stderr)
+        return 1
+    print(done.result)
+    val = layout.eval_set("val")
+    if val is not None:
+        scores = evaluate(load_predictor(done.result, config.device, use_class_gate=False), val)
+        print(f"on val (corrected images included):\n{format_scores(scores)}", file=sys.stderr)
+    return 0

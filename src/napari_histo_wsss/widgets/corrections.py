@@ -1,0 +1,240 @@
+"""Corrections widget: paint over an image, retrain, and let the review queue say where to look.
+
+A thin front over ``core.corrections``: *Open* shows the chosen image with the segmenter's
+prediction and a Labels layer to paint on (napari's own brush, fill and eraser, in the run's
+class colours; 0 = not painted). *Retrain* saves the strokes into the run and fine-tunes the
+segmenter on them in a worker; the preview layer shows the prediction on this image after every
+epoch. *Rank* fills the review list (least trusted first); clicking an item opens that image
+and zooms to its least trusted area.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from magicgui.widgets import ComboBox, PushButton, SpinBox
+
+from ._base import JobWidget, device_field, info_label, run_folder_field, set_info
+from ._jobs import JobState
+from ._layers import display_labels, layer_named, put_layer
+from ._runs import open_run
+
+if TYPE_CHECKING:
+    import napari
+
+IMAGE_LAYER, PAINT_LAYER = "correction image", "corrections"
+PREDICTION_LAYER, PREVIEW_LAYER = "prediction", "retrained preview"
+TIPS = {
+    "image": "Image to correct: the run's val images and every image corrected before.",
+    "strategy": "Segmenter to start from; the fine-tune is saved as <strategy>-corrections.",
+    "epochs": "Fine-tune epochs over the corrected images and a replay sample of patches.",
+}
+
+
+def paint_colormap(spec):
+    """Run class colours for painted values 1..C, background (white) at C + 1, 0 clear."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    colours: dict[Any, tuple[float, ...]] = {0: (0.0, 0.0, 0.0, 0.0), None: (0, 0, 0, 0)}
+    for index, colour in enumerate(spec.colours):
+        colours[index + 1] = (*(channel / 255.0 for channel in colour), 1.0)
+    return DirectLabelColormap(color_dict=colours)
+
+
+class CorrectionsWidget(JobWidget):
+    """Paint corrections, fine-tune on them with a live preview, review where to look."""
+
+    settings_key = "corrections"
+    start_text = "Retrain"
+
+    def __init__(self, viewer: napari.viewer.Viewer):
+        super().__init__(viewer, "Retrain with corrections", plot=False)
+        from ..core.corrections.finetune import FINETUNE_EPOCHS
+
+        self.run_folder = run_folder_field()
+        self.run_info = info_label()
+        # Callables: napari resets every combo's choices when layers change.
+        self._strategies: list[str] = []
+        self._images: list[str] = []
+        self.strategy = ComboBox(label="start from", choices=lambda _: self._strategies,
+                                 tooltip=TIPS["strategy"])
+        self.image = ComboBox(label="image", choices=lambda _: self._images,
+                              tooltip=TIPS["image"])
+        self.open_button = PushButton(text="Open image")
+        self.epochs = SpinBox(label="epochs", value=FINETUNE_EPOCHS, min=1, max=500,
+                              tooltip=TIPS["epochs"])
+        self.device = device_field()
+        self.rank_button = PushButton(text="Rank images to review")
+        self.extend([self.run_folder, self.run_info, self.strategy, self.image,
+                     self.open_button, self.epochs])
+        self.advanced.extend([self.device])
+        self.review_runner = self.add_runner("Review queue")
+        self.review_runner.event.connect(self._on_review_result)
+        from qtpy.QtWidgets import QListWidget
+
+        self.review_list = QListWidget()
+        self.review_list.itemActivated.connect(self._jump)
+        self.review_list.itemClicked.connect(self._jump)
+        self.review_items: list[Any] = []
+        self.current: Path | None = None
+        self.finish_layout(below=(self.rank_button.native, self.review_list))
+        self.remember(run_folder=self.run_folder, epochs=self.epochs, device=self.device)
+        self.run_folder.changed.connect(self._on_run_changed)
+        self.open_button.changed.connect(lambda *_: self.open_image())
+        self.rank_button.changed.connect(lambda *_: self.rank())
+        self.restore_settings()
+        self._on_run_changed()
+
+    # -- run and image ------------------------------------------------------------------------
+    def _on_run_changed(self, *_: Any) -> None:
+        from ..core.errors import HistoWsssError
+
+        try:
+            run, _, layout = open_run(self.run_folder.value)
+        except HistoWsssError as error:
+            set_info(self.run_info, str(error), error=True)
+            return
+        from ..core.corrections.store import CorrectionStore
+
+        strategies = [s for s in run.segmenter_strategies() if not s.endswith("-corrections")]
+        self._strategies = strategies
+        val = layout.eval_set("val")
+        images = [str(p) for p in (val.image_paths if val else [])]
+        corrected = [e["image"] for e in CorrectionStore(run.root, layout.spec).entries()
+                     if e["kind"] == "image"]
+        self._images = list(dict.fromkeys([*corrected, *images]))
+        self.strategy.reset_choices()
+        self.image.reset_choices()
+        set_info(self.run_info, f"segmenters: {', '.join(strategies) or 'none yet'} · "
+                                f"{len(corrected)} corrected images")
+
+    def open_image(self, path: str | Path | None = None) -> None:
+        """Show ``path`` (default: the chosen image), its prediction and its strokes."""
+        from napari.utils.notifications import show_error
+
+        from ..core.data.datasets import read_rgb
+        from ..core.errors import HistoWsssError
+
+        path = Path(path or self.image.value or "")
+        try:
+            run, _, layout = open_run(self.run_folder.value)
+            image = read_rgb(path)
+            store = self._store(run, layout)
+            saved = store.find(path)
+            prediction = self._predict(run, image)
+        except HistoWsssError as error:
+            show_error(str(error))
+            return
+        self.current, self.spec = path, layout.spec
+        put_layer(self.viewer, "image", IMAGE_LAYER, image, rgb=True)
+        put_layer(self.viewer, "labels", PREDICTION_LAYER,
+                  display_labels(prediction, layout.spec.num_classes),
+                  colormap=paint_colormap(layout.spec), opacity=0.4)
+        strokes = saved.labels if saved is not None else np.zeros(image.shape[:2], np.uint8)
+        layer = put_layer(self.viewer, "labels", PAINT_LAYER, strokes.copy(),
+                          colormap=paint_colormap(layout.spec), opacity=0.8)
+        layer.mode = "paint"
+        layer.brush_size = 8
+        layer.selected_label = 1
+        self.viewer.layers.selection.active = layer
+
+    def _predict(self, run, image: np.ndarray) -> np.ndarray:
+        from ..core.inference.predict import load_predictor, predict_image
+
+        tuned = f"{self.strategy.value}-corrections"
+        strategy = tuned if tuned in run.segmenter_strategies() else self.strategy.value
+        predictor = load_predictor(run.root, self.device.value, strategy, tta="none",
+                                   use_class_gate=False)
+        return predict_image(predictor, image)[0]
+
+    @staticmethod
+    def _store(run, layout):
+        from ..core.corrections.store import CorrectionStore
+
+        return CorrectionStore(run.root, layout.spec)
+
+    def save_strokes(self) -> None:
+        """Write the paint layer into the run (nothing painted removes the correction)."""
+        from ..core.corrections.store import Correction
+
+        layer = layer_named(self.viewer, PAINT_LAYER)
+        if layer is None or self.current is None:
+            return
+        run, _, layout = open_run(self.run_folder.value)
+        self._store(run, layout).save(Correction(self.current, np.asarray(layer.data)))
+
+    # -- retrain ------------------------------------------------------------------------------
+    def build_job(self):
+        from ..core.corrections.finetune import finetune_with_corrections
+        from ..core.errors import ConfigError
+
+        if self.current is None:
+            raise ConfigError("open an image and paint on it first")
+        if not self.strategy.value:
+            raise ConfigError("this run has no trained segmenter to start from")
+        self.save_strokes()
+        run, config, layout = open_run(self.run_folder.value)
+        image = np.asarray(self.viewer.layers[IMAGE_LAYER].data)
+        strategy, epochs, device = self.strategy.value, self.epochs.value, self.device.value
+
+        def make_job(stop):
+            return finetune_with_corrections(run, config, layout.patches(), strategy=strategy,
+                                             epochs=epochs, device=device, stop=stop,
+                                             resume=False, preview=image)
+
+        return make_job, device
+
+    def on_job_event(self, event: Any) -> None:
+        from ..core.events import Preview
+
+        if isinstance(event, Preview) and event.name == "prediction":
+            put_layer(self.viewer, "labels", PREVIEW_LAYER,
+                      display_labels(event.data["labels"], self.spec.num_classes),
+                      colormap=paint_colormap(self.spec), opacity=0.5)
+
+    def on_job_finished(self, state: JobState) -> None:
+        if state is JobState.DONE:
+            self._on_run_changed()
+
+    # -- review -------------------------------------------------------------------------------
+    def rank(self) -> None:
+        """Rank the listed images in a worker (least trusted first)."""
+        from ..core.corrections.review import review_queue
+        from ..core.inference.predict import load_predictor
+
+        images, folder, device = list(self.image.choices), self.run_folder.value, \
+            self.device.value
+        strategy = self.strategy.value
+
+        def make_job(stop):
+            predictor = load_predictor(folder, device, strategy or None, tta="none",
+                                       use_class_gate=False)
+            from ..core.events import Done
+
+            yield Done("review", review_queue(predictor, images))
+
+        self.review_runner.start(make_job, device)
+
+    def _on_review_result(self, event: Any) -> None:
+        from ..core.events import Done
+
+        if not isinstance(event, Done):
+            return
+        self.review_items = list(event.result)
+        self.review_list.clear()
+        for rank, item in enumerate(self.review_items, start=1):
+            self.review_list.addItem(f"{rank}. {Path(item.image).name}  trust score "
+                                     f"{item.score:.3f}")
+
+    def _jump(self, list_item) -> None:
+        """Open the item's image and centre the viewer on its least trusted window."""
+        item = self.review_items[self.review_list.row(list_item)]
+        if self.current is None or str(self.current) != item.image:
+            self.save_strokes()
+            self.image.value = item.image
+            self.open_image(item.image)
+        top, left, height, width = item.focus
+        self.viewer.camera.center = (top + height / 2, left + width / 2)
+        self.viewer.camera.zoom = max(self.viewer.camera.zoom, 2.0)

@@ -1,0 +1,113 @@
+"""`histo-wsss review`, `corrections import/export/list` and `train-segmenter --with-corrections`
+on a tiny segmenter trained on the bundled real patches."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from skimage.draw import disk
+
+from napari_histo_wsss.cli import main
+from napari_histo_wsss.core.config.run_config import RunConfig, SegmenterConfig
+from napari_histo_wsss.core.corrections.store import Correction, CorrectionStore
+from napari_histo_wsss.core.data.datasets import find_dataset, read_rgb, write_palette_mask
+from napari_histo_wsss.core.events import run_to_completion
+from napari_histo_wsss.core.runs.run_dir import RunDirectory
+from napari_histo_wsss.core.stage2.train_segmenter import train_segmenter
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, sample_dataset_dir):
+    """One epoch of a tiny PSPNet on every third bundled patch (label-filled pseudo-masks)."""
+    layout = find_dataset(sample_dataset_dir)
+    patches = layout.patches()
+    patches = patches.subset(range(0, len(patches), 3))
+    config = RunConfig(dataset=layout.spec.to_dict(), data_dir=str(layout.root), device="cpu",
+                       segmenter=SegmenterConfig(arch="pspnet", encoder_depth=3, loss="ce",
+                                                 epochs=1, batch_size=4))
+    run = RunDirectory(tmp_path_factory.mktemp("cli") / "run")
+    run.create(config)
+    for index, path in enumerate(layout.patches().paths):
+        image = read_rgb(path)
+        mask = np.full(image.shape[:2], int(np.argmax(layout.patches().labels[index])), np.uint8)
+        write_palette_mask(run.pseudo_mask_dir("final") / path.name, mask, layout.spec)
+    run_to_completion(train_segmenter(run, config, patches, device="cpu"))
+    return run, layout
+
+
+def qupath_file(path, image, name="stroma"):
+    """What QuPath exports: a bare list of features, a classified polygon with a hole."""
+    outer = [[20, 20], [120, 20], [120, 100], [20, 100], [20, 20]]
+    hole = [[50, 40], [70, 40], [70, 60], [50, 60], [50, 40]]
+    features = [{"type": "Feature", "id": "a1",
+                 "geometry": {"type": "Polygon", "coordinates": [outer, hole]},
+                 "properties": {"objectType": "annotation",
+                                "classification": {"name": name, "color": [1, 2, 3]}}},
+                {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [outer]},
+                 "properties": {"objectType": "annotation"}}]
+    path.write_text(json.dumps(features))
+    return path
+
+
+def test_review_ranks_val_images_and_saves_qupath_rectangles(trained_run, tmp_path, capsys):
+    run, layout = trained_run
+    out = tmp_path / "queue.geojson"
+    assert main(["review", str(run.root), "--top", "3", "--geojson", str(out)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4  # header + 3 items
+    scores = [float(line.split()[1]) for line in lines[1:]]
+    assert scores == sorted(scores, reverse=True) and all(0 <= s <= 1 for s in scores)
+    features = json.loads(out.read_text())["features"]
+    assert [f["properties"]["rank"] for f in features] == [1, 2, 3]
+    assert all(f["properties"]["classification"]["name"] == "Review" for f in features)
+    # Our own file may be replaced; someone else's is refused in one line.
+    assert main(["review", str(run.root), "--top", "1", "--geojson", str(out)]) == 0
+    foreign = tmp_path / "notes.geojson"
+    foreign.write_text("{}")
+    capsys.readouterr()
+    assert main(["review", str(run.root), "--geojson", str(foreign)]) == 2
+    assert "notes.geojson" in capsys.readouterr().err
+
+
+def test_import_export_and_list_round_trip(trained_run, tmp_path, capsys):
+    run, layout = trained_run
+    image = layout.eval_set("val").image_paths[1]
+    annotations = qupath_file(tmp_path / "qupath.geojson", image)
+    assert main(["corrections", "import", str(run.root), str(annotations), "--image",
+                 str(image), "--author", "dr-a"]) == 0
+    assert "skipped 1" in capsys.readouterr().err
+    labels = CorrectionStore.of_run(run).find(image).labels
+    assert set(np.unique(labels)) == {0, 2}
+    assert (labels == 2).sum() == 100 * 80 - 20 * 20  # centres inside, hole left unpainted
+
+    assert main(["corrections", "list", str(run.root)]) == 0
+    listed = capsys.readouterr().out
+    assert "stroma" in listed and "dr-a" in listed and str(image.resolve()) in listed
+
+    exported = tmp_path / "out.geojson"
+    assert main(["corrections", "export", str(run.root), str(exported)]) == 0
+    other = RunDirectory(tmp_path / "other")
+    other.create(run.config())
+    assert main(["corrections", "import", str(other.root), str(exported)]) == 0
+    assert np.array_equal(CorrectionStore.of_run(other).find(image).labels, labels)
+
+    capsys.readouterr()
+    bad = qupath_file(tmp_path / "bad.geojson", image, name="Necrosis")
+    assert main(["corrections", "import", str(run.root), str(bad), "--image", str(image)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Necrosis" in err[0] and "bad.geojson" in err[0]
+
+
+def test_train_segmenter_with_corrections_fine_tunes(trained_run, capsys):
+    run, layout = trained_run
+    image = layout.eval_set("val").image_paths[0]
+    labels = np.zeros(read_rgb(image).shape[:2], np.uint8)
+    labels[disk((50, 50), 10, shape=labels.shape)] = 3
+    CorrectionStore.of_run(run).save(Correction(image, labels))
+    assert main(["train-segmenter", str(run.root), "--with-corrections", "--epochs-seg", "1",
+                 "--device", "cpu"]) == 0
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last_line == str(run.segmenter_checkpoint("ce-corrections"))
+    assert run.is_complete("segmenter:ce-corrections")

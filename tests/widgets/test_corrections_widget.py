@@ -1,0 +1,98 @@
+"""The corrections widget with a real viewer (Xvfb): paint, retrain, watch the preview change,
+and jump to a review item. The run's tiny segmenter is trained on the bundled real patches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from skimage.draw import disk
+
+from napari_histo_wsss.widgets import _settings
+from napari_histo_wsss.widgets._jobs import JobState
+
+pytestmark = pytest.mark.gui
+
+PLUGIN = "napari-histo-wsss"
+JOB_TIMEOUT_MS = 300_000
+
+
+@pytest.fixture(autouse=True)
+def private_settings(tmp_path, monkeypatch):
+    monkeypatch.setenv(_settings.CONFIG_DIR_ENV_VAR, str(tmp_path / "config"))
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, sample_dataset_dir):
+    """One epoch of a tiny PSPNet on every third bundled patch (label-filled pseudo-masks)."""
+    from napari_histo_wsss.core.config.run_config import RunConfig, SegmenterConfig
+    from napari_histo_wsss.core.data.datasets import find_dataset, write_palette_mask
+    from napari_histo_wsss.core.events import run_to_completion
+    from napari_histo_wsss.core.runs.run_dir import RunDirectory
+    from napari_histo_wsss.core.stage2.train_segmenter import train_segmenter
+    from napari_histo_wsss.widgets._jobs import avoid_triton_llvm_clash
+
+    avoid_triton_llvm_clash()
+    layout = find_dataset(sample_dataset_dir)
+    every = layout.patches()  # all of them get pseudo-masks: the widget fine-tunes on them
+    patches = every.subset(range(0, len(every), 3))
+    config = RunConfig(dataset=layout.spec.to_dict(), data_dir=str(layout.root), device="cpu",
+                       segmenter=SegmenterConfig(arch="pspnet", encoder_depth=3, loss="ce",
+                                                 epochs=1, batch_size=4))
+    run = RunDirectory(tmp_path_factory.mktemp("widget") / "run")
+    run.create(config)
+    for index, path in enumerate(every.paths):
+        mask = np.full(every.image(index).shape[:2], int(np.argmax(every.labels[index])),
+                       np.uint8)
+        write_palette_mask(run.pseudo_mask_dir("final") / path.name, mask, layout.spec)
+    run_to_completion(train_segmenter(run, config, patches, device="cpu"))
+    return run
+
+
+def test_paint_retrain_preview_and_review(make_napari_viewer, qtbot, trained_run):
+    from napari_histo_wsss.core.corrections.store import CorrectionStore
+    from napari_histo_wsss.widgets.corrections import (
+        PAINT_LAYER,
+        PREDICTION_LAYER,
+        PREVIEW_LAYER,
+        CorrectionsWidget,
+    )
+
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "6. Correct and retrain")
+    assert isinstance(widget, CorrectionsWidget)
+    widget.run_folder.value = trained_run.root
+    assert widget.strategy.value == "ce" and len(widget.image.choices) == 7
+
+    widget.open_image()
+    assert widget.strategy.value == "ce"  # kept when napari resets choices on new layers
+    paint = viewer.layers[PAINT_LAYER]
+    assert paint.data.shape == viewer.layers[PREDICTION_LAYER].data.shape
+    assert not paint.data.any()
+    before = np.array(viewer.layers[PREDICTION_LAYER].data)
+    # A broad stroke of "normal" (3), a class the tiny model predicts nowhere here.
+    assert not (before == 3).any()
+    stroke = np.zeros(paint.data.shape, bool)
+    for x in range(20, paint.data.shape[1] - 20, 6):
+        stroke[disk((paint.data.shape[0] // 2, x), 30, shape=stroke.shape)] = True
+    paint.data[stroke] = 3
+    paint.refresh()
+
+    widget.epochs.value = 8
+    widget.toggle()
+    qtbot.waitUntil(lambda: not widget.runner.busy, timeout=JOB_TIMEOUT_MS)
+    assert widget.runner.state is JobState.DONE, widget.runner.error
+    saved = CorrectionStore.of_run(trained_run).find(widget.current)
+    assert np.array_equal(saved.labels, paint.data)
+    assert trained_run.segmenter_checkpoint("ce-corrections").is_file()
+    preview = np.asarray(viewer.layers[PREVIEW_LAYER].data)
+    assert preview.shape == before.shape
+    assert (preview != before).any()  # the retrained model sees the image differently
+
+    widget.rank()
+    qtbot.waitUntil(lambda: widget.review_list.count() == 7, timeout=JOB_TIMEOUT_MS)
+    item = widget.review_items[-1]
+    widget._jump(widget.review_list.item(6))
+    assert str(widget.current) == item.image
+    top, left, height, width = item.focus
+    assert tuple(viewer.camera.center[-2:]) == pytest.approx((top + height / 2,
+                                                              left + width / 2))
