@@ -334,7 +334,8 @@ def test_command_line_writes_zarr_and_geojson(sample_slide_path, tmp_path, monke
     from napari_histo_wsss.cli.slides import add_slides_parsers
     from napari_histo_wsss.core.inference import predict
 
-    monkeypatch.setattr(predict, "load_predictor", lambda run_dir, device, **engine: TinyPredictor())
+    monkeypatch.setattr(predict, "load_predictor",
+                        lambda run_dir, device, **engine: TinyPredictor())
     parser = argparse.ArgumentParser()
     add_slides_parsers(parser.add_subparsers(dest="command"))
     out, geojson = tmp_path / "slide.zarr", tmp_path / "slide.geojson"
