@@ -79,7 +79,7 @@ def test_the_default_method_is_the_recommended_recipe():
     segmenter = config.segmenter
     assert (segmenter.arch, segmenter.loss, segmenter.augment) == ("deeplabv3plus", "ce",
                                                                    "histo")
-    assert segmenter.weight_average and segmenter.tta == "d4"
+    assert segmenter.weight_average and segmenter.tta == "none"
 
 
 def test_fast_schedule_keeps_the_recipe_shape():

@@ -76,11 +76,12 @@ DEFAULT_METHOD = "recommended"
 def _recommended() -> RunConfig:
     """Our composition (docs/algorithms.md 12): ESFAN's fused multi-layer CAM pseudo-masks, a
     full-depth DeepLabV3+ trained with cross-entropy on D4 + H&E stain augmentation, a weight
-    average as the kept model, D4 test-time augmentation."""
+    average as the kept model, a single forward pass (D4 test-time augmentation cost the
+    averaged models 1.4-2.3 mIoU, docs/results.md)."""
     config = _esfan()
     config.segmenter = SegmenterConfig(
         arch="deeplabv3plus", loss="ce", lr=0.01, head_lr_mult=10.0, augment="histo",
-        weight_average=0.99, tta="d4",
+        weight_average=0.99,
     )
     return config
 
