@@ -27,6 +27,7 @@ from napari_histo_wsss.core.stage2.losses import IGNORE_INDEX
 from napari_histo_wsss.core.stage2.train_segmenter import (
     SEGMENTER_AUGMENTATIONS,
     augment_sample,
+    average_decay,
     input_side,
     measured_input_statistics,
     train_segmenter,
@@ -276,3 +277,10 @@ def test_weight_average_is_what_is_kept_and_survives_a_stop(tmp_path, patches, l
     resumed = load_checkpoint(stopped.segmenter_checkpoint("ce"), kind="segmenter")
     np.testing.assert_allclose(resumed["state_dict"][name].numpy(), kept[name].numpy(),
                                atol=1e-4)  # float noise; average vs raw differ by far more
+
+
+def test_weight_average_spans_at_most_a_quarter_of_a_short_run():
+    assert average_decay(None, 400) is None
+    assert average_decay(0.99, 408) == 0.99  # the fast schedule on 557 patches keeps it
+    assert average_decay(0.99, 40) == pytest.approx(0.9)  # the demo: 0.9 ** 40 of the start
+    assert average_decay(0.99, 2) == pytest.approx(0.5)

@@ -160,7 +160,8 @@ class SegmenterConfig:
     class_gate: float | None = None
     tta: str = "none"  # a TTA_MODES name (inference/predict.py)
     #: Decay of an exponential moving average of the weights, validated and saved instead of
-    #: the raw weights (None: off). 0.99 averages over about the last 100 steps.
+    #: the raw weights (None: off). 0.99 averages over about the last 100 steps; short runs
+    #: average over at most their last quarter (``train_segmenter.average_decay``).
     weight_average: float | None = None
 
     def validate(self) -> None:
