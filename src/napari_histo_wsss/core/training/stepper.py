@@ -56,6 +56,8 @@ class Stepper:
             model = model.to(memory_format=torch.channels_last)
         #: The module the step functions call (``model`` itself outside torchrun).
         self.model = distributed.wrap(model, device)
+        #: The network itself, unwrapped: what the weight average follows and copies.
+        self.network = model
         self.optimizer = optimizer
         self.early_losses: list[float] = []
         #: An exponential moving average of the weights (and BatchNorm statistics), updated
@@ -69,15 +71,13 @@ class Stepper:
         """Start the weight average (if any) from the model's current weights."""
         if self.average_decay:
             self.average = AveragedModel(
-                getattr(self.model, "module", self.model),
-                multi_avg_fn=get_ema_multi_avg_fn(self.average_decay), use_buffers=True)
+                self.network, multi_avg_fn=get_ema_multi_avg_fn(self.average_decay),
+                use_buffers=True)
 
     @property
     def kept_model(self) -> nn.Module:
         """The model to validate and save: the weight average when there is one."""
-        if self.average is not None:
-            return self.average.module
-        return getattr(self.model, "module", self.model)
+        return self.average.module if self.average is not None else self.network
 
     def autocast(self) -> AbstractContextManager:
         return torch.autocast(self.device.type, dtype=self.amp_dtype,
@@ -95,7 +95,7 @@ class Stepper:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.average is not None:
-            self.average.update_parameters(getattr(self.model, "module", self.model))
+            self.average.update_parameters(self.network)
         return value
 
     def _check_divergence(self, value: float, where: str) -> None:
