@@ -185,18 +185,21 @@ class SegmenterTrainer(EpochTrainer):
                 resume_state({**payload, "optimizer_state": None}, init_from, self.model,
                              self.stepper.optimizer, INIT_MISMATCH)
                 self.state = TrainingState()
-                self.stepper.restart_average()  # from the starting weights, not random ones
-        if not corrections:
-            return
-        self.patches, self.targets, self.painted = with_corrections(self.patches, self.targets,
-                                                                    corrections)
-        self.batch_size = min(self.settings.batch_size, len(self.patches))
-        self.batches_per_epoch = len(self.patches) // self.batch_size
-        if self.log is not None and not self.log.rows():  # a new log: add the column
-            fields = [*self.log.fields]
-            fields.insert(fields.index("lr"), CORRECTION_PART)
-            self.log.path.unlink()
-            self.log = LossLog(self.log.path, fields)
+        if corrections:
+            self.patches, self.targets, self.painted = with_corrections(
+                self.patches, self.targets, corrections)
+            self.batch_size = min(self.settings.batch_size, len(self.patches))
+            self.batches_per_epoch = len(self.patches) // self.batch_size
+            if self.log is not None and not self.log.rows():  # a new log: add the column
+                fields = [*self.log.fields]
+                fields.insert(fields.index("lr"), CORRECTION_PART)
+                self.log.path.unlink()
+                self.log = LossLog(self.log.path, fields)
+        if self.state.step == 0 and (corrections or init_from is not None):
+            # Nothing trained yet: average from the starting weights, over this run's length.
+            self.stepper.average_decay = average_decay(
+                self.settings.weight_average, self.epochs * self.batches_per_epoch)
+            self.stepper.restart_average()
 
     def _clear_outputs(self, resume: bool) -> None:
         if not resume:
