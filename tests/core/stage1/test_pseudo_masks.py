@@ -108,6 +108,25 @@ def test_scales_are_voted_per_map():
     assert masks["layer-1"].tolist() == [[[1, 1]]]
 
 
+def test_mean_fusion_averages_the_scales_maps_before_the_argmax():
+    kept = torch.tensor([[True, True]])
+    # Pixel 0: the native scale leans to class 0 weakly, the enlarged one to class 1 strongly;
+    # voting two scales keeps the first, the mean follows the stronger evidence.
+    native = _maps([0.6, 0.0], [0.4, 1.0])
+    enlarged = _maps([0.0, 0.0], [1.0, 1.0])
+    voted, _ = combine_layer_maps([[native], [enlarged]], ["layer-1"], None, kept, None, "vote")
+    averaged, maps = combine_layer_maps([[native], [enlarged]], ["layer-1"], None, kept, None,
+                                        "mean")
+    assert voted["layer-1"].tolist() == [[[0, 1]]]
+    assert averaged["layer-1"].tolist() == [[[1, 1]]]
+    assert torch.allclose(maps["layer-1"][0, :, 0, 0], torch.tensor([0.3, 0.7]))
+
+
+def test_an_unknown_scale_fusion_is_refused():
+    with pytest.raises(ConfigError, match="scale_fusion"):
+        PseudoMaskConfig(scale_fusion="max").validate()
+
+
 def test_predicted_gating_falls_back_to_the_most_probable_class():
     probabilities = torch.tensor([[0.9, 0.2, 0.5], [0.1, 0.3, 0.2]])
     kept = predicted_classes(probabilities, threshold=0.31)

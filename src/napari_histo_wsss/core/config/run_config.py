@@ -37,6 +37,9 @@ def _is_non_negative_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+#: How ``PseudoMaskConfig.scale_fusion`` combines the scales (core/stage1/pseudo_masks.py).
+SCALE_FUSIONS = ("vote", "mean")
+
 _RULES = {_is_count: "a whole number of at least 1", _is_positive: "a number above 0",
           _is_non_negative: "a number of at least 0",
           _is_non_negative_int: "a whole number of at least 0"}
@@ -106,8 +109,13 @@ class PseudoMaskConfig:
     layers: tuple[str, ...] = ("-1",)
     #: When set, the layers' maps are fused with these weights into one pseudo-mask (ESFAN).
     fuse_weights: tuple[float, ...] | None = None
-    #: Several scales are voted pixel-wise (MSV: 1.0, 0.75, 1.25; ties resolve to the first).
+    #: Input scales the class maps are computed at (the first also gives the class
+    #: probabilities the gate reads), combined by ``scale_fusion``.
     scales: tuple[float, ...] = (1.0,)
+    #: "vote": each scale's mask votes pixel-wise (MSV: 1.0, 0.75, 1.25; ties to the first);
+    #: "mean": the scales' normalised maps are averaged before the argmax, so an enlarged
+    #: input's finer map sharpens the boundaries the native one places (docs/algorithms.md 12).
+    scale_fusion: str = "vote"
     gating: str = "label"  # a GATINGS name (stage1/pseudo_masks.py): "label" or "predicted"
     gate_threshold: float = 0.31
     #: None follows the dataset description.
@@ -117,6 +125,9 @@ class PseudoMaskConfig:
     def validate(self) -> None:
         require("pseudo_masks", _is_count, batch_size=self.batch_size)
         require("pseudo_masks", _is_positive, scales=self.scales)
+        if self.scale_fusion not in SCALE_FUSIONS:
+            raise ConfigError(f"pseudo_masks.scale_fusion must be one of {list(SCALE_FUSIONS)}, "
+                              f"not {self.scale_fusion!r}")
         require("pseudo_masks", _is_non_negative, gate_threshold=self.gate_threshold,
                 fuse_weights=self.fuse_weights)
 

@@ -136,7 +136,8 @@ def layer_folder(layer: str) -> str:
 @dataclass
 class PseudoMasks:
     """One image's result: label masks by folder name ("final", "layer-1", ...), the
-    normalised class maps (C, H, W) by map name before gating (first scale), the classifier's
+    normalised class maps (C, H, W) by map name before gating (the first scale, or the mean
+    of the scales with ``scale_fusion="mean"``), the classifier's
     probabilities and the classes the gate kept."""
 
     masks: dict[str, np.ndarray]
@@ -172,15 +173,16 @@ def final_map_name(model: CamClassifier, config: PseudoMaskConfig) -> str:
 
 def combine_layer_maps(per_scale: Sequence[Sequence[torch.Tensor]], names: Sequence[str],
                        fuse_weights: Sequence[float] | None, kept: torch.Tensor,
-                       white: torch.Tensor | None
+                       white: torch.Tensor | None, scale_fusion: str = "vote"
                        ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Label masks from class maps already upsampled to the images.
 
     ``per_scale[s][l]``: maps (N, C, H, W) of layer ``l`` at scale ``s``; ``names``: one per
     layer, plus one for the fusion when ``fuse_weights`` is given. Each map (the fusion made
-    from the raw maps) is normalised, gated by ``kept`` (N, C), topped with the white plane
-    and argmaxed per scale; the scales are voted. Returns masks (N, H, W) by name and the
-    normalised maps of the first scale by name.
+    from the raw maps) is normalised, gated by ``kept`` (N, C) and topped with the white plane;
+    ``scale_fusion`` "vote" argmaxes each scale and votes the masks, "mean" argmaxes the mean
+    of the scales' normalised maps. Returns masks (N, H, W) by name and the normalised maps by
+    name (the first scale's when voting, the mean otherwise).
     """
     normalised: dict[str, list[torch.Tensor]] = defaultdict(list)
     for layer_maps in per_scale:
@@ -189,6 +191,9 @@ def combine_layer_maps(per_scale: Sequence[Sequence[torch.Tensor]], names: Seque
             layer_maps.append(sum(w * m for w, m in zip(fuse_weights, layer_maps, strict=True)))
         for name, maps in zip(names, layer_maps, strict=True):
             normalised[name].append(normalise_jointly(maps))
+    if scale_fusion == "mean":
+        means = {name: torch.stack(maps).mean(dim=0) for name, maps in normalised.items()}
+        return {name: labels_from_maps(means[name], kept, white) for name in names}, means
     masks = {name: vote([labels_from_maps(m, kept, white) for m in normalised[name]])
              for name in names}
     return masks, {name: maps[0] for name, maps in normalised.items()}
@@ -224,7 +229,8 @@ def _recipe_batch(model: CamClassifier, images: np.ndarray, labels: np.ndarray |
         ])).to(device)
 
     names = _map_names(config)
-    masks, normalised = combine_layer_maps(per_scale, names, config.fuse_weights, kept, white)
+    masks, normalised = combine_layer_maps(per_scale, names, config.fuse_weights, kept, white,
+                                           config.scale_fusion)
     masks[FINAL] = masks[final_map_name(model, config)]
     return [
         PseudoMasks(
@@ -382,7 +388,8 @@ def pseudo_mask_report(run: RunDirectory, config: RunConfig, eval_set: EvalSet,
         scores[name] = matrix.scores(spec.class_names)
     scores["images"] = len(eval_set)
     scores["recipe"] = {"cam_method": recipe.cam_method, "layers": list(recipe.layers),
-                        "scales": list(recipe.scales), "gating": recipe.gating,
+                        "scales": list(recipe.scales), "scale_fusion": recipe.scale_fusion,
+                        "gating": recipe.gating,
                         "fuse_weights": list(recipe.fuse_weights or [])}
     run.pseudo_mask_root.mkdir(parents=True, exist_ok=True)
     (run.pseudo_mask_root / "report.json").write_text(json.dumps(scores, indent=2) + "\n")
