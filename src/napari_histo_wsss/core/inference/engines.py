@@ -63,6 +63,10 @@ class Engine:
     def label(self) -> str:
         return f"{self.name} {self.precision}"
 
+    def record(self) -> dict[str, str]:
+        """What ran, for a result's metadata (a slide output, a comparison)."""
+        return {"name": self.name, "precision": self.precision, "note": self.note}
+
 
 def check_choice(engine: str, precision: str | None) -> None:
     """Refuse an unknown engine or precision with the valid names."""
