@@ -95,15 +95,6 @@ def require_installed(engine: str) -> None:
                           "use --engine torch")
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether oneDNN has bf16 kernels on this CPU (AVX-512 and newer; fastest with AVX-512
-    BF16 or AMX): elsewhere bf16 is emulated element by element and not worth timing."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def torch_engine(model: nn.Module, precision: str, device: torch.device) -> Engine:
     """Eager torch; bf16 through autocast (on CUDA: bf16, or fp16 where bf16 is missing)."""
     dtype = None
