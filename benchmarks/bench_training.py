@@ -10,8 +10,13 @@ model's speed the data pipeline keeps (1.0: the pipeline costs nothing).
 The segmenter trains on constant pseudo-masks made from each patch's first label: their content
 does not change the cost of a step.
 
+``--precisions`` instead times the real trainers with ``train_precision`` fp32 and bf16 (CPU
+bf16 autocast where oneDNN has bf16 kernels), alternating within the same invocation, and
+prints bf16's steps/s as a ratio to fp32's.
+
     python benchmarks/bench_training.py                      # the bundled sample, CPU
     python benchmarks/bench_training.py --data ../shared/data/wsss4luad --device cuda
+    python benchmarks/bench_training.py --precisions         # fp32 vs bf16 trainers
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import torch
 from napari_histo_wsss.core.config.presets import preset
 from napari_histo_wsss.core.config.run_config import RunConfig
 from napari_histo_wsss.core.data.datasets import PatchSet, find_dataset, write_palette_mask
-from napari_histo_wsss.core.devices import resolve_device
+from napari_histo_wsss.core.devices import resolve_device, training_autocast
 from napari_histo_wsss.core.events import Batch, Event
 from napari_histo_wsss.core.models.classifier import build_classifier
 from napari_histo_wsss.core.models.segmenter import build_segmenter, normalise
@@ -102,16 +107,24 @@ def epochs_for(steps: int, warmup: int, steps_per_epoch: int) -> int:
     return (steps + warmup) // per_epoch + 2
 
 
-def classifier_figures(patches: PatchSet, config: RunConfig, device: torch.device, args) -> dict:
+def classifier_trainer_seconds(patches: PatchSet, config: RunConfig, device: torch.device,
+                               args) -> tuple[list[float], int]:
+    """The real classifier trainer's step intervals (and the last epoch measured)."""
     settings = config.classifier
     batch = min(settings.batch_size, len(patches))
     settings.epochs = epochs_for(args.steps, args.warmup, len(patches) // batch)
     with tempfile.TemporaryDirectory() as folder:
         run = RunDirectory(folder)
         run.create(config)
-        real, epoch = trainer_step_seconds(
+        return trainer_step_seconds(
             train_classifier(run, config, patches, device=device, resume=False),
             args.steps, args.warmup, device)
+
+
+def classifier_figures(patches: PatchSet, config: RunConfig, device: torch.device, args) -> dict:
+    settings = config.classifier
+    batch = min(settings.batch_size, len(patches))
+    real, epoch = classifier_trainer_seconds(patches, config, device, args)
 
     torch.manual_seed(0)
     model = build_classifier(settings, patches.spec.num_classes, patches.spec).to(device).train()
@@ -132,7 +145,9 @@ def classifier_figures(patches: PatchSet, config: RunConfig, device: torch.devic
                      batch, size, real, pure)
 
 
-def segmenter_figures(patches: PatchSet, config: RunConfig, device: torch.device, args) -> dict:
+def segmenter_trainer_seconds(patches: PatchSet, config: RunConfig, device: torch.device,
+                              args) -> tuple[list[float], int]:
+    """The real segmenter trainer's step intervals (and the last epoch measured)."""
     settings = config.segmenter
     batch = min(settings.batch_size, len(patches))
     settings.epochs = epochs_for(args.steps, args.warmup, len(patches) // batch)
@@ -145,9 +160,15 @@ def segmenter_figures(patches: PatchSet, config: RunConfig, device: torch.device
                 first_label = int(np.flatnonzero(patches.labels[index])[0])
                 write_palette_mask(run.pseudo_mask_dir(target) / path.with_suffix(".png").name,
                                    np.full((height, width), first_label, np.uint8), patches.spec)
-        real, _ = trainer_step_seconds(
+        return trainer_step_seconds(
             train_segmenter(run, config, patches, device=device, resume=False),
             args.steps, args.warmup, device)
+
+
+def segmenter_figures(patches: PatchSet, config: RunConfig, device: torch.device, args) -> dict:
+    settings = config.segmenter
+    batch = min(settings.batch_size, len(patches))
+    real, _ = segmenter_trainer_seconds(patches, config, device, args)
 
     torch.manual_seed(0)
     model = build_segmenter(settings, patches.spec.num_classes).to(device).train()
@@ -171,17 +192,26 @@ def segmenter_figures(patches: PatchSet, config: RunConfig, device: torch.device
         stepper.step(loss, "in the benchmark")
 
     pure = pure_step_seconds(step, args.steps, args.warmup, device)
-    figures = summarise("segmenter", f"{settings.arch} {settings.encoder} ({settings.loss})",
-                        batch, side, real, pure)
-    if args.cpu_bf16 and device.type == "cpu":
-        def bf16_step() -> None:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                step()
+    return summarise("segmenter", f"{settings.arch} {settings.encoder} ({settings.loss})",
+                     batch, side, real, pure)
 
-        bf16 = pure_step_seconds(bf16_step, args.steps, args.warmup, device)
-        figures["pure_bf16_images_per_s"] = round(batch / statistics.median(bf16), 2)
-        figures["bf16_over_fp32"] = round(statistics.median(pure) / statistics.median(bf16), 3)
-    return figures
+
+def precision_figures(stage: str, trainer_seconds, patches: PatchSet, config: RunConfig,
+                      device: torch.device, args) -> dict:
+    """The real trainer's steps/s with ``train_precision`` fp32 and bf16, alternated
+    ``args.rounds`` times so that a change in the machine's load hits both alike."""
+    intervals: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    for _ in range(args.rounds):
+        for precision in intervals:
+            measured = dataclasses.replace(config, train_precision=precision)
+            intervals[precision] += trainer_seconds(patches, measured, device, args)[0]
+    rates = {precision: 1 / statistics.median(seconds)
+             for precision, seconds in intervals.items()}
+    return {"stage": stage, "fp32_steps_per_s": round(rates["fp32"], 3),
+            "bf16_steps_per_s": round(rates["bf16"], 3),
+            "bf16_over_fp32": round(rates["bf16"] / rates["fp32"], 3),
+            "bf16_ran_as": training_autocast(device, "bf16")[1] or "bf16 autocast",
+            "steps": len(intervals["bf16"])}
 
 
 def summarise(stage: str, model: str, batch: int, side: int, real: list[float],
@@ -206,39 +236,66 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
-    parser.add_argument("--cpu-bf16", action="store_true",
-                        help="also time the segmenter's fwd+bwd under CPU bf16 autocast")
+    parser.add_argument("--precisions", action="store_true",
+                        help="time the trainers with train_precision fp32 against bf16 "
+                             "instead (a ratio; the pipeline-vs-pure table is skipped)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="--precisions: fp32/bf16 alternations (default 2)")
+    parser.add_argument("--input-size", type=int,
+                        help="crop side of both stages (default: the presets')")
     args = parser.parse_args()
 
     device = resolve_device(args.device)
     layout = find_dataset(args.data)
     patches = layout.patches()
     patches.decode_all()
+    stages = (("classifier", args.classifier_method, classifier_figures,
+               classifier_trainer_seconds),
+              ("segmenter", args.segmenter_method, segmenter_figures,
+               segmenter_trainer_seconds))
     rows = []
-    for method, measure in ((args.classifier_method, classifier_figures),
-                            (args.segmenter_method, segmenter_figures)):
-        config = preset(method, "fast", num_patches=len(patches))
-        config.dataset = layout.spec.to_dict()
-        config.device = str(device)
-        config.classifier = dataclasses.replace(config.classifier, batch_size=args.batch_size)
-        config.segmenter = dataclasses.replace(config.segmenter, batch_size=args.batch_size)
-        rows.append(measure(patches, config, device, args))
+    for stage, method, figures, trainer_seconds in stages:
+        config = measured_config(method, layout, patches, device, args)
+        rows.append(precision_figures(stage, trainer_seconds, patches, config, device, args)
+                    if args.precisions else figures(patches, config, device, args))
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, device {device}"
     if device.type == "cuda":
         machine += f" ({torch.cuda.get_device_name(device)})"
     print(f"{machine}; data {args.data} ({len(patches)} patches)")
+    if args.precisions:
+        print_precision_table(rows)
+    else:
+        print_pipeline_table(rows)
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
+
+
+def measured_config(method: str, layout, patches: PatchSet, device: torch.device,
+                    args) -> RunConfig:
+    config = preset(method, "fast", num_patches=len(patches))
+    config.dataset = layout.spec.to_dict()
+    config.device = str(device)
+    config.classifier = dataclasses.replace(config.classifier, batch_size=args.batch_size)
+    config.segmenter = dataclasses.replace(config.segmenter, batch_size=args.batch_size)
+    if args.input_size:
+        config.classifier.input_size = config.segmenter.input_size = args.input_size
+    return config
+
+
+def print_pipeline_table(rows: list[dict]) -> None:
     print("| stage | model | batch | side | trainer img/s | pure fwd+bwd img/s | ratio |")
     print("|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['stage']} | {row['model']} | {row['batch']} | {row['side']} | "
               f"{row['trainer_images_per_s']} | {row['pure_images_per_s']} | {row['ratio']} |")
-    for row in rows:
-        if "bf16_over_fp32" in row:
-            print(f"{row['stage']}: pure fwd+bwd under CPU bf16 autocast "
-                  f"{row['pure_bf16_images_per_s']} img/s, {row['bf16_over_fp32']}x fp32")
-    if args.json:
-        args.json.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
 
+
+def print_precision_table(rows: list[dict]) -> None:
+    print("| stage | fp32 steps/s | bf16 steps/s | bf16 / fp32 | steps each | bf16 ran as |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['stage']} | {row['fp32_steps_per_s']} | {row['bf16_steps_per_s']} | "
+              f"{row['bf16_over_fp32']} | {row['steps']} | {row['bf16_ran_as']} |")
 
 if __name__ == "__main__":
     main()

@@ -386,6 +386,57 @@ def test_segment_slide_fills_in_and_exports(make_napari_viewer, qtbot, two_strat
     assert open_segmentation(tmp_path / "copy.zarr").complete
 
 
+def test_compare_runs_the_engine_chosen_in_its_advanced_settings(
+        make_napari_viewer, qtbot, two_strategy_run, monkeypatch):
+    from napari_histo_wsss.core.events import Message
+    from napari_histo_wsss.widgets.compare import CompareWidget
+
+    monkeypatch.delenv("HISTO_WSSS_ENGINE", raising=False)  # the suite forces torch fp32
+    viewer = make_napari_viewer()
+    widget = docked(viewer, CompareWidget)
+    assert (widget.engine.value, widget.precision.value) == ("auto", "auto")
+    widget.run_folder.value = two_strategy_run
+    widget.strategies.value = ["ce"]
+    widget.source.value = "validation image"
+    widget.engine.value, widget.precision.value = "torch", "bf16"
+    messages = []
+    widget.runner.event.connect(
+        lambda event: messages.append(event.text) if isinstance(event, Message) else None)
+
+    widget.toggle_button.click()
+    assert wait_for_job(qtbot, widget.runner) is JobState.DONE
+    assert widget._results["ce"].engine["name"] == "torch"
+    assert widget._results["ce"].engine["precision"] == "bf16"
+    assert "ce: engine torch bf16" in messages
+    saved = _settings.load_settings("compare")
+    assert (saved["engine"], saved["precision"]) == ("torch", "bf16")
+
+
+def test_segment_slide_runs_the_engine_chosen_in_its_advanced_settings(
+        make_napari_viewer, qtbot, two_strategy_run, sample_slide_path, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime", reason="the [fast] extra is not installed")
+    from napari_histo_wsss.core.wsi.ome_zarr_labels import read_attrs
+    from napari_histo_wsss.widgets.segment_slide import SegmentSlideWidget
+
+    monkeypatch.delenv("HISTO_WSSS_ENGINE", raising=False)
+    run = copy_run(two_strategy_run, tmp_path)  # the export is cached inside the run
+    viewer = make_napari_viewer()
+    widget = docked(viewer, SegmentSlideWidget)
+    widget.slide_file.value = sample_slide_path
+    widget.run_folder.value = run
+    widget.strategy.value = "ce"
+    widget.output.value = tmp_path / "slide.zarr"
+    widget.level.value = 2
+    widget.tile.value = 256
+    widget.engine.value, widget.precision.value = "onnxruntime", "fp32"
+
+    widget.toggle_button.click()
+    assert wait_for_job(qtbot, widget.runner) is JobState.DONE
+    engine = read_attrs(tmp_path / "slide.zarr")["engine"]
+    assert (engine["name"], engine["precision"]) == ("onnxruntime", "fp32")
+    assert list((run / "segmenter" / "ce" / "engines").glob("segmenter-*.onnx"))
+
+
 def test_a_run_folder_opens_with_file_open(make_napari_viewer, two_strategy_run):
     viewer = make_napari_viewer()
     layers = viewer.open(str(two_strategy_run), plugin=PLUGIN)

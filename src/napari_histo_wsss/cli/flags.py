@@ -83,6 +83,17 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mpp", type=positive_float,
                         help="microns per pixel of the training patches: recorded in the run so "
                              "slides are segmented at the same resolution")
+    add_train_precision_flag(parser, default="auto")
+
+
+def add_train_precision_flag(parser: argparse.ArgumentParser, default: str) -> None:
+    """``--train-precision``: the trainers' autocast (``RunConfig.train_precision``)."""
+    from ..core.config.run_config import TRAIN_PRECISIONS
+
+    parser.add_argument("--train-precision", choices=TRAIN_PRECISIONS,
+                        help="auto: mixed precision on a GPU, fp32 on a CPU; fp32; bf16: bf16 "
+                             "autocast, on a CPU too where it has bf16 kernels (else fp32, "
+                             f"said in one line) (default: {default})")
 
 
 def spec_from_args(args):

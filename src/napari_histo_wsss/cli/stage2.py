@@ -25,6 +25,7 @@ from .flags import (
     add_run_positionals,
     add_seed_flag,
     add_segmenter_epochs_flag,
+    add_train_precision_flag,
     print_engine_note,
     spec_from_args,
 )
@@ -54,6 +55,7 @@ def add_stage2_parsers(commands) -> None:
     add_batch_size_flag(train, "batch size (default: the run's)")
     add_device_flag(train, default="the run's")
     add_seed_flag(train, default="the run's")
+    add_train_precision_flag(train, default="the run's")
     train.add_argument("--restart", action="store_true",
                        help="train from scratch instead of resuming segmenter/<strategy>/last.pt")
     train.add_argument("--with-corrections", action="store_true",
@@ -117,7 +119,8 @@ def cmd_train_segmenter(args) -> int:
     segmenter = override(config.segmenter, loss=args.loss, epochs=args.epochs_seg,
                          batch_size=args.batch_size, sampling=args.sampling)
     config = replace(config, segmenter=segmenter, seed=config.seed if args.seed is None
-                     else args.seed, device=args.device or config.device)
+                     else args.seed, device=args.device or config.device,
+                     train_precision=args.train_precision or config.train_precision)
     if args.with_corrections:
         from .corrections import cmd_finetune
 

@@ -57,6 +57,48 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     return None
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN has bf16 kernels on this CPU (AVX-512 and newer; fastest with AVX-512
+    BF16 or AMX): elsewhere bf16 is emulated element by element and slower than fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def cpu_has_bf16_instructions() -> bool:
+    """Whether the CPU computes in bf16 itself (AVX-512 BF16 or AMX), where bf16 can beat fp32;
+    oneDNN's bf16 kernels on plain AVX-512 convert on the fly."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, probe, lambda: False)()) for probe in probes)
+
+
+def training_autocast(device: torch.device, precision: str = "auto"
+                      ) -> tuple[torch.dtype | None, str]:
+    """(autocast dtype for training on ``device``, None: fp32; a line for the user, empty
+    when there is nothing to say) for ``RunConfig.train_precision``: "auto" (mixed precision
+    on CUDA, fp32 elsewhere), "fp32", or "bf16" where the device has bf16 kernels (the CPU
+    too); bf16 that the device cannot run fast falls back, saying so."""
+    if precision == "auto":
+        return autocast_dtype(device), ""
+    if precision == "fp32":
+        return None, "training in fp32" if autocast_dtype(device) is not None else ""
+    if precision != "bf16":
+        raise ConfigError(f"unknown training precision '{precision}': choose auto, fp32 or "
+                          "bf16")
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16, "training with bf16 autocast"
+    if device.type == "cpu" and cpu_has_native_bf16():
+        if cpu_has_bf16_instructions():
+            return torch.bfloat16, "training with bf16 autocast on the CPU"
+        return torch.bfloat16, ("training with bf16 autocast on the CPU (emulated: this CPU has "
+                                "no AVX-512 BF16 or AMX instructions, expect it slower than fp32)")
+    fallback = autocast_dtype(device)
+    name = "fp16 autocast" if fallback is torch.float16 else "fp32"
+    return fallback, f"bf16 training asked for, but this {device.type.upper()} has no bf16 " \
+                     f"kernels: training in {name}"
+
+
 def release_memory(device: torch.device) -> None:
     """Give cached GPU memory back after a job (long-lived napari processes keep it otherwise)."""
     import gc

@@ -39,6 +39,7 @@ def prepare_run(
     seed: int | None = None,
     device: str | None = None,
     mpp: float | None = None,
+    train_precision: str | None = None,
     classifier: dict | None = None,
     pseudo_masks: dict | None = None,
     segmenter: dict | None = None,
@@ -67,6 +68,8 @@ def prepare_run(
         config.seed = seed
     if device is not None:
         config.device = device
+    if train_precision is not None:
+        config.train_precision = train_precision
     if mpp is not None:
         if not mpp > 0:
             raise ConfigError(f"the patches' microns per pixel must be positive, not {mpp}")

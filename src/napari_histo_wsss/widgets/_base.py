@@ -240,6 +240,37 @@ def device_field(label: str = "device") -> ComboBox:
                     tooltip=TOOLTIPS["device"])
 
 
+#: The precision field's choice that lets the engine decide (``precision=None`` in core).
+ENGINE_DECIDES = "auto"
+
+
+def engine_fields() -> tuple[ComboBox, ComboBox]:
+    """The inference engine and precision of widgets that only predict (like the CLI's
+    ``--engine`` / ``--precision``); the names come from a module that needs no torch."""
+    from ..core.inference.engine_names import ENGINE_CHOICES, PRECISIONS
+
+    engine = ComboBox(label="engine", choices=ENGINE_CHOICES, value="auto",
+                      tooltip=TOOLTIPS["engine"])
+    precision = ComboBox(label="precision", choices=(ENGINE_DECIDES, *PRECISIONS),
+                         value=ENGINE_DECIDES, tooltip=TOOLTIPS["precision"])
+    return engine, precision
+
+
+def engine_options(engine: ComboBox, precision: ComboBox) -> dict[str, str | None]:
+    """The fields' values as ``load_predictor``'s ``engine`` and ``precision`` arguments."""
+    chosen = precision.value
+    return {"engine": engine.value, "precision": None if chosen == ENGINE_DECIDES else chosen}
+
+
+def engine_message(stage: str, engine: dict[str, str], about: str = ""):
+    """A progress line naming the engine that runs (``Engine.record``), and why when
+    ``auto`` chose it or a fallback happened."""
+    from ..core.events import Message
+
+    text = engine["note"] or f"engine {engine['name']} {engine['precision']}"
+    return Message(stage, f"{about}: {text}" if about else text)
+
+
 def run_folder_field() -> FileEdit:
     """The folder of a run (its run.json and everything it produced)."""
     return FileEdit(mode="d", label="run folder", tooltip=TOOLTIPS["run_folder"])

@@ -63,6 +63,15 @@ TOOLTIPS: dict[str, str] = {
     "blend": "How overlapping tile borders are merged: crop (fastest), or linear / gaussian"
              " weighted averaging (no seams).",
     "tissue_mask": "Skip tiles without tissue (Otsu on a low-resolution level).",
+    # inference engines (docs/engines.md)
+    "engine": "What runs the segmenter on a CPU: auto (the fastest installed engine that"
+              " predicts like torch fp32 on real tiles, chosen once per model), torch,"
+              " onnxruntime or openvino (the last two need pip install"
+              " 'napari-histo-wsss[fast]'). On a GPU torch runs. HISTO_WSSS_ENGINE overrides"
+              " it.",
+    "precision": "auto: the engine's choice (auto takes bf16 only where its labels agree with"
+                 " fp32 on 99.5 % of a real tile's pixels); fp32; or bf16 (faster on CPUs"
+                 " with bf16 kernels).",
     "export_zarr": "Copy the result (OME-Zarr) to another folder.",
     "export_geojson": "Write the tissue regions as GeoJSON polygons for QuPath.",
 }

@@ -23,6 +23,9 @@ from ..core.runs.model_cache import ModelCache
 from ._base import (
     JobWidget,
     device_field,
+    engine_fields,
+    engine_message,
+    engine_options,
     info_label,
     moved_dataset_field,
     run_folder_field,
@@ -143,15 +146,17 @@ class CompareWidget(JobWidget):
         self.grid = CheckBox(text="side by side (grid)", value=False, tooltip=TOOLTIPS["grid"])
         self.device = device_field()
         self.dataset = moved_dataset_field()
+        self.engine, self.precision = engine_fields()
         self.extend([self.run_folder, self.run_info, self.strategies, self.source, self.index,
                      self.image_layer, self.grid, self.device])
-        self.advanced.extend([self.dataset])
+        self.advanced.extend([self.dataset, self.engine, self.precision])
         self.iou_table = QTableWidget()
         self.iou_table.setMinimumHeight(150)
         self.iou_table.setVisible(False)
         self.finish_layout(below=(self.iou_table,))
         self.remember(run_folder=self.run_folder, source=self.source, grid=self.grid,
-                      device=self.device, dataset=self.dataset)
+                      device=self.device, dataset=self.dataset, engine=self.engine,
+                      precision=self.precision)
         self._models = ModelCache()
         self._shown_layers: set[str] = set()
         self._source_layer = None  # the viewer layer compared on, if any
@@ -214,6 +219,7 @@ class CompareWidget(JobWidget):
         run, _, layout = self._context
         load = self._image_loader(layout)
         models, device_name = self._models, self.device.value
+        engine = engine_options(self.engine, self.precision)
 
         def make_job(stop):
             from ..core.events import Batch, Done, Preview, Started
@@ -225,7 +231,8 @@ class CompareWidget(JobWidget):
             shown = 0
             for shown, result in enumerate(iter_comparisons(
                     run, compared.image, strategies, truth=compared.truth, patch=patch,
-                    device=device_name, models=models, stop=stop), start=1):
+                    device=device_name, models=models, stop=stop, **engine), start=1):
+                yield engine_message(STAGE, result.engine, result.strategy)
                 yield Preview(STAGE, result.strategy, result)
                 yield Batch(STAGE, epoch=0, index=shown - 1, total=len(strategies))
             if shown < len(strategies):

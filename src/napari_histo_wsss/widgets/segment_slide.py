@@ -23,7 +23,16 @@ from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QHBoxLayout, QPushButton, QWidget
 
 from ..core.inference.tiling import BLEND_MODES
-from ._base import JobWidget, device_field, info_label, run_folder_field, set_info
+from ._base import (
+    JobWidget,
+    device_field,
+    engine_fields,
+    engine_message,
+    engine_options,
+    info_label,
+    run_folder_field,
+    set_info,
+)
 from ._jobs import JobState
 from ._runs import describe_run, given_path
 from ._shared_run import shared_run_folder
@@ -133,8 +142,9 @@ class SegmentSlideWidget(JobWidget):
                                     tooltip=TOOLTIPS["tissue_mask"])
         self.extend([self.slide_layer, self.slide_file, self.run_folder, self.run_info,
                      self.strategy, self.output, self.device])
+        self.engine, self.precision = engine_fields()
         self.advanced.extend([self.target_mpp, self.level, self.tile, self.halo, self.blend,
-                              self.batch_size, self.tissue_mask])
+                              self.batch_size, self.tissue_mask, self.engine, self.precision])
 
         self.export_zarr_button = QPushButton("Export OME-Zarr...")
         self.export_zarr_button.setToolTip(TOOLTIPS["export_zarr"])
@@ -149,7 +159,8 @@ class SegmentSlideWidget(JobWidget):
         self.remember(slide_file=self.slide_file, run_folder=self.run_folder,
                       strategy=self.strategy, device=self.device, target_mpp=self.target_mpp,
                       level=self.level, tile=self.tile, halo=self.halo, blend=self.blend,
-                      batch_size=self.batch_size, tissue_mask=self.tissue_mask)
+                      batch_size=self.batch_size, tissue_mask=self.tissue_mask,
+                      engine=self.engine, precision=self.precision)
         self._locked.append(self.output)
 
         self.export_runner = self.add_runner("Export")
@@ -230,7 +241,7 @@ class SegmentSlideWidget(JobWidget):
             "tile": self.tile.value, "halo": self.halo.value, "blend": self.blend.value,
             "batch_size": self.batch_size.value, "tissue_mask": self.tissue_mask.value,
         }
-        device_name = self.device.value
+        device_name, engine = self.device.value, engine_options(self.engine, self.precision)
         self._slide_layer_at_start = layer
 
         def make_job(stop):
@@ -239,7 +250,8 @@ class SegmentSlideWidget(JobWidget):
             from ..core.wsi.slide_inference import segment_slide
 
             predictor = load_predictor(run_folder, resolve_device(device_name),
-                                       strategy=strategy)
+                                       strategy=strategy, **engine)
+            yield engine_message(STAGE, predictor.engine.record())
             yield from segment_slide(predictor, slide_path, out, stop=stop, resume=True,
                                      **options)
 

@@ -40,6 +40,9 @@ def _is_non_negative_int(value: Any) -> bool:
 #: How ``PseudoMaskConfig.scale_fusion`` combines the scales (core/stage1/pseudo_masks.py).
 SCALE_FUSIONS = ("vote", "mean")
 
+#: ``RunConfig.train_precision`` (``devices.training_autocast`` says what each one does).
+TRAIN_PRECISIONS = ("auto", "fp32", "bf16")
+
 _RULES = {_is_count: "a whole number of at least 1", _is_positive: "a number above 0",
           _is_non_negative: "a number of at least 0",
           _is_non_negative_int: "a whole number of at least 0"}
@@ -229,6 +232,9 @@ class RunConfig:
     schedule: str = "fast"
     #: Microns per pixel of the training patches, where known (slide inference matches it).
     mpp: float | None = None
+    #: Autocast of the trainers (``TRAIN_PRECISIONS``): "auto" (mixed precision on CUDA,
+    #: fp32 elsewhere), "fp32", or "bf16" (also on CPUs with bf16 kernels).
+    train_precision: str = "auto"
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     pseudo_masks: PseudoMaskConfig = field(default_factory=PseudoMaskConfig)
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
@@ -239,6 +245,9 @@ class RunConfig:
         so its classifier section is not checked."""
         require("run", _is_non_negative_int, seed=self.seed)
         require("run", _is_positive, mpp=self.mpp)
+        if self.train_precision not in TRAIN_PRECISIONS:
+            raise ConfigError(f"run.train_precision must be one of {', '.join(TRAIN_PRECISIONS)}"
+                              f", not {self.train_precision!r}")
         if self.hisynseg is None:
             self.classifier.validate()
         else:

@@ -332,7 +332,8 @@ class _Round(EpochTrainer):
         self.stage = f"hisynseg:round-{number}"
         self.epochs, self.batches_per_epoch = job.settings.epochs, steps
         self.state = job.state
-        self.stepper = Stepper(model, optimizer, job.device, "HisynSeg")
+        self.stepper = Stepper(model, optimizer, job.device, "HisynSeg",
+                               precision=job.config.train_precision)
         self.last_path, self.model_path = job.last_path, job.model_path
         self.final = number == 2 or not job.recipe.self_training
         self.context = LossContext(job.spec.num_classes, total_epochs=job.settings.epochs)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..devices import autocast_dtype
+from ..devices import autocast_dtype, cpu_has_native_bf16
 from ..errors import ConfigError
 from ..models.segmenter import normalise
 from .engine_names import ENGINE_ENV_VAR, EXPORT_ENGINES
@@ -31,7 +31,6 @@ from .engines import (
     ExportCache,
     check_against_torch,
     check_choice,
-    cpu_has_native_bf16,
     exported_engine,
     installed_engines,
     require_installed,

@@ -63,6 +63,10 @@ class Engine:
     def label(self) -> str:
         return f"{self.name} {self.precision}"
 
+    def record(self) -> dict[str, str]:
+        """What ran, for a result's metadata (a slide output, a comparison)."""
+        return {"name": self.name, "precision": self.precision, "note": self.note}
+
 
 def check_choice(engine: str, precision: str | None) -> None:
     """Refuse an unknown engine or precision with the valid names."""
@@ -89,15 +93,6 @@ def require_installed(engine: str) -> None:
     if engine not in installed_engines():
         raise ConfigError(f"the {engine} engine is not installed here: {INSTALL_HINT}, or "
                           "use --engine torch")
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether oneDNN has bf16 kernels on this CPU (AVX-512 and newer; fastest with AVX-512
-    BF16 or AMX): elsewhere bf16 is emulated element by element and not worth timing."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def torch_engine(model: nn.Module, precision: str, device: torch.device) -> Engine:

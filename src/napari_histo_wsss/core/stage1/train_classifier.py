@@ -251,7 +251,8 @@ class ClassifierTrainer(EpochTrainer):
                 (run.classifier_dir / "losses.csv").unlink(missing_ok=True)
             self.log = LossLog(run.classifier_dir / "losses.csv", LOSS_FIELDS)
             run.mark_incomplete(STAGE)
-        self.stepper = Stepper(self.model, optimizer, device, "classification")
+        self.stepper = Stepper(self.model, optimizer, device, "classification",
+                               precision=config.train_precision)
         self.labels = torch.from_numpy(patches.labels.astype(np.float32))
 
     def begin_epoch(self, epoch: int, first_batch: int) -> None:

@@ -32,6 +32,8 @@ class StrategyComparison:
     labels: np.ndarray  # (H, W) uint8 class indices
     scores: dict[str, Any] | None = None  # ``ConfusionMatrix.scores`` when a mask was given
     trust: np.ndarray | None = None  # (H, W) float32 loss weights on a training patch
+    #: What ran the network (``Engine.record``: name, precision, note).
+    engine: dict[str, str] | None = None
 
     @property
     def miou(self) -> float | None:
@@ -99,7 +101,7 @@ def iter_comparisons(
                                lambda s=strategy: _loaded(run, s, device, engine, precision,
                                                           on_engine))
         labels, _ = predict_image(predictor, image)
-        result = StrategyComparison(strategy, labels)
+        result = StrategyComparison(strategy, labels, engine=predictor.engine.record())
         if truth is not None:
             matrix = ConfusionMatrix(predictor.spec.num_classes)
             matrix.update(labels, truth)

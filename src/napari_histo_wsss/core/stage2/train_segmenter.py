@@ -161,7 +161,8 @@ class SegmenterTrainer(EpochTrainer):
         self.stepper = Stepper(self.model, optimizer, device, self.loss_fn.name,
                                average_decay=average_decay(
                                    settings.weight_average,
-                                   settings.epochs * self.batches_per_epoch))
+                                   settings.epochs * self.batches_per_epoch),
+                               precision=config.train_precision)
         if self.last_path.is_file():
             restore_average(self.stepper, payload, self.last_path)
         self.context = LossContext(self.spec.num_classes, total_epochs=settings.epochs)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..events import Batch, CheckpointSaved, Done, Epoch, Event, Started, StopToken
+from ..events import Batch, CheckpointSaved, Done, Epoch, Event, Message, Started, StopToken
 from . import distributed
 from .state import TrainingState
 from .stepper import Stepper
@@ -101,6 +101,8 @@ def run_epochs(trainer: EpochTrainer, stop: StopToken) -> Generator[Event, None,
     events = _main_events if main else _silent
     state = trainer.state
     yield from events(Started(trainer.stage, trainer.epochs, trainer.batches_per_epoch))
+    if trainer.stepper.precision_note and state.epoch < trainer.epochs:
+        yield from events(Message(trainer.stage, trainer.stepper.precision_note))
     for epoch in range(state.epoch, trainer.epochs):
         trainer.stepper.model.train()
         trainer.begin_epoch(epoch, state.batch)

@@ -1,7 +1,9 @@
 """One optimisation step, the same for every trainer: mixed precision and channels-last on CUDA.
 
 Autocast runs bf16 where the GPU has it and fp16 otherwise (with a ``GradScaler``, which keeps
-small fp16 gradients from vanishing); on the CPU everything stays float32. A loss that is not
+small fp16 gradients from vanishing); on the CPU everything stays float32 unless the run asks
+for bf16 (``RunConfig.train_precision``, ``devices.training_autocast``), which runs where the
+CPU has bf16 kernels and falls back to float32 with one line elsewhere. A loss that is not
 finite, or weights that are not (checked before anything is saved), stop training with one
 ``ConfigError`` instead of silently ruining the weights: nothing of the diverged model is written,
 so the last good checkpoint stays and the stage is not marked complete.
@@ -23,7 +25,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from ..devices import autocast_dtype
+from ..devices import training_autocast
 from ..errors import ConfigError
 from ..runs.checkpoints import first_non_finite
 from . import distributed
@@ -46,10 +48,12 @@ class Stepper:
     """Owns the model being trained (DDP-wrapped under torchrun), its optimiser and scaler."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 device: torch.device, loss_name: str, average_decay: float | None = None):
+                 device: torch.device, loss_name: str, average_decay: float | None = None,
+                 precision: str = "auto"):
         self.device = device
         self.loss_name = loss_name
-        self.amp_dtype = autocast_dtype(device)
+        #: The autocast dtype (None: fp32) and a line saying what ``precision`` became.
+        self.amp_dtype, self.precision_note = training_autocast(device, precision)
         self.scaler = torch.amp.GradScaler(device.type,
                                            enabled=self.amp_dtype == torch.float16)
         if device.type == "cuda":

@@ -67,6 +67,13 @@ class Predictor(Protocol):
         """uint8 ``(N, h, w, 3)`` -> float32 class probabilities ``(N, C, h, w)``."""
 
 
+def engine_record(predictor: Predictor) -> dict[str, str] | None:
+    """Which inference engine runs ``predictor`` (``Engine.record``), for the output's
+    metadata; None for a predictor without one. Duck-typed: this module needs no torch."""
+    record = getattr(getattr(predictor, "engine", None), "record", None)
+    return record() if callable(record) else None
+
+
 @dataclass(frozen=True)
 class Resolution:
     """Where the model looks: pyramid ``level`` shrunk by ``factor`` into a ``shape`` grid."""
@@ -255,6 +262,7 @@ class _SlideOutput:
             "tile": self.grid.tile, "halo": self.grid.halo, "blend": self.blend,
             "predictor": {"config": json.loads(json.dumps(self.predictor.config, default=str)),
                           "mpp": getattr(self.predictor, "mpp", None)},
+            "engine": engine_record(self.predictor),
             "tissue_fraction": None if mask is None else round(mask.fraction, 4),
             "package": {"name": "napari-histo-wsss", "version": __version__},
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -324,7 +332,7 @@ class _SlideJob:
             yield from self._stopped()
             return
         store.mark_complete(root, seconds=round(time.perf_counter() - started, 2),
-                            tiles_predicted=total)
+                            tiles_predicted=total, engine=engine_record(self.predictor))
         yield Done(STAGE, self.out_path)
 
     def _stop_requested(self) -> bool:
