@@ -417,3 +417,55 @@ def test_widgets_share_one_run_folder_and_scroll(make_napari_viewer, base_run):
 
     assert isinstance(masks.native, QScrollArea)  # a long form scrolls in its dock
     assert masks.native.widget() is masks.form
+
+
+def test_train_more_epochs_on_an_existing_run(make_napari_viewer, qtbot, two_strategy_run,
+                                              sample_dataset_dir, tmp_path):
+    """The explicit "more epochs" control: offered only for finished models, the button says
+    what it does, the run grows by the epochs asked for, and the control resets after."""
+    import torch
+
+    from napari_histo_wsss.core.runs.checkpoints import load_checkpoint
+    from napari_histo_wsss.core.runs.run_dir import RunDirectory
+    from napari_histo_wsss.widgets.train_classifier import TrainClassifierWidget
+    from napari_histo_wsss.widgets.train_segmenter import TrainSegmenterWidget
+
+    run_folder = copy_run(two_strategy_run, tmp_path)
+    run = RunDirectory(run_folder)
+    viewer = make_napari_viewer()
+    segmenter = docked(viewer, TrainSegmenterWidget)
+    segmenter.run_folder.value = tmp_path / "new"  # no run yet: nothing to train longer
+    assert not segmenter.more_epochs.enabled
+    assert segmenter.more_epochs.native.text() == "none"
+    segmenter.run_folder.value = run_folder
+    segmenter.strategies.value = ["ce"]
+    assert segmenter.more_epochs.enabled
+    segmenter.more_epochs.value = 2
+    assert segmenter.toggle_button.text() == "Train 2 more epochs"
+    last_before = load_checkpoint(run.segmenter_dir("ce") / "last.pt", kind="segmenter")
+
+    segmenter.toggle_button.click()
+    assert wait_for_job(qtbot, segmenter.runner) is JobState.DONE
+    assert segmenter.more_epochs.value == 0 and segmenter.toggle_button.text() == "Train"
+    assert run.config().extended_epochs == {"segmenter:ce": 3}
+    assert run.status()["segmenter:ce"]["epochs"] == 3
+    assert run.status()["segmenter:onss"]["epochs"] == 1  # not selected: untouched
+    history = json.loads((run.segmenter_dir("ce") / "metrics.json").read_text())["history"]
+    assert [entry["epoch"] for entry in history] == [1, 2, 3]
+    last_after = load_checkpoint(run.segmenter_dir("ce") / "last.pt", kind="segmenter")
+    name = next(k for k, v in last_after["state_dict"].items() if v.ndim == 4)
+    assert not torch.equal(last_before["state_dict"][name], last_after["state_dict"][name])
+    assert "ce: val mIoU" in segmenter.progress.status.text()
+
+    classifier = docked(viewer, TrainClassifierWidget)  # follows the shared run folder
+    classifier.dataset.value = sample_dataset_dir
+    assert not classifier.epochs.enabled and classifier.epochs.value == 1
+    assert classifier.more_epochs.enabled
+    classifier.more_epochs.value = 1
+    assert classifier.toggle_button.text() == "Train 1 more epoch"
+    classifier.toggle_button.click()
+    assert wait_for_job(qtbot, classifier.runner) is JobState.DONE
+    assert classifier.epochs.value == 2 and classifier.more_epochs.value == 0
+    assert run.status()["classifier"]["epochs"] == 2
+    assert "no pseudo-masks yet" in classifier.run_info.value
+    assert "ce (stale: older pseudo-masks)" in classifier.run_info.value
