@@ -469,3 +469,57 @@ def test_train_more_epochs_on_an_existing_run(make_napari_viewer, qtbot, two_str
     assert run.status()["classifier"]["epochs"] == 2
     assert "no pseudo-masks yet" in classifier.run_info.value
     assert "ce (stale: older pseudo-masks)" in classifier.run_info.value
+
+
+def test_segment_slide_resumes_its_progress_where_it_stopped(
+        make_napari_viewer, qtbot, two_strategy_run, sample_slide_path, tmp_path):
+    """After Stop, Start again continues the output, and its progress bars (the dock's and
+    napari's activity dock) start at the tiles already done instead of at 0."""
+    from napari.utils import progress
+
+    from napari_histo_wsss._reader import read_slide
+    from napari_histo_wsss.core.events import Batch, Started
+    from napari_histo_wsss.core.wsi.ome_zarr_labels import open_segmentation
+    from napari_histo_wsss.widgets.segment_slide import SegmentSlideWidget
+
+    viewer = make_napari_viewer()
+    data, kwargs, _ = read_slide(str(sample_slide_path))[0]
+    viewer.add_image(data, **kwargs)
+    widget = docked(viewer, SegmentSlideWidget)
+    widget.run_folder.value = two_strategy_run
+    widget.strategy.value = "ce"
+    widget.output.value = tmp_path / "slide.zarr"
+    widget.level.value = 2
+    widget.tile.value = 128  # 48 tiles: the job is still running when Stop lands
+    widget.halo.value = 16
+    widget.batch_size.value = 8
+    events, bars = [], []
+    # Recorded before the widget's handler, which may let queued events in (yield order).
+    widget.runner.event.connect(events.append, priority=1)
+    widget.runner.event.connect(lambda event: isinstance(event, Batch) and bars.append(
+        (widget.progress.batch_bar.value(), widget.activity.bar in progress._all_instances,
+         widget.activity.bar.n)))
+
+    widget.toggle_button.click()  # Stop once two rows of 8 tiles can be done
+    qtbot.waitUntil(lambda: sum(isinstance(e, Batch) for e in events) >= 16,
+                    timeout=JOB_TIMEOUT_MS)
+    widget.toggle_button.click()  # Stop
+    assert wait_for_job(qtbot, widget.runner) is JobState.STOPPED
+    done_before = sum(isinstance(e, Batch) for e in events)
+    total = next(e for e in events if isinstance(e, Started)).batches_per_epoch
+    assert done_before < total
+    assert not open_segmentation(tmp_path / "slide.zarr").complete
+
+    events.clear()
+    bars.clear()
+    widget.toggle_button.click()  # Start again: resumes the output
+    assert wait_for_job(qtbot, widget.runner) is JobState.DONE
+    batches = [e for e in events if isinstance(e, Batch)]
+    assert next(e for e in events if isinstance(e, Started)).batches_per_epoch == total
+    first = batches[0].index
+    assert first == total - len(batches) >= 8  # starts at the tiles already done
+    assert [b.index for b in batches] == list(range(first, total))
+    # Both bars (the dock's and napari's activity dock) go on from there, never from 0.
+    assert all(first < panel == activity for panel, shown, activity in bars if shown)
+    assert bars[-1] == (total, True, total)
+    assert open_segmentation(tmp_path / "slide.zarr").complete

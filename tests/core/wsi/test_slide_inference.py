@@ -16,7 +16,11 @@ from napari_histo_wsss.core.data.classes import WSSS4LUAD, custom_spec
 from napari_histo_wsss.core.errors import SlideError
 from napari_histo_wsss.core.events import Batch, Done, Message, Started, StopToken
 from napari_histo_wsss.core.wsi.ome_zarr_labels import open_segmentation, read_attrs
-from napari_histo_wsss.core.wsi.slide_inference import segment_slide, segment_slides
+from napari_histo_wsss.core.wsi.slide_inference import (
+    segment_slide,
+    segment_slides,
+    tiles_per_call,
+)
 from napari_histo_wsss.core.wsi.slides import open_slide
 
 SPEC = custom_spec(["tumour", "stroma", "normal"], white_plane=False)
@@ -87,7 +91,7 @@ def test_label_map_equals_a_whole_image_prediction(complete_run, reference):
     started = next(e for e in events if isinstance(e, Started))
     batches = [e for e in events if isinstance(e, Batch)]
     assert started.batches_per_epoch == 48 and len(batches) == 48
-    assert batches[-1].index == batches[-1].total == 48
+    assert [b.index for b in batches] == list(range(48)) and batches[-1].total == 48
     segmentation = open_segmentation(out)
     labels = segmentation.labels[0].compute()
     assert labels.shape == reference.shape[1:]
@@ -179,7 +183,11 @@ def test_a_stopped_run_is_incomplete_and_resumes_to_the_same_result(
     resumed = run(TinyPredictor(), sample_slide_path, out)
     assert any(isinstance(e, Message) and "resuming" in e.text for e in resumed)
     started = next(e for e in resumed if isinstance(e, Started))
-    assert started.batches_per_epoch < 48  # finished rows are not predicted again
+    assert started.batches_per_epoch == 48  # the progress bar spans the whole slide ...
+    batches = [e for e in resumed if isinstance(e, Batch)]
+    assert len(batches) < 48  # ... finished rows are not predicted again ...
+    assert batches[0].index == 48 - len(batches) > 0  # ... and it starts at the tiles done
+    assert [b.index for b in batches] == list(range(batches[0].index, 48))
     assert read_attrs(out)["complete"] is True
     np.testing.assert_array_equal(open_segmentation(out).labels[0].compute(),
                                   open_segmentation(complete_run[0]).labels[0].compute())
@@ -351,3 +359,41 @@ def test_command_line_writes_zarr_and_geojson(sample_slide_path, tmp_path, monke
     args = parser.parse_args(["segment-slide", "RUN", str(broken), "--out", str(tmp_path / "b")])
     assert args.func(args) == 2
     assert "broken.svs: not a readable slide" in capsys.readouterr().err
+
+
+class StopDuringACall(TinyPredictor):
+    """Requests a stop while its ``calls``-th predictor call runs (as a user's click lands
+    while the model computes) and counts the tiles it is given."""
+
+    def __init__(self, stop: StopToken, calls: int):
+        super().__init__()
+        self.stop, self.calls, self.tiles = stop, calls, []
+
+    def predict_batch(self, batch):
+        self.tiles.append(len(batch))
+        if len(self.tiles) == self.calls:
+            self.stop.request()
+        return super().predict_batch(batch)
+
+
+def test_a_stop_is_honoured_after_the_running_call_not_the_batch(sample_slide_path, tmp_path):
+    """Batches of 16 tiles, predictor calls of at most 1 tile's time (stop_check_seconds 0):
+    a stop during the 3rd call (the first is the probe of the model's channels) ends the job
+    before a 4th, in the middle of the first batch, and the output resumes."""
+    stop = StopToken()
+    predictor = StopDuringACall(stop, calls=3)
+    events = run(predictor, sample_slide_path, tmp_path / "out.zarr", batch_size=16,
+                 stop=stop, stop_check_seconds=0.0)
+    assert events[-1].stopped
+    assert len(predictor.tiles) == 3  # no call after the one the stop came in
+    assert sum(predictor.tiles[1:]) == 2 < 16  # the batch of 16 was not finished
+    assert read_attrs(tmp_path / "out.zarr")["complete"] is False
+    resumed = run(TinyPredictor(), sample_slide_path, tmp_path / "out.zarr", batch_size=16)
+    assert isinstance(resumed[-1], Done) and not resumed[-1].stopped
+
+
+def test_calls_are_sized_to_the_stop_latency():
+    assert tiles_per_call(0.01, 16) == 16  # a fast model keeps its whole batch
+    assert tiles_per_call(0.1, 16) == 5  # 0.5 s of tiles
+    assert tiles_per_call(2.0, 16) == 1  # one slow tile is the least a call can take
+    assert tiles_per_call(0.0, 8) == 8

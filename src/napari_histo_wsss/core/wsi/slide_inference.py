@@ -18,6 +18,12 @@ again with the same settings continues from there, and a run whose settings diff
 While a run writes, it holds the lock ``.<name>.lock`` beside the output (core/runs/locks.py), so
 a second run on the same output, even one that would start over, is refused.
 Out of GPU memory, the batch is halved and the run goes on.
+
+A stop request is honoured between predictor calls, not only between batches: each call is
+sized from the measured time per tile to take at most ``stop_check_seconds`` (0.5 s; a whole
+batch where the model is that fast, one tile where a tile alone takes longer), so Stop takes
+effect within about a second on a CPU without shrinking the GPU's batches. The progress events
+count every tissue tile of the slide, so a resumed run starts at the tiles already done.
 """
 
 from __future__ import annotations
@@ -54,6 +60,18 @@ BAND_BUDGET_BYTES = 64 * 2**20
 READ_AHEAD_BATCHES = 2
 #: Finished rows waiting for the writer before the model waits for the disk.
 WRITE_QUEUE = 2
+#: A predictor call takes at most about this long (where one tile allows), so that a stop
+#: request waits at most this long for the model.
+STOP_CHECK_SECONDS = 0.5
+
+
+def tiles_per_call(seconds_per_tile: float, batch_size: int,
+                   stop_check_seconds: float = STOP_CHECK_SECONDS) -> int:
+    """How many tiles one predictor call gets: as many as fit ``stop_check_seconds`` at the
+    measured speed, at least 1 and at most ``batch_size``."""
+    if seconds_per_tile <= 0:
+        return batch_size
+    return max(1, min(batch_size, int(stop_check_seconds / seconds_per_tile)))
 
 
 class Predictor(Protocol):
@@ -149,11 +167,14 @@ def segment_slide(
     write_cams: bool | None = None,
     read_workers: int = 2,
     band_budget_bytes: int = BAND_BUDGET_BYTES,
+    stop_check_seconds: float = STOP_CHECK_SECONDS,
 ) -> Generator[Event, None, None]:
     """Segment ``slide`` into the OME-Zarr ``out_path``; a job generator ending with Done.
 
     ``write_cams``: also store the predictor's class activation maps (``predict_cams``, same
     contract as ``predict_batch``) as ``cams/``; None stores them when the predictor has them.
+    ``stop_check_seconds``: the longest a predictor call may take where one tile allows (the
+    stop latency; see the module docstring).
     """
     owns_slide = not isinstance(slide, Slide)
     if owns_slide:
@@ -163,7 +184,7 @@ def segment_slide(
             predictor, slide, Path(out_path), target_mpp=target_mpp, level=level, tile=tile,
             halo=halo, blend=blend, batch_size=batch_size, use_tissue_mask=tissue_mask,
             stop=stop, resume=resume, write_cams=write_cams, read_workers=read_workers,
-            band_budget_bytes=band_budget_bytes,
+            band_budget_bytes=band_budget_bytes, stop_check_seconds=stop_check_seconds,
         )
         out_path = Path(out_path)
         yield from locked_job(sibling_lock_path(out_path), out_path, STAGE, job.run())
@@ -266,7 +287,7 @@ class _SlideJob:
 
     def __init__(self, predictor, slide, out_path, *, target_mpp, level, tile, halo, blend,
                  batch_size, use_tissue_mask, stop, resume, write_cams, read_workers,
-                 band_budget_bytes):
+                 band_budget_bytes, stop_check_seconds=STOP_CHECK_SECONDS):
         if blend not in BLEND_MODES:
             raise ConfigError(f"unknown blend mode '{blend}': use one of {', '.join(BLEND_MODES)}")
         if batch_size < 1:
@@ -274,6 +295,8 @@ class _SlideJob:
         self.predictor, self.slide, self.out_path = predictor, slide, out_path
         self.spec: DatasetSpec = predictor.spec
         self.blend, self.batch_size, self.stop = blend, batch_size, stop
+        #: Tiles per predictor call (``tiles_per_call``): one until the speed is measured.
+        self.per_call, self.stop_check_seconds = 1, stop_check_seconds
         self.use_tissue_mask, self.resume = use_tissue_mask, resume
         self.read_workers, self.band_budget_bytes = read_workers, band_budget_bytes
         self.resolution, self.note = choose_resolution(
@@ -305,7 +328,8 @@ class _SlideJob:
             yield Done(STAGE, self.out_path)
             return
         windows = self._plan(root, mask)
-        total = sum(window.has_tissue for window in windows)
+        remaining = sum(window.has_tissue for window in windows)
+        total = self._tissue_tiles(mask)  # the whole slide's, so a resumed bar continues
         tissue_note = f", tissue {100 * mask.fraction:.0f}%" if mask is not None else ""
         factor = self.resolution.factor
         resized = "" if factor == 1 else f" resized x{1 / factor:.3g}"
@@ -313,10 +337,11 @@ class _SlideJob:
             STAGE,
             f"{self.slide.name}: level {self.resolution.level}{resized} "
             f"({_describe_mpp(self.resolution.mpp)}), {self.grid.rows}x{self.grid.cols} blocks, "
-            f"{total} tiles to predict{tissue_note}",
+            f"{remaining} tiles to predict{tissue_note}",
         )
         yield Started(STAGE, total_epochs=1, batches_per_epoch=total)
-        finished = yield from self._predict_and_write(root, windows, total)
+        finished = yield from self._predict_and_write(root, windows, total,
+                                                      max(total - remaining, 0))
         if finished:
             yield Message(STAGE, f"{self.slide.name}: building the pyramid")
             finished = store.build_pyramids(root, stopped=self._stop_requested)
@@ -324,7 +349,7 @@ class _SlideJob:
             yield from self._stopped()
             return
         store.mark_complete(root, seconds=round(time.perf_counter() - started, 2),
-                            tiles_predicted=total)
+                            tiles_predicted=remaining)
         yield Done(STAGE, self.out_path)
 
     def _stop_requested(self) -> bool:
@@ -335,14 +360,15 @@ class _SlideJob:
                              f"({self.out_path})")
         yield Done(STAGE, self.out_path, stopped=True)
 
-    def _predict_and_write(self, root, windows, total) -> Generator[Event, None, bool]:
-        """The streaming loop; returns False when a stop request ended it early."""
+    def _predict_and_write(self, root, windows, total, done_tiles
+                           ) -> Generator[Event, None, bool]:
+        """The streaming loop; returns False when a stop request ended it early.
+        ``done_tiles`` were predicted by an earlier, stopped run (where progress starts)."""
         reader = ThreadPoolExecutor(self.read_workers, thread_name_prefix="slide-read")
         writer = ThreadPoolExecutor(1, thread_name_prefix="slide-write")
         writes: deque[Future] = deque()
         blender: RowBlender | None = None
         band_of_blender = None
-        done_tiles = 0
         pending: list[tuple[_Window, np.ndarray | None]] = []
         try:
             for window, pixels in self._read_ahead(reader, windows):
@@ -352,6 +378,8 @@ class _SlideJob:
                     continue
                 images = [p for _, p in pending if p is not None]
                 predictions = (yield from self._predict(np.stack(images))) if images else []
+                if predictions is None:
+                    return False  # stopped inside the batch: its rows are done on resume
                 if images and self.spec.white_plane:
                     predictions = np.concatenate([predictions, self._white(images)], axis=1)
                 outputs = iter(predictions)
@@ -368,8 +396,8 @@ class _SlideJob:
                                                          covered)
                 pending = []
                 for _ in images:
+                    yield Batch(STAGE, epoch=0, index=min(done_tiles, total - 1), total=total)
                     done_tiles += 1
-                    yield Batch(STAGE, epoch=0, index=done_tiles, total=total)
                 if self._stop_requested():
                     return False
             return True
@@ -395,14 +423,25 @@ class _SlideJob:
 
     def _plan(self, root, mask: TissueMask | None) -> list[_Window]:
         """Windows in processing order: band by band, rows top to bottom, done rows left out."""
-        grid, scale = self.grid, self.resolution.level0_downsample
         done = np.asarray(root[store.DONE_PATH][:], dtype=bool)
+        first_rows = []
+        for col_start, col_stop in self.bands:
+            not_done = ~done[:, col_start:col_stop].all(axis=1)
+            first_rows.append(int(np.argmax(not_done)) if not_done.any() else None)
+        return self._windows(first_rows, mask)
+
+    def _tissue_tiles(self, mask: TissueMask | None) -> int:
+        """Tiles a run from scratch predicts (the length of the progress bar)."""
+        return sum(w.has_tissue for w in self._windows([0] * len(self.bands), mask))
+
+    def _windows(self, first_rows: list[int | None], mask: TissueMask | None) -> list[_Window]:
+        """The windows of each band from its first row not done (None: band done)."""
+        grid, scale = self.grid, self.resolution.level0_downsample
         windows = []
         for band, (col_start, col_stop) in enumerate(self.bands):
-            not_done = ~done[:, col_start:col_stop].all(axis=1)
-            if not not_done.any():
+            first_row = first_rows[band]
+            if first_row is None:
                 continue
-            first_row = int(np.argmax(not_done))
             for row in range(max(first_row - 1, 0), grid.rows):
                 window_cols = range(max(col_start - 1, 0), col_stop)
                 for col in window_cols:
@@ -462,11 +501,15 @@ class _SlideJob:
 
         return np.asarray(Image.fromarray(pixels).resize((tile, tile), Image.Resampling.BILINEAR))
 
-    def _predict(self, images: np.ndarray) -> Generator[Event, None, np.ndarray]:
-        """Predictions for ``images`` in sub-batches; halves the batch on out-of-memory."""
+    def _predict(self, images: np.ndarray) -> Generator[Event, None, np.ndarray | None]:
+        """Predictions for ``images`` in calls of ``per_call`` tiles; halves the batch on
+        out-of-memory; None when a stop request came in between two calls."""
         outputs, start = [], 0
         while start < len(images):
-            part = images[start : start + self.batch_size]
+            if self._stop_requested():
+                return None
+            part = images[start : start + min(self.per_call, self.batch_size)]
+            began = time.perf_counter()
             try:
                 maps = [np.asarray(self.predictor.predict_batch(part), np.float32)]
                 if self.write_cams:
@@ -485,6 +528,8 @@ class _SlideJob:
                 yield Message(STAGE, f"out of device memory: batch size lowered to "
                                      f"{self.batch_size}")
                 continue
+            self.per_call = tiles_per_call((time.perf_counter() - began) / len(part),
+                                           self.batch_size, self.stop_check_seconds)
             outputs.append(np.concatenate(maps, axis=1))
             start += len(part)
         return np.concatenate(outputs)
