@@ -312,6 +312,11 @@ def test_compare_two_strategies(make_napari_viewer, qtbot, two_strategy_run):
     predictions[0].opacity = 0.25  # linked: the other prediction follows
     assert predictions[1].opacity == 0.25
     assert "ground truth (compare)" in viewer.layers and viewer.grid.enabled
+    zoom_in_grid = viewer.camera.zoom
+    widget.grid.value = False  # the camera is fitted again: one image fills the canvas
+    assert not viewer.grid.enabled and viewer.camera.zoom > 1.2 * zoom_in_grid
+    widget.grid.value = True
+    assert viewer.camera.zoom == pytest.approx(zoom_in_grid)
     table = widget.iou_rows()
     assert set(table) == {"ce", "onss"}
     assert list(table["ce"]) == ["tumor", "stroma", "normal", "mIoU"]
