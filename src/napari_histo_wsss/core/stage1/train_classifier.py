@@ -223,13 +223,14 @@ def train_classifier(run: RunDirectory, config: RunConfig, patches, *, device: t
     """
     config.classifier.validate()
     spec = _check_dataset(patches, config)
+    device = distributed.setup(device)
     if more_epochs:
         if not resume:
             raise ConfigError("more epochs continue the trained classifier: they cannot be "
                               "combined with a restart from scratch")
         config = extend_stage(run, config, STAGE, run.classifier_dir / "last.pt", STAGE,
                               more_epochs)
-    trainer = ClassifierTrainer(run, config, patches, spec, distributed.setup(device), resume)
+    trainer = ClassifierTrainer(run, config, patches, spec, device, resume)
     yield from run_epochs(trainer, stop or StopToken())
 
 

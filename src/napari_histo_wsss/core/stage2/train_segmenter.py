@@ -117,7 +117,7 @@ def train_segmenter(
     if len(patches) < 2:
         raise DatasetError("a segmenter needs at least 2 training patches",
                            patches.paths[0].parent if patches.paths else None)
-    strategy = strategy or settings.loss
+    strategy, device = strategy or settings.loss, distributed.setup(device)
     if more_epochs:
         if strategy == METHOD_WITHOUT_CAMS:
             raise ConfigError("HisynSeg's two training rounds cannot be trained longer: "
@@ -128,8 +128,7 @@ def train_segmenter(
         config = extend_stage(run, config, segmenter_stage(strategy),
                               run.segmenter_dir(strategy) / "last.pt", SEGMENTER_KIND,
                               more_epochs)
-    trainer = SegmenterTrainer(run, config, patches, strategy, distributed.setup(device),
-                               resume, val)
+    trainer = SegmenterTrainer(run, config, patches, strategy, device, resume, val)
     trainer.add_corrections(corrections, init_from, preview)
     yield from run_epochs(trainer, stop or StopToken())
 

@@ -34,6 +34,7 @@ from ..errors import CheckpointError, ConfigError
 from ..runs.outputs import atomic_write_text
 from ..runs.run_dir import RunDirectory
 from ..runs.stages import CLASSIFIER, PSEUDO_MASKS, segmenter_stage
+from . import distributed
 from .resume import load_resume_checkpoint
 from .state import TrainingState
 
@@ -63,14 +64,17 @@ def extend_stage(run: RunDirectory, config: RunConfig, stage: str, last_path: Pa
                               "(only a retrain from scratch can)", last_path)
     done = TrainingState.from_dict(load_resume_checkpoint(last_path, kind)["training"]).epoch
     total = done + more_epochs
-    stored = run.config()
-    stored.extended_epochs = {**stored.extended_epochs, stage: total}
-    atomic_write_text(run.config_path, json.dumps(stored.to_dict(), indent=2) + "\n")
-    run.mark_incomplete(stage)
-    if stage == CLASSIFIER:
-        run.mark_incomplete(PSEUDO_MASKS)
-        for strategy in run.segmenter_strategies():
-            run.mark_stale(segmenter_stage(strategy), STALE_PSEUDO_MASKS)
+    distributed.barrier()  # under torchrun: every rank has checked before rank 0 writes
+    if distributed.is_main_process():
+        stored = run.config()
+        stored.extended_epochs = {**stored.extended_epochs, stage: total}
+        atomic_write_text(run.config_path, json.dumps(stored.to_dict(), indent=2) + "\n")
+        run.mark_incomplete(stage)
+        if stage == CLASSIFIER:
+            run.mark_incomplete(PSEUDO_MASKS)
+            for strategy in run.segmenter_strategies():
+                run.mark_stale(segmenter_stage(strategy), STALE_PSEUDO_MASKS)
+    distributed.barrier()
     return replace(config, extended_epochs={**config.extended_epochs, stage: total})
 
 
