@@ -131,7 +131,7 @@ def test_more_epochs_train_finished_stages_longer(finished_run, tmp_path, capsys
     assert [entry["epoch"] for entry in metrics["history"]] == [1, 2]
     assert "best on val (epoch" in capsys.readouterr().err
 
-    assert main(["train-classifier", argv[1], "--method", "mlps", "--out", str(copy),
+    assert main(["train-classifier", argv[1], "--out", str(copy),  # the run's method
                  "--more-epochs", "1", "--device", "cpu"]) == 0
     assert run.config().extended_epochs == {strategy: 2, CLASSIFIER: 2}
     assert run.status()[CLASSIFIER]["epochs"] == 2

@@ -34,7 +34,7 @@ def add_stage1_parsers(commands) -> None:
     add_dataset_flags(train)
     train.add_argument("--restart", action="store_true",
                        help="train from scratch instead of resuming classifier/last.pt")
-    add_more_epochs_flag(train, "classifier of RUN_DIR")
+    add_more_epochs_flag(train, "classifier of --out (its own method)")
     train.set_defaults(func=cmd_train_classifier)
 
     masks = commands.add_parser(
@@ -52,6 +52,7 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
     from ..core.errors import ConfigError
     from ..core.pipeline import prepare_run
     from ..core.runs.outputs import FOLDER, check_output
+    from ..core.runs.run_dir import RunDirectory
     from ..core.stage1.train_classifier import train_classifier
     from .flags import spec_from_args, stage_overrides
     from .progress import drive
@@ -60,8 +61,11 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
         raise ConfigError("--more-epochs continues the trained classifier: give it without "
                           "--restart and --epochs-cls")
     check_output(args.out, kind=FOLDER)
+    method = args.method
+    if args.more_epochs and RunDirectory(args.out).exists():
+        method = RunDirectory(args.out).config().method  # training longer keeps the run's
     run, config, layout = prepare_run(
-        args.data_dir, args.out, args.method, spec=spec_from_args(args),
+        args.data_dir, args.out, method, spec=spec_from_args(args),
         schedule=args.schedule, seed=args.seed, device=args.device, mpp=args.mpp,
         **stage_overrides(args),
     )
