@@ -136,6 +136,7 @@ def test_more_epochs_train_finished_stages_longer(finished_run, tmp_path, capsys
     assert run.config().extended_epochs == {strategy: 2, CLASSIFIER: 2}
     assert run.status()[CLASSIFIER]["epochs"] == 2
     assert not run.is_complete(PSEUDO_MASKS) and strategy in run.stale_stages()
+    assert "histo-wsss pseudo-masks" in capsys.readouterr().err
 
     capsys.readouterr()
     assert main(["train-segmenter", str(copy), "--more-epochs", "1", "--restart"]) == 2

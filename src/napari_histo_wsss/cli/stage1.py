@@ -84,6 +84,10 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     print(done.result)
+    if args.more_epochs:
+        print(f"the pseudo-masks come from the earlier classifier: make them again with "
+              f"`histo-wsss pseudo-masks {run.root}` (segmenters trained on them are marked "
+              "stale)", file=sys.stderr)
     return 0
 
 
