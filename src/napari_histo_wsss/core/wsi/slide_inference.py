@@ -716,7 +716,7 @@ def _segment_on_cluster(factory, targets, scheduler, stop, options):
             except HistoWsssError as error:
                 result.failures[str(slide_path)] = str(error)
                 yield Message(STAGE, f"skipped: {error}")
-            yield Batch(STAGE, epoch=0, index=finished, total=len(futures))
+            yield Batch(STAGE, epoch=0, index=finished - 1, total=len(futures))
             if stop is not None and stop.requested:
                 client.cancel(list(futures))
                 yield Done(STAGE, result, stopped=True)
