@@ -110,3 +110,35 @@ def test_method_is_optional_and_defaults_to_the_recommended_recipe():
         assert parser.parse_args(argv).method == DEFAULT_METHOD
     assert parser.parse_args(["pipeline", "DATA", "--out", "R", "--method", "mlps",
                               "--schedule", "long"]).schedule == "long"
+
+
+def test_more_epochs_train_finished_stages_longer(finished_run, tmp_path, capsys):
+    """``--more-epochs`` on both training commands: the new totals in run.json and
+    status.json, history appended; the extended classifier leaves its pseudo-masks to be
+    made again and marks the segmenter stale; a restart with it is refused in one line."""
+    import shutil
+
+    argv, out, _ = finished_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    run = RunDirectory(copy)
+    strategy = segmenter_stage("multilayer_ce")
+
+    assert main(["train-segmenter", str(copy), "--more-epochs", "1", "--device", "cpu"]) == 0
+    assert run.config().extended_epochs == {strategy: 2}
+    assert run.status()[strategy]["epochs"] == 2
+    metrics = json.loads((run.segmenter_dir("multilayer_ce") / "metrics.json").read_text())
+    assert [entry["epoch"] for entry in metrics["history"]] == [1, 2]
+    assert "best on val (epoch" in capsys.readouterr().err
+
+    assert main(["train-classifier", argv[1], "--out", str(copy),  # the run's method
+                 "--more-epochs", "1", "--device", "cpu"]) == 0
+    assert run.config().extended_epochs == {strategy: 2, CLASSIFIER: 2}
+    assert run.status()[CLASSIFIER]["epochs"] == 2
+    assert not run.is_complete(PSEUDO_MASKS) and strategy in run.stale_stages()
+    assert "histo-wsss pseudo-masks" in capsys.readouterr().err
+
+    capsys.readouterr()
+    assert main(["train-segmenter", str(copy), "--more-epochs", "1", "--restart"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "--more-epochs" in error

@@ -312,6 +312,11 @@ def test_compare_two_strategies(make_napari_viewer, qtbot, two_strategy_run):
     predictions[0].opacity = 0.25  # linked: the other prediction follows
     assert predictions[1].opacity == 0.25
     assert "ground truth (compare)" in viewer.layers and viewer.grid.enabled
+    zoom_in_grid = viewer.camera.zoom
+    widget.grid.value = False  # the camera is fitted again: one image fills the canvas
+    assert not viewer.grid.enabled and viewer.camera.zoom > 1.2 * zoom_in_grid
+    widget.grid.value = True
+    assert viewer.camera.zoom == pytest.approx(zoom_in_grid)
     table = widget.iou_rows()
     assert set(table) == {"ce", "onss"}
     assert list(table["ce"]) == ["tumor", "stroma", "normal", "mIoU"]
@@ -468,3 +473,109 @@ def test_widgets_share_one_run_folder_and_scroll(make_napari_viewer, base_run):
 
     assert isinstance(masks.native, QScrollArea)  # a long form scrolls in its dock
     assert masks.native.widget() is masks.form
+
+
+def test_train_more_epochs_on_an_existing_run(make_napari_viewer, qtbot, two_strategy_run,
+                                              sample_dataset_dir, tmp_path):
+    """The explicit "more epochs" control: offered only for finished models, the button says
+    what it does, the run grows by the epochs asked for, and the control resets after."""
+    import torch
+
+    from napari_histo_wsss.core.runs.checkpoints import load_checkpoint
+    from napari_histo_wsss.core.runs.run_dir import RunDirectory
+    from napari_histo_wsss.widgets.train_classifier import TrainClassifierWidget
+    from napari_histo_wsss.widgets.train_segmenter import TrainSegmenterWidget
+
+    run_folder = copy_run(two_strategy_run, tmp_path)
+    run = RunDirectory(run_folder)
+    viewer = make_napari_viewer()
+    segmenter = docked(viewer, TrainSegmenterWidget)
+    segmenter.run_folder.value = tmp_path / "new"  # no run yet: nothing to train longer
+    assert not segmenter.more_epochs.enabled
+    assert segmenter.more_epochs.native.text() == "none"
+    segmenter.run_folder.value = run_folder
+    segmenter.strategies.value = ["ce"]
+    assert segmenter.more_epochs.enabled
+    segmenter.more_epochs.value = 2
+    assert segmenter.toggle_button.text() == "Train 2 more epochs"
+    last_before = load_checkpoint(run.segmenter_dir("ce") / "last.pt", kind="segmenter")
+
+    segmenter.toggle_button.click()
+    assert wait_for_job(qtbot, segmenter.runner) is JobState.DONE
+    assert segmenter.more_epochs.value == 0 and segmenter.toggle_button.text() == "Train"
+    assert run.config().extended_epochs == {"segmenter:ce": 3}
+    assert run.status()["segmenter:ce"]["epochs"] == 3
+    assert run.status()["segmenter:onss"]["epochs"] == 1  # not selected: untouched
+    history = json.loads((run.segmenter_dir("ce") / "metrics.json").read_text())["history"]
+    assert [entry["epoch"] for entry in history] == [1, 2, 3]
+    last_after = load_checkpoint(run.segmenter_dir("ce") / "last.pt", kind="segmenter")
+    name = next(k for k, v in last_after["state_dict"].items() if v.ndim == 4)
+    assert not torch.equal(last_before["state_dict"][name], last_after["state_dict"][name])
+    assert "ce: val mIoU" in segmenter.progress.status.text()
+
+    classifier = docked(viewer, TrainClassifierWidget)  # follows the shared run folder
+    classifier.dataset.value = sample_dataset_dir
+    assert not classifier.epochs.enabled and classifier.epochs.value == 1
+    assert classifier.more_epochs.enabled
+    classifier.more_epochs.value = 1
+    assert classifier.toggle_button.text() == "Train 1 more epoch"
+    classifier.toggle_button.click()
+    assert wait_for_job(qtbot, classifier.runner) is JobState.DONE
+    assert classifier.epochs.value == 2 and classifier.more_epochs.value == 0
+    assert run.status()["classifier"]["epochs"] == 2
+    assert "no pseudo-masks yet" in classifier.run_info.value
+    assert "ce (stale: older pseudo-masks)" in classifier.run_info.value
+
+
+def test_segment_slide_resumes_its_progress_where_it_stopped(
+        make_napari_viewer, qtbot, two_strategy_run, sample_slide_path, tmp_path):
+    """After Stop, Start again continues the output, and its progress bars (the dock's and
+    napari's activity dock) start at the tiles already done instead of at 0."""
+    from napari.utils import progress
+
+    from napari_histo_wsss._reader import read_slide
+    from napari_histo_wsss.core.events import Batch, Started
+    from napari_histo_wsss.core.wsi.ome_zarr_labels import open_segmentation
+    from napari_histo_wsss.widgets.segment_slide import SegmentSlideWidget
+
+    viewer = make_napari_viewer()
+    data, kwargs, _ = read_slide(str(sample_slide_path))[0]
+    viewer.add_image(data, **kwargs)
+    widget = docked(viewer, SegmentSlideWidget)
+    widget.run_folder.value = two_strategy_run
+    widget.strategy.value = "ce"
+    widget.output.value = tmp_path / "slide.zarr"
+    widget.level.value = 2
+    widget.tile.value = 128  # 48 tiles: the job is still running when Stop lands
+    widget.halo.value = 16
+    widget.batch_size.value = 8
+    events, bars = [], []
+    # Recorded before the widget's handler, which may let queued events in (yield order).
+    widget.runner.event.connect(events.append, priority=1)
+    widget.runner.event.connect(lambda event: isinstance(event, Batch) and bars.append(
+        (widget.progress.batch_bar.value(), widget.activity.bar in progress._all_instances,
+         widget.activity.bar.n)))
+
+    widget.toggle_button.click()  # Stop once two rows of 8 tiles can be done
+    qtbot.waitUntil(lambda: sum(isinstance(e, Batch) for e in events) >= 16,
+                    timeout=JOB_TIMEOUT_MS)
+    widget.toggle_button.click()  # Stop
+    assert wait_for_job(qtbot, widget.runner) is JobState.STOPPED
+    done_before = sum(isinstance(e, Batch) for e in events)
+    total = next(e for e in events if isinstance(e, Started)).batches_per_epoch
+    assert done_before < total
+    assert not open_segmentation(tmp_path / "slide.zarr").complete
+
+    events.clear()
+    bars.clear()
+    widget.toggle_button.click()  # Start again: resumes the output
+    assert wait_for_job(qtbot, widget.runner) is JobState.DONE
+    batches = [e for e in events if isinstance(e, Batch)]
+    assert next(e for e in events if isinstance(e, Started)).batches_per_epoch == total
+    first = batches[0].index
+    assert first == total - len(batches) >= 8  # starts at the tiles already done
+    assert [b.index for b in batches] == list(range(first, total))
+    # Both bars (the dock's and napari's activity dock) go on from there, never from 0.
+    assert all(first < panel == activity for panel, shown, activity in bars if shown)
+    assert bars[-1] == (total, True, total)
+    assert open_segmentation(tmp_path / "slide.zarr").complete

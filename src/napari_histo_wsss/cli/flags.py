@@ -49,6 +49,13 @@ def add_segmenter_epochs_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs-seg", type=positive_int, help="segmenter epochs")
 
 
+def add_more_epochs_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--more-epochs N``: train a finished stage N epochs longer (core/training/extension.py)."""
+    parser.add_argument("--more-epochs", type=positive_int, metavar="N",
+                        help=f"train the finished {what} N more epochs (the lr schedule gets "
+                             "a new tail; the run records the new total)")
+
+
 def add_seed_flag(parser: argparse.ArgumentParser, default: str = "0") -> None:
     parser.add_argument("--seed", type=non_negative_int,
                         help=f"random seed (default: {default})")

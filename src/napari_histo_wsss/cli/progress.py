@@ -49,6 +49,9 @@ def drive(make_job: Callable[[StopToken], Generator[Event, None, None]], quiet: 
                 bar = tqdm(total=total, desc=event.stage, unit="step", disable=quiet,
                            dynamic_ncols=True, file=sys.stderr)
             elif isinstance(event, Batch) and bar is not None:
+                if bar.n == 0:  # a resumed job: start at the work done before
+                    before = event.epoch * event.total + event.index
+                    bar.update(before if bar.total and before < bar.total else 0)
                 bar.update(1)
                 if event.loss is not None:
                     bar.set_postfix(loss=f"{event.loss:.4f}", refresh=False)

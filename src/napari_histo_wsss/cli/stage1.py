@@ -15,7 +15,13 @@ from ..core.config.presets import DEFAULT_METHOD, METHODS
 
 def add_stage1_parsers(commands) -> None:
     """Register the two stage-1 commands on the ``histo-wsss`` sub-command parser."""
-    from .flags import add_dataset_flags, add_device_flag, add_run_positionals, add_training_flags
+    from .flags import (
+        add_dataset_flags,
+        add_device_flag,
+        add_more_epochs_flag,
+        add_run_positionals,
+        add_training_flags,
+    )
 
     train = commands.add_parser(
         "train-classifier", help="stage 1: train the CAM classifier on the patch labels "
@@ -28,6 +34,7 @@ def add_stage1_parsers(commands) -> None:
     add_dataset_flags(train)
     train.add_argument("--restart", action="store_true",
                        help="train from scratch instead of resuming classifier/last.pt")
+    add_more_epochs_flag(train, "classifier of --out (its own method)")
     train.set_defaults(func=cmd_train_classifier)
 
     masks = commands.add_parser(
@@ -42,15 +49,23 @@ def add_stage1_parsers(commands) -> None:
 
 def cmd_train_classifier(args: argparse.Namespace) -> int:
     from ..core.devices import resolve_device
+    from ..core.errors import ConfigError
     from ..core.pipeline import prepare_run
     from ..core.runs.outputs import FOLDER, check_output
+    from ..core.runs.run_dir import RunDirectory
     from ..core.stage1.train_classifier import train_classifier
     from .flags import spec_from_args, stage_overrides
     from .progress import drive
 
+    if args.more_epochs and (args.restart or args.epochs_cls):
+        raise ConfigError("--more-epochs continues the trained classifier: give it without "
+                          "--restart and --epochs-cls")
     check_output(args.out, kind=FOLDER)
+    method = args.method
+    if args.more_epochs and RunDirectory(args.out).exists():
+        method = RunDirectory(args.out).config().method  # training longer keeps the run's
     run, config, layout = prepare_run(
-        args.data_dir, args.out, args.method, spec=spec_from_args(args),
+        args.data_dir, args.out, method, spec=spec_from_args(args),
         schedule=args.schedule, seed=args.seed, device=args.device, mpp=args.mpp,
         train_precision=args.train_precision, **stage_overrides(args),
     )
@@ -61,11 +76,18 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
         val.check()  # a bad val mask is found now, not after hours of training
     patches = layout.patches()
     done = drive(lambda stop: train_classifier(run, config, patches, device=device, stop=stop,
-                                               resume=not args.restart))
+                                               resume=not args.restart,
+                                               more_epochs=args.more_epochs or 0))
     if done is None or done.stopped:
-        print(f"stopped; run the same command again to resume ({run.root})", file=sys.stderr)
+        again = "without --more-epochs " if args.more_epochs else ""
+        print(f"stopped; run the same command {again}again to resume ({run.root})",
+              file=sys.stderr)
         return 1
     print(done.result)
+    if args.more_epochs:
+        print(f"the pseudo-masks come from the earlier classifier: make them again with "
+              f"`histo-wsss pseudo-masks {run.root}` (segmenters trained on them are marked "
+              "stale)", file=sys.stderr)
     return 0
 
 

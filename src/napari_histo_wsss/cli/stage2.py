@@ -21,6 +21,7 @@ from .flags import (
     add_dataset_flags,
     add_device_flag,
     add_engine_flags,
+    add_more_epochs_flag,
     add_overwrite_flag,
     add_run_positionals,
     add_seed_flag,
@@ -58,6 +59,7 @@ def add_stage2_parsers(commands) -> None:
     add_train_precision_flag(train, default="the run's")
     train.add_argument("--restart", action="store_true",
                        help="train from scratch instead of resuming segmenter/<strategy>/last.pt")
+    add_more_epochs_flag(train, "segmenter/<strategy>")
     train.add_argument("--with-corrections", action="store_true",
                        help="fine-tune segmenter/<strategy> on the run's painted corrections "
                             "into segmenter/<strategy>-corrections (docs/corrections.md)")
@@ -108,6 +110,9 @@ def cmd_train_segmenter(args) -> int:
     from ..core.stage2.train_segmenter import train_segmenter
     from .progress import drive
 
+    if args.more_epochs and (args.restart or args.epochs_seg or args.with_corrections):
+        raise ConfigError("--more-epochs continues the trained segmenter: give it without "
+                          "--restart, --epochs-seg and --with-corrections")
     run = RunDirectory(args.run_dir)
     config = run.config()
     data_dir = args.data_dir or config.data_dir
@@ -133,16 +138,18 @@ def cmd_train_segmenter(args) -> int:
           f"{segmenter.loss} -> {run.segmenter_dir(strategy)}", file=sys.stderr)
     done = drive(lambda stop: train_segmenter(
         run, config, layout.patches(), strategy=strategy, device=config.device, stop=stop,
-        resume=not args.restart, val=val))
+        resume=not args.restart, val=val, more_epochs=args.more_epochs or 0))
     if done is None or done.stopped:
-        print(f"stopped; run the same command again to resume ({run.root})", file=sys.stderr)
+        again = "without --more-epochs " if args.more_epochs else ""
+        print(f"stopped; run the same command {again}again to resume ({run.root})",
+              file=sys.stderr)
         return 1
     print(done.result)
     metrics_path = run.segmenter_dir(strategy) / "metrics.json"
-    best = json.loads(metrics_path.read_text()).get("best_val") if metrics_path.is_file() \
-        else None
-    if best:
-        print(f"best on val:\n{format_scores(best)}", file=sys.stderr)
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    if metrics.get("best_val"):
+        print(f"best on val (epoch {metrics.get('best_epoch')} of {metrics.get('epochs')}, "
+              f"kept as model.pt):\n{format_scores(metrics['best_val'])}", file=sys.stderr)
     if val is not None and config.segmenter.class_gate is not None:
         from ..core.inference.predict import describe_gate_choice, select_class_gate
 

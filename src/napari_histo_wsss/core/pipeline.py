@@ -89,12 +89,18 @@ def run_pipeline(
     *,
     stop: StopToken | None = None,
     strategies: list[str] | None = None,
+    more_epochs: int = 0,
 ) -> Generator[Event, None, None]:
     """Run every unfinished stage; ends with ``Done(result=summary dict)``.
 
     ``strategies`` trains several noise-suppression losses one after another on the same
-    pseudo-masks (the napari comparison view shows them side by side).
+    pseudo-masks (the napari comparison view shows them side by side). ``more_epochs``
+    trains those (finished) strategies that many epochs longer (core/training/extension.py)
+    and scores them again.
     """
+    if more_epochs and config.method == METHOD_WITHOUT_CAMS:
+        raise ConfigError("HisynSeg's two training rounds cannot be trained longer: train a "
+                          "new run with more segmenter epochs", run.root)
     stop = stop or StopToken()
     device = resolve_device(config.device)
     val = layout.eval_set("val")
@@ -109,8 +115,10 @@ def run_pipeline(
     else:
         strategies = strategies or [config.segmenter.loss]
     trained = False
-    for stage, job in _stage_jobs(run, config, patches, val, device, stop, strategies):
-        if run.is_complete(stage):
+    longer = {segmenter_stage(strategy) for strategy in strategies} if more_epochs else set()
+    for stage, job in _stage_jobs(run, config, patches, val, device, stop, strategies,
+                                  more_epochs):
+        if run.is_complete(stage) and stage not in longer:
             continue
         trained = True
         finished = True
@@ -129,7 +137,7 @@ def run_pipeline(
     yield Done("pipeline", summary)
 
 
-def _stage_jobs(run, config, patches, val, device, stop, strategies
+def _stage_jobs(run, config, patches, val, device, stop, strategies, more_epochs=0
                 ) -> list[tuple[str, Callable[[], Generator[Event, None, Any]]]]:
     """The method's stages in order, as (status name, job factory) pairs."""
     common = {"device": device, "stop": stop}
@@ -148,7 +156,7 @@ def _stage_jobs(run, config, patches, val, device, stop, strategies
         strategy_config = replace(config, segmenter=replace(config.segmenter, loss=strategy))
         jobs.append((segmenter_stage(strategy), partial(
             train_segmenter, run, strategy_config, patches, strategy=strategy, resume=True,
-            val=val, **common)))
+            val=val, more_epochs=more_epochs, **common)))
     return jobs
 
 

@@ -37,7 +37,8 @@ def describe_run(folder) -> str:
         parts.append(CLASSIFIER_TEXT[status.classifier])
         parts.append("pseudo-masks done" if status.pseudo_masks is StageState.DONE
                      else "no pseudo-masks yet")
-    strategies = status.strategies
+    strategies = [f"{name} (stale: older pseudo-masks)" if name in status.stale else name
+                  for name in status.strategies]
     parts.append(f"segmenters: {', '.join(strategies)}" if strategies else "no segmenter yet")
     return " · ".join(parts)
 

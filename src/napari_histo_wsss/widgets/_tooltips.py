@@ -16,7 +16,10 @@ TOOLTIPS: dict[str, str] = {
               " HISTO_WSSS_DEVICE overrides it.",
     "epochs": "Epochs to train (preset: the method's schedule). An existing run keeps the"
               " epochs it was started with, so that resuming ends where an uninterrupted run"
-              " would.",
+              " would; 'more epochs' trains a finished one longer.",
+    "more_epochs": "Train a finished model this many epochs longer (none: train or resume as"
+                   " usual). It continues from its last state with a new, shorter learning-"
+                   "rate tail; the run records the new total.",
     "segmenter_epochs": "Epochs per strategy (preset: the run's). A stopped strategy resumes"
                         " and trains up to this many.",
     "batch_size": "Patches per optimisation step. Lower it if the device runs out of memory.",

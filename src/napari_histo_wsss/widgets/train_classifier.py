@@ -4,7 +4,8 @@ Pick a dataset (its classes are detected and shown at once, problems are shown u
 field), a method preset and a run folder, and press Train. Stop finishes the batch and saves
 the model; pressing Train again on the same run folder continues from that checkpoint. An
 existing run folder brings its own settings (shown, and locked): resuming with other settings
-would mix two schedules, so the core refuses it.
+would mix two schedules, so the core refuses it. A finished classifier can be trained longer
+with "more epochs" (core/training/extension.py); its pseudo-masks then need making again.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ STAGE = "classifier"
 CAM_METHODS = methods_with_classifier()
 #: Shown in numeric fields left at 0: the preset decides.
 PRESET_TEXT = "preset"
+#: Shown in the "more epochs" field left at 0: train or resume as usual.
+NO_MORE_TEXT = "none"
 
 
 class PresetSpinBox(FloatSpinBox):
@@ -47,11 +50,25 @@ class PresetSpinBox(FloatSpinBox):
         FloatSpinBox.value.fset(self, float(value or 0))
 
 
-def preset_spin_box(label: str, tooltip: str, maximum: int, step: int = 1) -> PresetSpinBox:
+def preset_spin_box(label: str, tooltip: str, maximum: int, step: int = 1,
+                    special: str = PRESET_TEXT) -> PresetSpinBox:
+    """A whole-number field whose 0 shows ``special``."""
     box = PresetSpinBox(label=label, min=0, max=maximum, step=step, value=0, tooltip=tooltip)
     box.native.setDecimals(0)
-    box.native.setSpecialValueText(PRESET_TEXT)
+    box.native.setSpecialValueText(special)
     return box
+
+
+def more_epochs_field() -> PresetSpinBox:
+    """"More epochs" for a finished model (0: none); enabled only where there is one."""
+    return preset_spin_box("more epochs", TOOLTIPS["more_epochs"], 1000, special=NO_MORE_TEXT)
+
+
+def start_text(more_epochs: int) -> str:
+    """The Train button's text: it says when it trains a finished model longer."""
+    if not more_epochs:
+        return JobWidget.start_text
+    return f"Train {more_epochs} more epoch{'s' if more_epochs > 1 else ''}"
 
 
 class TrainClassifierWidget(JobWidget):
@@ -74,6 +91,7 @@ class TrainClassifierWidget(JobWidget):
                                 tooltip=TOOLTIPS["weights"])
         self.device = device_field()
         self.epochs = preset_spin_box("epochs", TOOLTIPS["epochs"], 1000)
+        self.more_epochs = more_epochs_field()
         self.batch_size = preset_spin_box("batch size", TOOLTIPS["batch_size"], 512)
         self.run_folder = run_folder_field()
         self.run_info = info_label()
@@ -87,7 +105,8 @@ class TrainClassifierWidget(JobWidget):
         self.input_size = preset_spin_box("input size", TOOLTIPS["input_size"], 2048, step=32)
 
         self.extend([self.dataset, self.dataset_info, self.method, self.backbone, self.weights,
-                     self.device, self.epochs, self.batch_size, self.run_folder, self.run_info])
+                     self.device, self.epochs, self.more_epochs, self.batch_size,
+                     self.run_folder, self.run_info])
         self.advanced.extend([self.schedule, self.seed, self.lr, self.input_size])
         self.finish_layout()
         self.remember(dataset=self.dataset, method=self.method, backbone=self.backbone,
@@ -98,8 +117,10 @@ class TrainClassifierWidget(JobWidget):
         self._settings_fields = [self.method, self.backbone, self.weights, self.epochs,
                                  self.batch_size, self.schedule, self.seed, self.lr,
                                  self.input_size]
+        self._locked.append(self.more_epochs)
         self.dataset.changed.connect(self._show_dataset)
         self.run_folder.changed.connect(self._show_run)
+        self.more_epochs.changed.connect(self._show_start_text)
         self.restore_settings()
         shared_run_folder(viewer).follow(self.run_folder)
         self._show_dataset()
@@ -119,17 +140,21 @@ class TrainClassifierWidget(JobWidget):
             set_info(self.dataset_info, str(error), error=True)
 
     def _show_run(self, *_: Any) -> None:
-        """Describe the run folder; an existing run's settings replace (and lock) the fields."""
+        """Describe the run folder; an existing run's settings replace (and lock) the fields,
+        its epochs trained so far included; a finished one may be trained longer."""
         from ..core.errors import HistoWsssError
         from ..core.runs.run_dir import RunDirectory
+        from ..core.runs.status import StageState, run_status
+        from ..core.training.extension import stage_epochs
 
         folder = given_path(self.run_folder.value)
-        existing = None
+        existing, finished = None, False
         try:
             busy = " · training now" if self.runner.busy else ""
             set_info(self.run_info, describe_run(folder) + busy)
             if folder is not None and RunDirectory(folder).exists():
                 existing = RunDirectory(folder).config()
+                finished = run_status(folder).classifier is StageState.DONE
         except HistoWsssError as error:
             set_info(self.run_info, str(error), error=True)
         if existing is not None and existing.method in CAM_METHODS:
@@ -138,17 +163,25 @@ class TrainClassifierWidget(JobWidget):
             self.backbone.value = settings.backbone
             self.weights.value = settings.weights if settings.weights not in (None, "none") \
                 else None
-            self.epochs.value = settings.epochs
+            self.epochs.value = stage_epochs(existing, STAGE, settings.epochs)
             self.batch_size.value = settings.batch_size
             self.schedule.value = existing.schedule
             self.seed.value = existing.seed
             self.lr.value = settings.lr
             self.input_size.value = settings.input_size or 0
         self._lock_run_settings(existing is not None)
+        self.more_epochs.enabled = finished and not self.runner.busy
+        if not finished:
+            self.more_epochs.value = 0
 
     def _lock_run_settings(self, locked: bool) -> None:
         for field in self._settings_fields:
             field.enabled = not locked and not self.runner.busy
+
+    def _show_start_text(self, *_: Any) -> None:
+        self.start_text = start_text(self.more_epochs.value)
+        if not self.runner.busy:
+            self.toggle_button.setText(self.start_text)
 
     # -- the job -------------------------------------------------------------------------------
     def build_job(self):
@@ -169,7 +202,7 @@ class TrainClassifierWidget(JobWidget):
                      "input_size": self.input_size.value or None}
         overrides = {key: value for key, value in overrides.items() if value is not None}
         method, schedule, seed = self.method.value, self.schedule.value, self.seed.value
-        device_name = self.device.value
+        device_name, more_epochs = self.device.value, self.more_epochs.value
 
         def make_job(stop):
             from ..core.devices import resolve_device
@@ -183,14 +216,16 @@ class TrainClassifierWidget(JobWidget):
             yield Message(STAGE, f"{layout.describe()}; run folder {run.root}")
             yield from train_classifier(run, config, layout.patches(),
                                         device=resolve_device(device_name), stop=stop,
-                                        resume=True)
+                                        resume=True, more_epochs=more_epochs)
 
         return make_job, device_name
 
     def on_job_starting(self) -> None:
-        """Put the epochs already trained (a resumed run) on the loss plot."""
+        """Put the epochs already trained (a resumed run) on the loss plot; "more epochs"
+        apply once (a stop during them is resumed by a plain Train)."""
         from ..core.runs.run_dir import LossLog, RunDirectory
 
+        self.more_epochs.value = 0
         folder = given_path(self.run_folder.value)
         losses = RunDirectory(folder).classifier_dir / "losses.csv" if folder else None
         if losses is None or not losses.is_file() or self.progress.loss_plot is None:

@@ -5,6 +5,8 @@ Each selected strategy trains its own segmenter on the same pseudo-masks, one af
 The job is the core pipeline: stages that are not done yet (classifier, pseudo-masks) run
 first, finished ones are skipped, a stopped one resumes; at the end every strategy is scored on
 the validation images. A new run needs a dataset and a method; an existing run keeps its own.
+Selected strategies that are finished can be trained longer with "more epochs"
+(core/training/extension.py).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from ._jobs import JobState
 from ._runs import describe_dataset, describe_run, given_path
 from ._shared_run import shared_run_folder
 from ._tooltips import TOOLTIPS
-from .train_classifier import PRESET_TEXT, preset_spin_box
+from .train_classifier import PRESET_TEXT, more_epochs_field, preset_spin_box, start_text
 
 if TYPE_CHECKING:
     import napari
@@ -74,6 +76,7 @@ class TrainSegmenterWidget(JobWidget):
                                 tooltip=TOOLTIPS["weights"])
         self.device = device_field()
         self.epochs = preset_spin_box("epochs", TOOLTIPS["segmenter_epochs"], 1000)
+        self.more_epochs = more_epochs_field()
         self.batch_size = preset_spin_box("batch size", TOOLTIPS["batch_size"], 512)
         self.schedule = ComboBox(label="schedule", choices=PRESET_SCHEDULES.names(), value="fast",
                                  tooltip=TOOLTIPS["schedule"])
@@ -87,7 +90,8 @@ class TrainSegmenterWidget(JobWidget):
         self.input_size = preset_spin_box("input size", TOOLTIPS["input_size"], 2048, step=32)
 
         self.extend([self.run_folder, self.run_info, self.dataset, self.method, self.strategies,
-                     self.encoder, self.weights, self.device, self.epochs, self.batch_size])
+                     self.encoder, self.weights, self.device, self.epochs, self.more_epochs,
+                     self.batch_size])
         self.advanced.extend([self.schedule, self.seed, self.arch, self.lr, self.input_size])
         self.finish_layout()
         self.remember(run_folder=self.run_folder, dataset=self.dataset, method=self.method,
@@ -98,6 +102,9 @@ class TrainSegmenterWidget(JobWidget):
         self.run_folder.changed.connect(self._show_run)
         self.dataset.changed.connect(self._show_run)
         self.method.changed.connect(self._show_run)
+        self._locked.append(self.more_epochs)
+        self.strategies.changed.connect(self._offer_more_epochs)
+        self.more_epochs.changed.connect(self._show_start_text)
         self.restore_settings()
         shared_run_folder(viewer).follow(self.run_folder)
         self._show_run()
@@ -134,6 +141,27 @@ class TrainSegmenterWidget(JobWidget):
         if existing is not None and not selected:
             selected = [HISYNSEG if existing.method == HISYNSEG else existing.segmenter.loss]
         self.strategies.value = [name for name in selected if name in choices] or choices[:1]
+        self._offer_more_epochs()
+
+    def _offer_more_epochs(self, *_: Any) -> None:
+        """"More epochs" only when every selected strategy is a finished one."""
+        from ..core.runs.run_dir import RunDirectory
+        from ..core.runs.stages import segmenter_stage
+
+        folder = given_path(self.run_folder.value)
+        run = RunDirectory(folder) if folder is not None else None
+        selected = list(self.strategies.value)
+        finished = run is not None and run.exists() and bool(selected) and \
+            self.method.value != HISYNSEG and \
+            all(run.is_complete(segmenter_stage(name)) for name in selected)
+        self.more_epochs.enabled = finished and not self.runner.busy
+        if not finished:
+            self.more_epochs.value = 0
+
+    def _show_start_text(self, *_: Any) -> None:
+        self.start_text = start_text(self.more_epochs.value)
+        if not self.runner.busy:
+            self.toggle_button.setText(self.start_text)
 
     def on_models_ready(self) -> None:
         self._show_run()
@@ -168,6 +196,7 @@ class TrainSegmenterWidget(JobWidget):
         overrides = {key: value for key, value in overrides.items() if value is not None}
         method = existing.method if existing is not None else self.method.value
         schedule, seed, device_name = self.schedule.value, self.seed.value, self.device.value
+        more_epochs = self.more_epochs.value
 
         def make_job(stop):
             from ..core.pipeline import prepare_run, run_pipeline
@@ -180,9 +209,14 @@ class TrainSegmenterWidget(JobWidget):
                 config, device=device_name,
                 segmenter=dataclasses.replace(config.segmenter, **overrides))
             yield from run_pipeline(run, config, layout, stop=stop,
-                                    strategies=None if method == HISYNSEG else strategies)
+                                    strategies=None if method == HISYNSEG else strategies,
+                                    more_epochs=more_epochs)
 
         return make_job, device_name
+
+    def on_job_starting(self) -> None:
+        """"More epochs" apply once (a stop during them is resumed by a plain Train)."""
+        self.more_epochs.value = 0
 
     def on_job_event(self, event: Any) -> None:
         from ..core.events import Done, Started

@@ -12,7 +12,7 @@ import torch
 from napari_histo_wsss.core.config.presets import preset
 from napari_histo_wsss.core.data.classes import custom_spec
 from napari_histo_wsss.core.data.datasets import PatchSet, find_dataset
-from napari_histo_wsss.core.errors import CheckpointError, DatasetError
+from napari_histo_wsss.core.errors import CheckpointError, ConfigError, DatasetError
 from napari_histo_wsss.core.events import (
     Batch,
     CheckpointSaved,
@@ -202,3 +202,49 @@ def test_every_classifier_augmentation_keeps_shape_and_range(name):
     x = torch.rand(4, 3, 32, 32) * 255
     out = augment_batch(x, name, torch.Generator().manual_seed(0))
     assert out.shape == x.shape and float(out.min()) >= 0 and float(out.max()) <= 255
+
+
+def test_more_epochs_continue_a_finished_classifier(tmp_path, config, patches, finished):
+    """One more epoch: the schedule's new tail, history and losses.csv appended, run.json's
+    new total, a changed model.pt; the pseudo-masks are to be made again and the segmenters
+    trained on the old ones are marked stale (still complete)."""
+    run = RunDirectory(tmp_path / "run")
+    run.create(config)
+    shutil.copytree(finished[0].classifier_dir, run.classifier_dir)
+    run.mark_complete("classifier", epochs=2)
+    run.mark_complete("pseudo-masks")
+    run.mark_complete("segmenter:ce", epochs=1)
+    (run.segmenter_dir("ce")).mkdir(parents=True)
+    shutil.copy(run.classifier_checkpoint, run.segmenter_checkpoint("ce"))  # a model.pt there
+    before = _state(run)
+
+    events = list(train_classifier(run, config, patches, device=CPU, more_epochs=1))
+    assert events[0].total_epochs == 3
+    assert [e.epoch for e in events if isinstance(e, Epoch)] == [2]
+    assert len([e for e in events if isinstance(e, Batch)]) == 5
+    assert events[-1] == Done("classifier", run.classifier_checkpoint, stopped=False)
+    assert run.config().extended_epochs == {"classifier": 3}
+    assert run.config().classifier.epochs == 2  # the original plan stays on record
+    assert run.status()["classifier"]["epochs"] == 3
+    assert not run.is_complete("pseudo-masks")
+    assert run.is_complete("segmenter:ce") and "segmenter:ce" in run.stale_stages()
+    rows = LossLog(run.classifier_dir / "losses.csv", []).rows()
+    assert [row["epoch"] for row in rows] == ["1", "2", "3"]
+    payload = load_checkpoint(run.classifier_checkpoint, kind="classifier")
+    assert payload["training"]["finished"] and payload["training"]["step"] == 15
+    assert [h["epoch"] for h in payload["training"]["history"]] == [1, 2, 3]
+    # The lr of the new epoch's last step is the 3-epoch plan's (the old plan had ended).
+    assert float(rows[2]["lr"]) == pytest.approx(
+        config.classifier.lr * (1 - 14 / 15) ** 0.9, rel=1e-4)
+    after = _state(run)
+    assert not torch.equal(before["classifier.weight"], after["classifier.weight"])
+
+    again = list(train_classifier(run, run.config(), patches, device=CPU))  # plain resume
+    assert not any(isinstance(e, Batch) for e in again)
+
+
+def test_a_stopped_classifier_is_resumed_not_extended(tmp_path, config, patches):
+    run, events = _train(tmp_path / "s", config, patches, stop_after=2)
+    with pytest.raises(ConfigError, match="has not finished"):
+        next(train_classifier(run, config, patches, device=CPU, more_epochs=2))
+    assert not run.config().extended_epochs

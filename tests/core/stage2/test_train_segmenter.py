@@ -8,10 +8,11 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from napari_histo_wsss.core.config.run_config import RunConfig, SegmenterConfig
 from napari_histo_wsss.core.data.datasets import EvalSet, find_dataset, write_palette_mask
-from napari_histo_wsss.core.errors import DatasetError
+from napari_histo_wsss.core.errors import ConfigError, DatasetError
 from napari_histo_wsss.core.events import (
     Batch,
     CheckpointSaved,
@@ -284,3 +285,61 @@ def test_weight_average_spans_at_most_a_quarter_of_a_short_run():
     assert average_decay(0.99, 408) == 0.99  # the fast schedule on 557 patches keeps it
     assert average_decay(0.99, 40) == pytest.approx(0.9)  # the demo: 0.9 ** 40 of the start
     assert average_decay(0.99, 2) == pytest.approx(0.5)
+
+
+def test_more_epochs_continue_a_finished_segmenter(tmp_path, patches, layout):
+    """N more epochs on a finished strategy: run.json and the status record the new total,
+    history and losses.csv grow, the lr takes the longer plan's tail (not ~0, not the base),
+    the weight average continues (its count grows), model.pt changes; a stop during the
+    extension resumes to the new total with a plain resume."""
+    run, config = make_run(tmp_path / "run", patches, layout, weight_average=0.9)
+    list(train_segmenter(run, config, patches, device="cpu"))
+    folder = run.segmenter_dir("ce")
+    before = load_checkpoint(run.segmenter_checkpoint("ce"), kind="segmenter")
+    average_before = load_checkpoint(folder / "last.pt", kind="segmenter")["average_state"]
+    history_before = json.loads((folder / "metrics.json").read_text())["history"]
+
+    stop = StopToken()
+    events = []
+    for event in train_segmenter(run, config, patches, device="cpu", stop=stop, more_epochs=2):
+        events.append(event)
+        if isinstance(event, Batch) and (event.epoch, event.index) == (2, 0):
+            stop.request()
+    assert events[0].total_epochs == 4 and events[-1].stopped
+    assert RunDirectory(run.root).config().extended_epochs == {"segmenter:ce": 4}
+    assert not run.is_complete("segmenter:ce")
+
+    resumed = list(train_segmenter(run, RunDirectory(run.root).config(), patches,
+                                   device="cpu"))
+    batches = [(e.epoch, e.index) for e in resumed if isinstance(e, Batch)]
+    per_epoch = len(patches) // 6
+    assert batches[0] == (2, 1) and batches[-1] == (3, per_epoch - 1)
+    assert run.status()["segmenter:ce"]["epochs"] == 4
+    history = json.loads((folder / "metrics.json").read_text())["history"]
+    assert [entry["epoch"] for entry in history] == [1, 2, 3, 4]
+    assert history[:2] == history_before
+    lr_first_new = history[2]["lr"]  # the lr of epoch 3's last step under a 4-epoch plan
+    expected = 0.01 * (1 - (3 * per_epoch - 1) / (4 * per_epoch)) ** 0.9
+    assert lr_first_new == pytest.approx(expected, rel=1e-4)
+    assert lr_first_new > history[1]["lr"]  # the first plan ended lower
+    assert len((folder / "losses.csv").read_text().splitlines()) == 5
+    after = load_checkpoint(run.segmenter_checkpoint("ce"), kind="segmenter")
+    assert after["training"]["epoch"] == 4
+    assert after["config"]["run"]["extended_epochs"] == {"segmenter:ce": 4}
+    name = next(k for k, v in before["state_dict"].items() if v.is_floating_point()
+                and v.ndim == 4)
+    assert not torch.equal(before["state_dict"][name], after["state_dict"][name])
+    average_after = load_checkpoint(folder / "last.pt", kind="segmenter")["average_state"]
+    assert int(average_after["n_averaged"]) == int(average_before["n_averaged"]) + 2 * per_epoch
+
+
+def test_more_epochs_need_a_finished_stage_and_no_restart(tmp_path, patches, layout):
+    run, config = make_run(tmp_path / "run", patches, layout, epochs=1)
+    with pytest.raises(ConfigError, match="has not finished"):
+        next(train_segmenter(run, config, patches, device="cpu", more_epochs=1))
+    list(train_segmenter(run, config, patches, device="cpu"))
+    with pytest.raises(ConfigError, match="cannot be combined with a restart"):
+        next(train_segmenter(run, config, patches, device="cpu", more_epochs=1, resume=False))
+    with pytest.raises(ConfigError, match="at least 1"):
+        next(train_segmenter(run, config, patches, device="cpu", more_epochs=-1))
+    assert run.is_complete("segmenter:ce") and not run.config().extended_epochs

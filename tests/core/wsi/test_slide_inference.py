@@ -87,7 +87,7 @@ def test_label_map_equals_a_whole_image_prediction(complete_run, reference):
     started = next(e for e in events if isinstance(e, Started))
     batches = [e for e in events if isinstance(e, Batch)]
     assert started.batches_per_epoch == 48 and len(batches) == 48
-    assert batches[-1].index == batches[-1].total == 48
+    assert [b.index for b in batches] == list(range(48)) and batches[-1].total == 48
     segmentation = open_segmentation(out)
     labels = segmentation.labels[0].compute()
     assert labels.shape == reference.shape[1:]
@@ -179,7 +179,11 @@ def test_a_stopped_run_is_incomplete_and_resumes_to_the_same_result(
     resumed = run(TinyPredictor(), sample_slide_path, out)
     assert any(isinstance(e, Message) and "resuming" in e.text for e in resumed)
     started = next(e for e in resumed if isinstance(e, Started))
-    assert started.batches_per_epoch < 48  # finished rows are not predicted again
+    assert started.batches_per_epoch == 48  # the progress bar spans the whole slide ...
+    batches = [e for e in resumed if isinstance(e, Batch)]
+    assert len(batches) < 48  # ... finished rows are not predicted again ...
+    assert batches[0].index == 48 - len(batches) > 0  # ... and it starts at the tiles done
+    assert [b.index for b in batches] == list(range(batches[0].index, 48))
     assert read_attrs(out)["complete"] is True
     np.testing.assert_array_equal(open_segmentation(out).labels[0].compute(),
                                   open_segmentation(complete_run[0]).labels[0].compute())
@@ -351,3 +355,38 @@ def test_command_line_writes_zarr_and_geojson(sample_slide_path, tmp_path, monke
     args = parser.parse_args(["segment-slide", "RUN", str(broken), "--out", str(tmp_path / "b")])
     assert args.func(args) == 2
     assert "broken.svs: not a readable slide" in capsys.readouterr().err
+
+
+class StopDuringACall(TinyPredictor):
+    """Requests a stop while its ``calls``-th predictor call runs (as a user's click lands
+    while the model computes), then keeps that call running until the test releases it."""
+
+    def __init__(self, stop: StopToken, calls: int):
+        super().__init__()
+        self.stop, self.calls, self.tiles = stop, calls, []
+        self.release, self.finished = threading.Event(), threading.Event()
+
+    def predict_batch(self, batch):
+        self.tiles.append(len(batch))
+        if len(self.tiles) == self.calls:
+            self.stop.request()
+            self.release.wait(timeout=60)
+            self.finished.set()
+        return super().predict_batch(batch)
+
+
+def test_a_stop_ends_the_job_while_the_model_still_runs(sample_slide_path, tmp_path):
+    """A stop during a batch's model call ends the job without waiting for the call (the
+    call is the slow part: a whole batch on a CPU); the left call finishes on its own, a
+    restarted run waits for it (one call per predictor at once) and completes the output."""
+    stop = StopToken()
+    predictor = StopDuringACall(stop, calls=3)  # the 1st call probes the model's channels
+    events = run(predictor, sample_slide_path, tmp_path / "out.zarr", batch_size=16, stop=stop)
+    assert events[-1].stopped and not predictor.finished.is_set()  # the call still runs
+    assert len(predictor.tiles) == 3
+    assert read_attrs(tmp_path / "out.zarr")["complete"] is False
+    threading.Timer(0.5, predictor.release.set).start()
+    resumed = run(predictor, sample_slide_path, tmp_path / "out.zarr", batch_size=16)
+    assert predictor.finished.is_set()
+    assert isinstance(resumed[-1], Done) and not resumed[-1].stopped
+    assert read_attrs(tmp_path / "out.zarr")["complete"] is True

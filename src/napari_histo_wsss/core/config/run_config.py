@@ -239,6 +239,10 @@ class RunConfig:
     pseudo_masks: PseudoMaskConfig = field(default_factory=PseudoMaskConfig)
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
     hisynseg: HisynSegConfig | None = None
+    #: Stages trained on past their section's ``epochs`` ("train N more epochs",
+    #: core/training/extension.py): stage name ("classifier", "segmenter:ce") -> the epochs
+    #: the stage now runs to. The sections keep the original plan.
+    extended_epochs: dict[str, int] = field(default_factory=dict)
 
     def validate(self) -> None:
         """Every section's numbers; a HisynSeg run (``hisynseg`` set) trains no classifier,
@@ -248,6 +252,8 @@ class RunConfig:
         if self.train_precision not in TRAIN_PRECISIONS:
             raise ConfigError(f"run.train_precision must be one of {', '.join(TRAIN_PRECISIONS)}"
                               f", not {self.train_precision!r}")
+        require("run", _is_count, **{f"extended_epochs[{stage}]": epochs
+                                     for stage, epochs in self.extended_epochs.items()})
         if self.hisynseg is None:
             self.classifier.validate()
         else:

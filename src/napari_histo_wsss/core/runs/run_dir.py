@@ -142,6 +142,19 @@ class RunDirectory:
             del status[stage]
             self._write_status(status)
 
+    def mark_stale(self, stage: str, reason: str) -> None:
+        """Note on a complete stage that what it was made from has changed since: it stays
+        complete and usable (the pipeline skips it); training it again clears the note."""
+        status, stage = self.status(), canonical_stage(stage)
+        if status.get(stage, {}).get("complete"):
+            status[stage]["stale"] = reason
+            self._write_status(status)
+
+    def stale_stages(self) -> dict[str, str]:
+        """Complete stages made from something that changed since, with the reason."""
+        return {stage: info["stale"] for stage, info in self.status().items()
+                if info.get("complete") and info.get("stale")}
+
     def _write_status(self, status: dict[str, Any]) -> None:
         atomic_write_text(self.status_path, json.dumps(status, indent=2) + "\n")
 

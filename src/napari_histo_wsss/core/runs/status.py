@@ -11,7 +11,7 @@ from enum import Enum
 from pathlib import Path
 
 from .run_dir import RunDirectory
-from .stages import CLASSIFIER, PSEUDO_MASKS
+from .stages import CLASSIFIER, PSEUDO_MASKS, segmenter_stage
 
 #: The method that trains its segmenter from synthetic images, without the CAM stages.
 METHOD_WITHOUT_CAMS = "hisynseg"
@@ -32,6 +32,8 @@ class RunStatus:
     classifier: StageState = StageState.MISSING
     pseudo_masks: StageState = StageState.MISSING
     strategies: list[str] = field(default_factory=list)  # trained segmenters, oldest first
+    #: Trained segmenters made from something that changed since (RunDirectory.mark_stale).
+    stale: list[str] = field(default_factory=list)
 
     @property
     def exists(self) -> bool:
@@ -52,7 +54,9 @@ def run_status(folder: str | Path) -> RunStatus:
     return RunStatus(run.root, method, classifier=_classifier_state(run),
                      pseudo_masks=StageState.DONE if run.is_complete(PSEUDO_MASKS)
                      else StageState.MISSING,
-                     strategies=run.segmenter_strategies())
+                     strategies=run.segmenter_strategies(),
+                     stale=[name for name in run.segmenter_strategies()
+                            if segmenter_stage(name) in run.stale_stages()])
 
 
 def _classifier_state(run: RunDirectory) -> StageState:

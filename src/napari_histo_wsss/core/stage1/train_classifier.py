@@ -35,6 +35,7 @@ from ..runs.checkpoints import check_same_classes, save_checkpoint
 from ..runs.locks import writes_run
 from ..runs.run_dir import LossLog, RunDirectory
 from ..training import distributed
+from ..training.extension import extend_stage, may_extend, stage_epochs
 from ..training.loop import EpochResult, EpochTrainer, run_epochs
 from ..training.resume import RESTART_HINT, load_resume_checkpoint, resume_state
 from ..training.schedules import set_lr
@@ -193,28 +194,43 @@ def _check_dataset(patches, config: RunConfig) -> DatasetSpec:
 
 
 def _same_settings(payload: dict, config: RunConfig) -> bool:
+    """Same classifier settings and seed, and the same epochs unless a finished run is being
+    trained longer (core/training/extension.py)."""
     def canonical(value):
         return json.loads(json.dumps(value))
 
     saved = payload["config"]
+    saved_epochs = (saved.get("extended_epochs") or {}).get(
+        STAGE, (saved.get("classifier") or {}).get("epochs"))
     return (canonical(saved.get("classifier")) == canonical(config.to_dict()["classifier"])
-            and saved.get("seed") == config.seed)
+            and saved.get("seed") == config.seed
+            and may_extend(saved_epochs, bool(payload["training"].get("finished")),
+                           stage_epochs(config, STAGE, config.classifier.epochs)))
 
 
 @writes_run(STAGE)
 def train_classifier(run: RunDirectory, config: RunConfig, patches, *, device: torch.device,
-                     stop: StopToken | None = None, resume: bool = True
+                     stop: StopToken | None = None, resume: bool = True, more_epochs: int = 0
                      ) -> Generator[Event, None, None]:
     """Train the stage-1 classifier of ``run``; ends with ``Done(result=classifier/model.pt)``.
 
     A stop request is honoured before the next batch: ``model.pt`` (usable) and ``last.pt``
     (with optimiser state) are saved and ``Done(stopped=True)`` is yielded. With ``resume``,
     training continues from ``classifier/last.pt`` when it exists. Under ``torchrun`` the
-    ranks share every batch (docs/distributed.md).
+    ranks share every batch (docs/distributed.md). ``more_epochs`` trains a finished
+    classifier that many epochs longer (core/training/extension.py: the lr schedule's new
+    tail, and the pseudo-masks made from the old classifier need making again).
     """
     config.classifier.validate()
     spec = _check_dataset(patches, config)
-    trainer = ClassifierTrainer(run, config, patches, spec, distributed.setup(device), resume)
+    device = distributed.setup(device)
+    if more_epochs:
+        if not resume:
+            raise ConfigError("more epochs continue the trained classifier: they cannot be "
+                              "combined with a restart from scratch")
+        config = extend_stage(run, config, STAGE, run.classifier_dir / "last.pt", STAGE,
+                              more_epochs)
+    trainer = ClassifierTrainer(run, config, patches, spec, device, resume)
     yield from run_epochs(trainer, stop or StopToken())
 
 
@@ -233,8 +249,9 @@ class ClassifierTrainer(EpochTrainer):
         patches.decode_all()
         count = len(patches)
         self.batch_size = max(1, min(settings.batch_size, count))
-        self.epochs, self.batches_per_epoch = settings.epochs, count // self.batch_size
-        self.total_steps = self.batches_per_epoch * settings.epochs
+        self.epochs = stage_epochs(config, STAGE, settings.epochs)
+        self.batches_per_epoch = count // self.batch_size
+        self.total_steps = self.batches_per_epoch * self.epochs
         self.size = training_size(settings, [patches.image(i).shape for i in range(count)])
 
         torch.manual_seed(config.seed)
@@ -315,6 +332,7 @@ def _restore(path: Path, model: CamClassifier, optimizer: torch.optim.Optimizer,
     check_same_classes(payload, spec, path)
     if not _same_settings(payload, config):
         raise CheckpointError(
-            "was trained with other classifier settings or seed; resuming would mix two "
-            f"schedules: start a new run directory, or {RESTART_HINT}", path)
+            "was trained with other classifier settings, seed or epochs; resuming would mix "
+            f"two schedules: start a new run directory, or {RESTART_HINT} (a finished "
+            "classifier can be trained longer with more epochs)", path)
     return resume_state(payload, path, model, optimizer, "does not fit this classifier ({reason})")

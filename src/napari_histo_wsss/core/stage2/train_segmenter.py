@@ -47,7 +47,10 @@ from ..runs.checkpoints import load_checkpoint, save_checkpoint
 from ..runs.locks import writes_run
 from ..runs.outputs import atomic_write_text
 from ..runs.run_dir import LossLog, RunDirectory
+from ..runs.stages import segmenter_stage
+from ..runs.status import METHOD_WITHOUT_CAMS
 from ..training import distributed
+from ..training.extension import extend_stage, stage_epochs
 from ..training.loop import EpochResult, EpochTrainer, run_epochs
 from ..training.resume import load_resume_checkpoint, restore_average, resume_state
 from ..training.sampling import SAMPLINGS, epoch_order
@@ -91,6 +94,7 @@ def train_segmenter(
     corrections: Sequence[SparseLabels] = (),
     init_from: Path | None = None,
     preview: np.ndarray | None = None,
+    more_epochs: int = 0,
 ) -> Generator[Event, None, None]:
     """Train ``config.segmenter`` on ``pseudo_masks/<targets>``; ends with ``Done(model.pt)``.
 
@@ -100,6 +104,9 @@ def train_segmenter(
     ``corrections`` (painted pixels, ``sparse_labels.py``) override the pseudo-masks and add a
     partial CE; ``init_from`` starts from a trained segmenter (a fine-tune, keeping its input
     size and normalisation); ``preview`` is an image whose prediction every epoch yields.
+    ``more_epochs`` trains the finished ``strategy`` that many epochs longer
+    (core/training/extension.py: the lr schedule's new tail, the weight average continues;
+    with ``val``, ``model.pt`` stays the best epoch on validation, old or new).
     """
     settings = config.segmenter
     device = device if isinstance(device, torch.device) else resolve_device(device or config.device)
@@ -110,8 +117,18 @@ def train_segmenter(
     if len(patches) < 2:
         raise DatasetError("a segmenter needs at least 2 training patches",
                            patches.paths[0].parent if patches.paths else None)
-    trainer = SegmenterTrainer(run, config, patches, strategy or settings.loss,
-                               distributed.setup(device), resume, val)
+    strategy, device = strategy or settings.loss, distributed.setup(device)
+    if more_epochs:
+        if strategy == METHOD_WITHOUT_CAMS:
+            raise ConfigError("HisynSeg's two training rounds cannot be trained longer: "
+                              "train a new run with more segmenter epochs")
+        if not resume or init_from is not None or corrections:
+            raise ConfigError("more epochs continue a trained segmenter as it is: they cannot "
+                              "be combined with a restart, a fine-tune start or corrections")
+        config = extend_stage(run, config, segmenter_stage(strategy),
+                              run.segmenter_dir(strategy) / "last.pt", SEGMENTER_KIND,
+                              more_epochs)
+    trainer = SegmenterTrainer(run, config, patches, strategy, device, resume, val)
     trainer.add_corrections(corrections, init_from, preview)
     yield from run_epochs(trainer, stop or StopToken())
 
@@ -125,7 +142,8 @@ class SegmenterTrainer(EpochTrainer):
         self.run, self.config, self.patches, self.val = run, config, patches, val
         self.settings = settings = config.segmenter
         self.strategy, self.device, self.spec = strategy, device, patches.spec
-        self.stage = self.done_stage = f"segmenter:{strategy}"
+        self.stage = self.done_stage = segmenter_stage(strategy)
+        self.epochs = stage_epochs(config, self.stage, settings.epochs)
         self.loss_fn = build_loss(settings)
         patches.decode_all()
         self.targets = read_pseudo_masks(run, settings.targets, patches)
@@ -150,7 +168,6 @@ class SegmenterTrainer(EpochTrainer):
         self.batch_size = min(settings.batch_size, len(patches))
         if self.batch_size < 2:
             raise ConfigError("the segmenter batch size must be at least 2 (BatchNorm)")
-        self.epochs = settings.epochs
         self.batches_per_epoch = len(patches) // self.batch_size
         part_names = [*self.loss_fn.part_names,
                       *(["aux"] if self.model.aux_head is not None else [])]
@@ -161,11 +178,11 @@ class SegmenterTrainer(EpochTrainer):
         self.stepper = Stepper(self.model, optimizer, device, self.loss_fn.name,
                                average_decay=average_decay(
                                    settings.weight_average,
-                                   settings.epochs * self.batches_per_epoch),
+                                   self.epochs * self.batches_per_epoch),
                                precision=config.train_precision)
         if self.last_path.is_file():
             restore_average(self.stepper, payload, self.last_path)
-        self.context = LossContext(self.spec.num_classes, total_epochs=settings.epochs)
+        self.context = LossContext(self.spec.num_classes, total_epochs=self.epochs)
         self.best_scores: dict | None = None
         self.painted: list[np.ndarray] | None = None
         self.preview: np.ndarray | None = None
@@ -221,7 +238,7 @@ class SegmenterTrainer(EpochTrainer):
         settings = self.settings
         return set_lr(self.stepper.optimizer, settings.schedule,
                       epoch * self.batches_per_epoch + index,
-                      settings.epochs * self.batches_per_epoch, settings.min_lr)
+                      self.epochs * self.batches_per_epoch, settings.min_lr)
 
     def step(self, model, epoch: int, index: int) -> tuple[torch.Tensor, dict[str, float]]:
         """This rank's share of the batch; every sample's augmentation has its own seed (its
