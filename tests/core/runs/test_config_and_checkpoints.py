@@ -69,8 +69,12 @@ def test_long_schedule_trains_longer_than_fast_but_never_beyond_the_paper():
             epochs = [getattr(config, stage).epochs for config in (fast, long, paper)]
             assert epochs[0] <= epochs[1] <= epochs[2], (name, stage, epochs)
         assert long.segmenter.epochs > fast.segmenter.epochs
-    # The recommended recipe's weight average gets about 12 epochs on 557 patches.
-    assert preset(DEFAULT_METHOD, "fast", num_patches=557).segmenter.epochs == 12
+    # The recommended recipe's weight average gets about 12 epochs on 557 patches, and its
+    # classifier twice the images of the other presets'.
+    recommended = preset(DEFAULT_METHOD, "fast", num_patches=557)
+    assert recommended.segmenter.epochs == 12
+    assert recommended.classifier.epochs == 2 * preset("esfan", "fast", num_patches=557
+                                                       ).classifier.epochs
 
 
 def test_the_default_method_is_the_recommended_recipe():
@@ -80,6 +84,8 @@ def test_the_default_method_is_the_recommended_recipe():
     assert (segmenter.arch, segmenter.loss, segmenter.augment) == ("deeplabv3plus", "ce",
                                                                    "histo")
     assert segmenter.weight_average and segmenter.tta == "none"
+    masks = config.pseudo_masks
+    assert masks.scales == (1.0, 2.0) and masks.scale_fusion == "mean"
 
 
 def test_fast_schedule_keeps_the_recipe_shape():

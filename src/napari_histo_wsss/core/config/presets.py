@@ -36,6 +36,8 @@ class MethodPreset:
     #: Segmenter images per run on the ``fast`` schedule (epochs = this / patches): a recipe
     #: whose weight average needs more steps to settle gets more.
     fast_segmenter_images: int = 2500
+    #: Classifier images per run on the ``fast`` schedule (epochs = this / patches).
+    fast_classifier_images: int = 3000
 
     @property
     def has_classifier(self) -> bool:
@@ -51,12 +53,12 @@ PRESET_SCHEDULES: Registry[Callable[[RunConfig, MethodPreset, int], None]] = Reg
 
 
 def method_preset(name: str, classifier_epochs: int, segmenter_epochs: int,
-                  fast_segmenter_images: int = 2500):
+                  fast_segmenter_images: int = 2500, fast_classifier_images: int = 3000):
     """Decorator: register a recipe builder as the method ``name`` with its paper epochs."""
 
     def register(build: Callable[[], RunConfig]) -> Callable[[], RunConfig]:
         METHODS.add(name, MethodPreset(build, classifier_epochs, segmenter_epochs,
-                                       fast_segmenter_images))
+                                       fast_segmenter_images, fast_classifier_images))
         return build
 
     return register
@@ -72,13 +74,17 @@ DEFAULT_METHOD = "recommended"
 
 
 @method_preset("recommended", classifier_epochs=20, segmenter_epochs=20,
-               fast_segmenter_images=6700)
+               fast_segmenter_images=6700, fast_classifier_images=5600)
 def _recommended() -> RunConfig:
-    """Our composition (docs/algorithms.md 12): ESFAN's fused multi-layer CAM pseudo-masks, a
-    full-depth DeepLabV3+ trained with cross-entropy on D4 + H&E stain augmentation, a weight
-    average as the kept model, a single forward pass (D4 test-time augmentation cost the
-    averaged models 1.4-2.3 mIoU, docs/results.md)."""
+    """Our composition (docs/algorithms.md 12): ESFAN's fused multi-layer CAM pseudo-masks
+    from a classifier trained on about twice ``fast``'s images (its class maps were the cap:
+    +3.2 val pseudo-mask mIoU for 10 epochs instead of 5), computed at the native and the
+    doubled input size and averaged; a full-depth DeepLabV3+ trained with cross-entropy on
+    D4 + H&E stain augmentation, a weight average as the kept model, a single forward pass
+    (D4 test-time augmentation cost the averaged models 1.4-2.3 mIoU, docs/results.md)."""
     config = _esfan()
+    config.pseudo_masks.scales = (1.0, 2.0)
+    config.pseudo_masks.scale_fusion = "mean"
     config.segmenter = SegmenterConfig(
         arch="deeplabv3plus", loss="ce", lr=0.01, head_lr_mult=10.0, augment="histo",
         weight_average=0.99,
@@ -181,7 +187,7 @@ def preset(method: str, schedule: str = "fast", num_patches: int | None = None) 
 def _scale_to_cpu(config: RunConfig, method: MethodPreset, num_patches: int) -> None:
     """Fewer epochs, native patch size and smaller batches, keeping each recipe's proportions.
 
-    About 3,000 classifier and (per recipe) 2,500-7,000 segmenter images per run on two CPU
+    About 3,000-5,600 classifier and 2,500-7,000 segmenter images per run (per recipe) on two CPU
     cores; epoch switches (PDA from the 4th of 20 epochs) move with the epoch count.
     """
     _scale_budget(config, method, num_patches, budget=1.0)
@@ -204,7 +210,8 @@ def _scale_budget(config: RunConfig, method: MethodPreset, num_patches: int,
     patches = max(num_patches, 1)
     classifier = config.classifier
     paper_epochs = max(classifier.epochs, 1)
-    classifier.epochs = int(min(paper_epochs, max(3, round(budget * 3000 / patches))))
+    classifier.epochs = int(min(paper_epochs, max(
+        3, round(budget * method.fast_classifier_images / patches))))
     ratio = classifier.epochs / paper_epochs
     classifier.pda_start_epoch = max(1, round(classifier.pda_start_epoch * ratio))
     classifier.ars_start_epoch = max(1, round(classifier.ars_start_epoch * ratio))
