@@ -248,3 +248,21 @@ def test_a_stopped_classifier_is_resumed_not_extended(tmp_path, config, patches)
     with pytest.raises(ConfigError, match="has not finished"):
         next(train_classifier(run, config, patches, device=CPU, more_epochs=2))
     assert not run.config().extended_epochs
+
+
+def test_warm_up_ramps_the_lr_over_its_epochs_then_follows_poly(tmp_path, config, patches):
+    warm = dataclasses.replace(config, classifier=dataclasses.replace(
+        config.classifier, warmup_epochs=2.0, train_modules=()))
+    run, events = _train(tmp_path / "warm", warm, patches)
+    assert isinstance(events[-1], Done)
+    steps_per_epoch = sum(isinstance(e, Batch) and e.epoch == 0 for e in events)
+    total = 2 * steps_per_epoch
+    rows = LossLog(run.classifier_dir / "losses.csv", []).rows()
+    # The lr logged is each epoch's last step's: the ramp over both epochs is half-way at
+    # the end of the first and complete at the end of the second.
+    for epoch, (row, ramp) in enumerate(zip(rows, (0.5, 1.0), strict=True)):
+        last_step = (epoch + 1) * steps_per_epoch - 1
+        poly = config.classifier.lr * (1 - last_step / total) ** 0.9
+        assert float(row["lr"]) == pytest.approx(ramp * poly, rel=1e-4)
+    with pytest.raises(ConfigError, match="warmup_epochs"):
+        dataclasses.replace(config.classifier, warmup_epochs=-1.0).validate()

@@ -83,6 +83,7 @@ def _recommended() -> RunConfig:
     D4 + H&E stain augmentation, a weight average as the kept model, a single forward pass
     (D4 test-time augmentation cost the averaged models 1.4-2.3 mIoU, docs/results.md)."""
     config = _esfan()
+    config.classifier.warmup_epochs = 1.0
     config.pseudo_masks.scales = (1.0, 2.0)
     config.pseudo_masks.scale_fusion = "mean"
     config.segmenter = SegmenterConfig(

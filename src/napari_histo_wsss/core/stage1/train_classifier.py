@@ -277,8 +277,10 @@ class ClassifierTrainer(EpochTrainer):
             derived_seed(self.config.seed, epoch)))
 
     def set_lr(self, epoch: int, index: int) -> float:
-        return set_lr(self.stepper.optimizer, "poly", epoch * self.batches_per_epoch + index,
-                      self.total_steps)
+        step = epoch * self.batches_per_epoch + index
+        warmup_steps = round(self.settings.warmup_epochs * self.batches_per_epoch)
+        ramp = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+        return set_lr(self.stepper.optimizer, "poly", step, self.total_steps, ramp=ramp)
 
     def step(self, model, epoch: int, index: int) -> tuple[torch.Tensor, dict[str, float]]:
         """Every random draw of the step comes from (seed, epoch, step), so a resumed run

@@ -31,9 +31,10 @@ def constant(step: int, total_steps: int) -> float:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, schedule: str, step: int, total_steps: int,
-           min_lr: float = 0.0) -> float:
-    """Set every group's lr for ``step``; returns the first group's (the one reported)."""
-    factor = SCHEDULES.get(schedule)(step, total_steps)
+           min_lr: float = 0.0, ramp: float = 1.0) -> float:
+    """Set every group's lr for ``step``, times a warm-up ``ramp`` in [0, 1]; returns the
+    first group's (the one reported)."""
+    factor = SCHEDULES.get(schedule)(step, total_steps) * ramp
     for group in optimizer.param_groups:
         floor = min(min_lr, group["base_lr"])
         group["lr"] = floor + (group["base_lr"] - floor) * factor
