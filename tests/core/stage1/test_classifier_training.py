@@ -266,3 +266,15 @@ def test_warm_up_ramps_the_lr_over_its_epochs_then_follows_poly(tmp_path, config
         assert float(row["lr"]) == pytest.approx(ramp * poly, rel=1e-4)
     with pytest.raises(ConfigError, match="warmup_epochs"):
         dataclasses.replace(config.classifier, warmup_epochs=-1.0).validate()
+
+
+def test_a_checkpoint_from_before_a_new_setting_still_resumes(config):
+    from napari_histo_wsss.core.stage1.train_classifier import _same_settings
+
+    older = config.to_dict()
+    older["classifier"].pop("warmup_epochs")  # written before the setting existed
+    unfinished = {"finished": False}
+    assert _same_settings({"config": older, "training": unfinished}, config)
+    changed = config.to_dict()
+    changed["classifier"]["warmup_epochs"] = 1.0
+    assert not _same_settings({"config": changed, "training": unfinished}, config)

@@ -15,6 +15,7 @@ weights of an uninterrupted run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 from collections.abc import Generator
@@ -202,7 +203,10 @@ def _same_settings(payload: dict, config: RunConfig) -> bool:
     saved = payload["config"]
     saved_epochs = (saved.get("extended_epochs") or {}).get(
         STAGE, (saved.get("classifier") or {}).get("epochs"))
-    return (canonical(saved.get("classifier")) == canonical(config.to_dict()["classifier"])
+    # Settings added since the checkpoint was written take their defaults (the behaviour it
+    # was trained with), so a run stopped under an older version still resumes.
+    saved_settings = {**dataclasses.asdict(ClassifierConfig()), **(saved.get("classifier") or {})}
+    return (canonical(saved_settings) == canonical(config.to_dict()["classifier"])
             and saved.get("seed") == config.seed
             and may_extend(saved_epochs, bool(payload["training"].get("finished")),
                            stage_epochs(config, STAGE, config.classifier.epochs)))
