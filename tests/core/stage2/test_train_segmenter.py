@@ -21,12 +21,14 @@ from napari_histo_wsss.core.events import (
     Started,
     StopToken,
 )
+from napari_histo_wsss.core.models.classifier import build_classifier
 from napari_histo_wsss.core.models.segmenter import load_segmenter
-from napari_histo_wsss.core.runs.checkpoints import load_checkpoint
+from napari_histo_wsss.core.runs.checkpoints import load_checkpoint, save_checkpoint
 from napari_histo_wsss.core.runs.run_dir import RunDirectory
 from napari_histo_wsss.core.stage2.losses import IGNORE_INDEX
 from napari_histo_wsss.core.stage2.train_segmenter import (
     SEGMENTER_AUGMENTATIONS,
+    SegmenterTrainer,
     augment_sample,
     average_decay,
     input_side,
@@ -343,3 +345,33 @@ def test_more_epochs_need_a_finished_stage_and_no_restart(tmp_path, patches, lay
     with pytest.raises(ConfigError, match="at least 1"):
         next(train_segmenter(run, config, patches, device="cpu", more_epochs=-1))
     assert run.is_complete("segmenter:ce") and not run.config().extended_epochs
+
+
+def test_encoder_can_start_from_the_runs_classifier(tmp_path, patches, layout):
+    run, config = make_run(tmp_path / "run", patches, layout, encoder_init="classifier")
+    with pytest.raises(DatasetError, match="needs the run's trained classifier") as error:
+        SegmenterTrainer(run, config, patches, "ce", torch.device("cpu"), True, None)
+    assert error.value.path == run.classifier_checkpoint
+
+    classifier = build_classifier(config.classifier, layout.spec.num_classes - 1, layout.spec)
+    with torch.no_grad():
+        classifier.backbone.body.conv_stem.weight.add_(1.0)  # not ImageNet's any more
+    save_checkpoint(run.classifier_checkpoint, kind="classifier",
+                    state_dict=classifier.state_dict(), config=config.to_dict(),
+                    spec=layout.spec)
+    trainer = SegmenterTrainer(run, config, patches, "ce", torch.device("cpu"), True, None)
+    encoder = trainer.model.net.encoder.model.state_dict()
+    trained = classifier.backbone.body.state_dict()
+    assert encoder.keys() <= trained.keys()
+    assert all(torch.equal(tensor, trained[name]) for name, tensor in encoder.items())
+
+    imagenet = SegmenterTrainer(run, dataclasses.replace(
+        config, segmenter=dataclasses.replace(config.segmenter, encoder_init="weights")),
+        patches, "ce", torch.device("cpu"), True, None)
+    assert not torch.equal(imagenet.model.net.encoder.model.conv_stem.weight,
+                           trained["conv_stem.weight"])
+
+
+def test_unknown_encoder_init_is_refused():
+    with pytest.raises(ConfigError, match="encoder_init"):
+        SegmenterConfig(encoder_init="imagenet21k").validate()

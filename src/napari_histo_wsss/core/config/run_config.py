@@ -40,6 +40,9 @@ def _is_non_negative_int(value: Any) -> bool:
 #: How ``PseudoMaskConfig.scale_fusion`` combines the scales (core/stage1/pseudo_masks.py).
 SCALE_FUSIONS = ("vote", "mean")
 
+#: ``SegmenterConfig.encoder_init``: the ``weights`` setting, or the run's stage-1 backbone.
+ENCODER_INITS = ("weights", "classifier")
+
 #: ``RunConfig.train_precision`` (``devices.training_autocast`` says what each one does).
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -147,6 +150,10 @@ class SegmenterConfig:
     arch: str = "deeplabv3plus"  # an ARCHITECTURES name (models/segmenter.py)
     encoder: str = "tf_efficientnet_lite0"
     weights: str | None = None  # as ClassifierConfig.weights
+    #: Where the encoder starts: "weights" (``weights`` above: ImageNet by default) or
+    #: "classifier", the run's trained stage-1 backbone, which already tells this dataset's
+    #: tissues apart (same encoder only).
+    encoder_init: str = "weights"
     encoder_depth: int | None = None  # None: the architecture's default
     aux_head: bool = False  # MSV's auxiliary FCN head (loss weight 0.4)
     cam_head: bool = False  # HisynSeg's classification/CAM head
@@ -184,6 +191,9 @@ class SegmenterConfig:
     weight_average: float | None = None
 
     def validate(self) -> None:
+        if self.encoder_init not in ENCODER_INITS:
+            raise ConfigError(f"segmenter.encoder_init must be one of {', '.join(ENCODER_INITS)}, "
+                              f"not {self.encoder_init!r}")
         if self.weight_average is not None and not 0 < self.weight_average < 1:
             raise ConfigError(f"segmenter.weight_average must be between 0 and 1 (a decay), "
                               f"not {self.weight_average!r}")

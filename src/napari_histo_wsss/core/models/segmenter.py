@@ -119,6 +119,23 @@ class Segmenter(nn.Module):
                                   config.weights)
         self.net.encoder.model.load_state_dict({name: weights[name] for name in own})
 
+    def load_classifier_backbone(self, classifier_state: dict[str, torch.Tensor],
+                                 source: Path) -> None:
+        """Start the encoder from a trained stage-1 classifier (``encoder_init="classifier"``):
+        its backbone is the same timm feature extractor, under ``backbone.body.``."""
+        prefix = "backbone.body."
+        weights = {name[len(prefix):]: tensor for name, tensor in classifier_state.items()
+                   if name.startswith(prefix)}
+        own = self.net.encoder.model.state_dict()
+        unfit = [name for name, tensor in own.items()
+                 if name not in weights or weights[name].shape != tensor.shape]
+        if unfit:
+            raise CheckpointError(
+                f"the classifier's backbone does not fit this segmenter's encoder (e.g. "
+                f"'{unfit[0]}'): encoder_init 'classifier' needs the same encoder in both "
+                "stages", source)
+        self.net.encoder.model.load_state_dict({name: weights[name] for name in own})
+
     @property
     def input_multiple(self) -> int:
         """Input height and width must be multiples of this (the encoder's total stride)."""

@@ -154,7 +154,10 @@ class SegmenterTrainer(EpochTrainer):
         distributed.barrier()
 
         torch.manual_seed(config.seed)
-        self.model = build_segmenter(settings, self.spec.num_classes).to(device)
+        self.model = build_segmenter(settings, self.spec.num_classes)
+        if settings.encoder_init == "classifier":
+            start_from_classifier(self.model, run)
+        self.model = self.model.to(device)
         self.side = input_side(settings.input_size, patches, self.model.input_multiple)
         self.mean, self.std = measured_input_statistics(settings.normalise, patches)
         optimizer = build_segmenter_optimizer(self.model, settings)
@@ -357,6 +360,16 @@ def read_pseudo_masks(run: RunDirectory, targets: Sequence[str],
             masks.append(mask)
         result.append(masks)
     return result
+
+
+def start_from_classifier(model: Segmenter, run: RunDirectory) -> None:
+    """Copy the run's stage-1 backbone into the segmenter's encoder."""
+    path = run.classifier_checkpoint
+    if not path.is_file():
+        raise DatasetError("encoder_init 'classifier' needs the run's trained classifier: "
+                           "train it first (`histo-wsss train-classifier RUN_DIR`)", path)
+    payload = load_checkpoint(path, kind="classifier")
+    model.load_classifier_backbone(payload["state_dict"], path)
 
 
 def input_side(input_size: int | None, patches: PatchSet, multiple: int) -> int:
