@@ -166,6 +166,12 @@ class LegendWidget(QWidget):
         self._worker = worker
         worker.start()
 
+    def recount(self, layer) -> None:
+        """Count the shares again when ``layer`` is the one shown: a layer written in place
+        (a slide being segmented) sends no data event, so its shares stayed at 0 %."""
+        if layer is not None and layer is self.layer and self._share_labels:
+            self._count_shares(layer, list(self._share_labels))
+
     def _show_shares(self, layer, shares: dict[int, float]) -> None:
         if layer is not self.layer:
             return
