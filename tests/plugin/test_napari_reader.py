@@ -132,3 +132,8 @@ def test_legend_names_the_classes_of_a_reopened_segmentation(make_napari_viewer,
     assert not legend.ramp.isHidden()
     assert (legend.ramp.low.text(), legend.ramp.high.text()) == ("0", "255")
     assert np.allclose(legend.ramp.colours[-1][:3], [0, 0.5, 1])  # the tumour map's colour
+    # The ramp is drawn under napari's stylesheet (a palette brush was overridden: no ramp).
+    legend.ramp.bar.resize(100, legend.ramp.bar.height())
+    image = legend.ramp.bar.grab().toImage()
+    high = image.pixelColor(image.width() - 3, image.height() // 2)
+    assert (high.red(), high.green(), high.blue()) == pytest.approx((0, 128, 255), abs=4)

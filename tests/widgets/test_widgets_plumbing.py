@@ -175,3 +175,22 @@ def test_closing_the_dock_stops_the_job_gracefully(make_napari_viewer, qtbot):
         viewer.window.remove_dock_widget(widget.native)
     assert endings and endings[0][0] == "stopped"
     widget.native.deleteLater()
+
+
+def test_legend_recounts_a_layer_written_in_place(make_napari_viewer, qtbot):
+    """A slide being segmented is painted in place (no data event): the Segment slide widget
+    asks the legend to count its shares again, which were stuck at 0 % before."""
+    from napari_histo_wsss.widgets.legend import LegendWidget
+
+    viewer = make_napari_viewer()
+    legend = LegendWidget(viewer)
+    layer = viewer.add_labels(np.zeros((100, 100), np.uint8), colormap=labels_colormap(WSSS4LUAD),
+                              features=class_features(WSSS4LUAD))
+    viewer.layers.selection.active = layer
+    qtbot.waitUntil(lambda: "…" not in legend.shares().values(), timeout=10_000)
+    assert legend.shares()["tumor"] == "0.0 %"
+    layer.data[:25] = 1  # tumour, then stroma, written in place
+    layer.data[25:] = 2
+    legend.recount(layer)
+    qtbot.waitUntil(lambda: legend.shares()["tumor"] == "25.0 %", timeout=10_000)
+    assert legend.shares()["stroma"] == "75.0 %"

@@ -17,7 +17,7 @@ from weakref import WeakKeyDictionary
 
 import numpy as np
 from qtpy.QtCore import Qt
-from qtpy.QtGui import QColor, QLinearGradient, QPalette
+from qtpy.QtGui import QColor, QLinearGradient
 from qtpy.QtWidgets import (
     QCheckBox,
     QFrame,
@@ -166,6 +166,12 @@ class LegendWidget(QWidget):
         self._worker = worker
         worker.start()
 
+    def recount(self, layer) -> None:
+        """Count the shares again when ``layer`` is the one shown: a layer written in place
+        (a slide being segmented) sends no data event, so its shares stayed at 0 %."""
+        if layer is not None and layer is self.layer and self._share_labels:
+            self._count_shares(layer, list(self._share_labels))
+
     def _show_shares(self, layer, shares: dict[int, float]) -> None:
         if layer is not self.layer:
             return
@@ -249,6 +255,32 @@ def _swatch(rgba: tuple[float, ...]) -> QFrame:
     return swatch
 
 
+class _RampBar(QWidget):
+    """The gradient itself, painted by hand: napari's stylesheet overrides widget palettes, so
+    a gradient set as a frame's background brush never showed."""
+
+    def __init__(self):
+        super().__init__()
+        self.setFixedHeight(14)
+        self.gradient: QLinearGradient | None = None
+
+    def paintEvent(self, event) -> None:  # noqa: N802 (Qt's name)
+        from qtpy.QtGui import QPainter, QPen
+
+        if self.gradient is None:
+            return
+        painter = QPainter(self)
+        rect = self.rect().adjusted(0, 0, -1, -1)
+        gradient = QLinearGradient(rect.left(), 0, rect.right(), 0)
+        gradient.setStops(self.gradient.stops())
+        # On black, so a map's transparent end reads as "nothing" (as on napari's canvas).
+        painter.fillRect(rect, QColor(0, 0, 0))
+        painter.fillRect(rect, gradient)
+        painter.setPen(QPen(QColor(136, 136, 136)))
+        painter.drawRect(rect)
+        painter.end()
+
+
 class _ColourRamp(QWidget):
     """A horizontal colour ramp with its low and high values underneath."""
 
@@ -256,9 +288,7 @@ class _ColourRamp(QWidget):
         super().__init__()
         layout = QGridLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
-        self.bar = QFrame()
-        self.bar.setFixedHeight(14)
-        self.bar.setAutoFillBackground(True)
+        self.bar = _RampBar()
         self.low, self.high = QLabel(""), QLabel("")
         self.high.setAlignment(Qt.AlignmentFlag.AlignRight)
         layout.addWidget(self.bar, 0, 0, 1, 2)
@@ -269,15 +299,11 @@ class _ColourRamp(QWidget):
     def set_ramp(self, colours: np.ndarray, low: str, high: str) -> None:
         self.colours = colours
         gradient = QLinearGradient(0, 0, 1, 0)
-        gradient.setCoordinateMode(QLinearGradient.CoordinateMode.ObjectBoundingMode)
         for index, colour in enumerate(colours):
             position = index / max(len(colours) - 1, 1)
             gradient.setColorAt(position, QColor.fromRgbF(*(float(c) for c in colour[:4])))
-        palette = self.bar.palette()
-        from qtpy.QtGui import QBrush
-
-        palette.setBrush(QPalette.ColorRole.Window, QBrush(gradient))
-        self.bar.setPalette(palette)
+        self.bar.gradient = gradient
+        self.bar.update()
         self.low.setText(low)
         self.high.setText(high)
 

@@ -314,6 +314,9 @@ class SegmentSlideWidget(JobWidget):
         if self._dirty and self._live_layer is not None and self._live_layer in self.viewer.layers:
             self._dirty = False
             self._live_layer.refresh()
+            legend = getattr(self.viewer.window, "_histo_wsss_legend", None)
+            if legend is not None:  # its class shares follow the rows written
+                legend.recount(self._live_layer)
 
     def _show_result(self, out: Path) -> None:
         """The finished pyramid replaces the live one; probabilities come as hidden layers
