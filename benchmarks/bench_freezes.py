@@ -11,9 +11,8 @@ Run it with a display, e.g.::
 
     xvfb-run -a -s "-screen 0 1920x1080x24" python benchmarks/bench_freezes.py
 
-``--screenshots docs/images`` also saves the window after each widget's phase (the pictures of
-docs/widgets.md). They are taken between phases, except the one of the slide half segmented,
-which stalls that phase: measure freezes without ``--screenshots``.
+The pictures of docs/widgets.md come from ``scripts/screenshots.py``, not from here: a
+screenshot stalls the event loop it would be measuring.
 
 The figures depend on the machine and on what else runs on it: compare phases within one
 run, and runs on the same machine.
@@ -93,26 +92,6 @@ class Phases:
         print(f"{name:<38} {seconds:6.2f} {max(ordered):7.0f} {p99:7.0f} {stalls:7d}", flush=True)
 
 
-class Screenshots:
-    """Saves the window (docks included) under given names, when a folder was given; each
-    widget's dock is closed after its pictures so the next one has the room."""
-
-    def __init__(self, viewer, folder: str | None):
-        self.viewer, self.folder = viewer, Path(folder) if folder else None
-        if self.folder is not None:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            viewer.window._qt_window.resize(1500, 950)
-            viewer.open_sample("napari-histo-wsss", "wsss4luad-patches")  # tissue in view
-
-    def take(self, name: str) -> None:
-        if self.folder is not None:
-            self.viewer.screenshot(str(self.folder / f"{name}.png"), canvas_only=False)
-
-    def done_with(self, widget) -> None:
-        if self.folder is not None:
-            self.viewer.window.remove_dock_widget(widget.native)
-
-
 def make_run(folder: Path) -> Path:
     """A tiny run with a classifier, pseudo-masks and two segmenters (core API, no GUI)."""
     from napari_histo_wsss.core.events import run_to_completion
@@ -124,7 +103,7 @@ def make_run(folder: Path) -> Path:
     return folder
 
 
-def classifier_phases(phases, viewer, shots, scratch, only_open: bool = False) -> None:
+def classifier_phases(phases, viewer, scratch, only_open: bool = False) -> None:
     from napari_histo_wsss.widgets.train_classifier import TrainClassifierWidget
 
     widgets = {}
@@ -147,12 +126,10 @@ def classifier_phases(phases, viewer, shots, scratch, only_open: bool = False) -
     classifier.input_size.value = 96
     phases.run("train classifier (2 epochs)", classifier.toggle_button.click,
                done=lambda: not classifier.runner.busy)
-    shots.take("widget_train_classifier")
-    shots.done_with(classifier)
     viewer.layers.clear()  # the sample shown behind the classifier's picture
 
 
-def pseudo_mask_phases(phases, viewer, shots, run_folder, steps: int) -> None:
+def pseudo_mask_phases(phases, viewer, run_folder, steps: int) -> None:
     from napari_histo_wsss.widgets.pseudo_masks import PseudoMaskWidget
 
     masks = PseudoMaskWidget(viewer)
@@ -165,16 +142,13 @@ def pseudo_mask_phases(phases, viewer, shots, run_folder, steps: int) -> None:
         phases.run(f"pseudo-masks: val image {index}",
                    lambda index=index: setattr(masks.index, "value", index),
                    done=lambda: not masks.preview_runner.busy and not masks._pending_preview)
-    shots.take("widget_pseudo_masks")
     viewer.layers["pseudo-mask"].visible = False
     for name in ("tumor", "stroma"):
         viewer.layers[f"CAM {name}"].visible = True
     viewer.layers.selection.active = viewer.layers["CAM tumor"]
-    shots.take("widget_pseudo_masks_cams")
-    shots.done_with(masks)
 
 
-def segmenter_phases(phases, viewer, shots, run_folder) -> None:
+def segmenter_phases(phases, viewer, run_folder) -> None:
     from napari_histo_wsss.widgets.train_segmenter import TrainSegmenterWidget
 
     segmenter = TrainSegmenterWidget(viewer)
@@ -186,11 +160,9 @@ def segmenter_phases(phases, viewer, shots, run_folder) -> None:
     segmenter.input_size.value = 96
     phases.run("train segmenter (ce, onss; 1 epoch)", segmenter.toggle_button.click,
                done=lambda: not segmenter.runner.busy)
-    shots.take("widget_train_segmenter")
-    shots.done_with(segmenter)
 
 
-def compare_phases(phases, viewer, shots, run_folder) -> None:
+def compare_phases(phases, viewer, run_folder) -> None:
     from napari_histo_wsss.widgets.compare import CompareWidget
 
     for layer in list(viewer.layers):
@@ -203,7 +175,6 @@ def compare_phases(phases, viewer, shots, run_folder) -> None:
     phases.run("compare: 2 strategies on a val image", compare.toggle_button.click,
                done=lambda: not compare.runner.busy)
     phases.run("compare: grid on", lambda: setattr(compare.grid, "value", True))
-    shots.take("widget_compare")
     compare.grid.value = False
     compare.source.value = "training patch"
     compare.index.value = 2
@@ -211,13 +182,11 @@ def compare_phases(phases, viewer, shots, run_folder) -> None:
                done=lambda: not compare.runner.busy)
     viewer.layers["trust: onss"].visible = True
     viewer.layers.selection.active = viewer.layers["trust: onss"]
-    shots.take("widget_compare_trust")
-    shots.done_with(compare)
     for layer in list(viewer.layers):
         viewer.layers.remove(layer)
 
 
-def slide_phases(phases, viewer, shots, run_folder, scratch) -> None:
+def slide_phases(phases, viewer, run_folder, scratch) -> None:
     from napari_histo_wsss._reader import read_slide
     from napari_histo_wsss.widgets.segment_slide import SegmentSlideWidget
 
@@ -229,23 +198,13 @@ def slide_phases(phases, viewer, shots, run_folder, scratch) -> None:
     slide.run_folder.value = run_folder
     slide.strategy.value = "onss"
     slide.output.value = scratch / "slide.zarr"
-    halfway = {}
-
-    def half_done():
-        bar = slide.progress.batch_bar
-        if not halfway and bar.maximum() > 1 and bar.value() >= bar.maximum() // 2:
-            halfway["shot"] = True
-            shots.take("widget_segment_slide_running")
-        return not slide.runner.busy
-
-    phases.run("segment slide (CMU-1 region)", slide.toggle_button.click, done=half_done)
-    shots.take("widget_segment_slide")
+    phases.run("segment slide (CMU-1 region)", slide.toggle_button.click,
+               done=lambda: not slide.runner.busy)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--browse-steps", type=int, default=6)
-    parser.add_argument("--screenshots", default=None, help="folder for the window pictures")
     parser.add_argument("--idle", type=float, default=30.0,
                         help="seconds of the idle baseline measured first")
     parser.add_argument("--only-open", action="store_true",
@@ -263,7 +222,6 @@ def main() -> None:
     viewer = napari.Viewer(show=True)
     app = QApplication.instance()
     app.processEvents()
-    shots = Screenshots(viewer, args.screenshots)
     phases = Phases(app, LatencyProbe())
     torch_before = "torch" in sys.modules
     # The machine's own share: a viewer doing nothing, the same timer. A busy machine (other
@@ -271,16 +229,16 @@ def main() -> None:
     idle_end = time.perf_counter() + args.idle
     phases.run("idle viewer (baseline)", lambda: None,
                done=lambda: time.perf_counter() >= idle_end)
-    classifier_phases(phases, viewer, shots, scratch, args.only_open)
+    classifier_phases(phases, viewer, scratch, args.only_open)
     print(f"torch imported before the first widget: {torch_before}", flush=True)
     if args.only_open:
         viewer.close()
         return
     run_folder = make_run(scratch / "run")  # main thread, outside any phase
-    pseudo_mask_phases(phases, viewer, shots, run_folder, args.browse_steps)
-    segmenter_phases(phases, viewer, shots, scratch / "classifier-run")
-    compare_phases(phases, viewer, shots, run_folder)
-    slide_phases(phases, viewer, shots, run_folder, scratch)
+    pseudo_mask_phases(phases, viewer, run_folder, args.browse_steps)
+    segmenter_phases(phases, viewer, scratch / "classifier-run")
+    compare_phases(phases, viewer, run_folder)
+    slide_phases(phases, viewer, run_folder, scratch)
     viewer.close()
 
 
