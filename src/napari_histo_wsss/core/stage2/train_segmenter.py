@@ -155,8 +155,8 @@ class SegmenterTrainer(EpochTrainer):
 
         torch.manual_seed(config.seed)
         self.model = build_segmenter(settings, self.spec.num_classes)
-        if settings.encoder_init == "classifier":
-            start_from_classifier(self.model, run)
+        if settings.encoder_init == "classifier" and not self.last_path.is_file():
+            start_from_classifier(self.model, run)  # a resumed run loads its own weights
         self.model = self.model.to(device)
         self.side = input_side(settings.input_size, patches, self.model.input_multiple)
         self.mean, self.std = measured_input_statistics(settings.normalise, patches)
