@@ -173,9 +173,7 @@ class SegmentSlideWidget(JobWidget):
         self._geometry: dict[str, tuple] = {}
         self._dirty = False
         self._result: Path | None = None
-        self._refresh_timer = QTimer()
-        self._refresh_timer.setInterval(REFRESH_MS)
-        self._refresh_timer.timeout.connect(self._refresh_live_layer)
+        self._refresh_timer = QTimer(interval=REFRESH_MS, timeout=self._refresh_live_layer)
         self.run_folder.changed.connect(self._load_run)
         self.restore_settings()
         shared_run_folder(viewer).follow(self.run_folder)
@@ -314,9 +312,7 @@ class SegmentSlideWidget(JobWidget):
         if self._dirty and self._live_layer is not None and self._live_layer in self.viewer.layers:
             self._dirty = False
             self._live_layer.refresh()
-            legend = getattr(self.viewer.window, "_histo_wsss_legend", None)
-            if legend is not None:  # its class shares follow the rows written
-                legend.recount(self._live_layer)
+            ensure_legend(self.viewer).recount(self._live_layer)  # shares follow the rows
 
     def _show_result(self, out: Path) -> None:
         """The finished pyramid replaces the live one; probabilities come as hidden layers
