@@ -153,13 +153,17 @@ def train_classifier(viewer, run: Path, timeout: float) -> None:
     widget.dataset.value = DATASET
     widget.run_folder.value = run  # a new folder; the other widgets follow it
     widget.method.value = METHOD
-    widget.epochs.value = CLASSIFIER["epochs"]
-    widget.batch_size.value = CLASSIFIER["batch_size"]
-    widget.input_size.value = CLASSIFIER["input_size"]
+    set_budget(widget, CLASSIFIER)
     run_job(widget, widget.runner, "train classifier", timeout)
     save(viewer, "widget_train_classifier.png")
     undock(viewer, dock_widget)
     viewer.layers.clear()
+
+
+def set_budget(widget, budget: dict) -> None:
+    """A training widget's epochs, batch size and input size (the pictures' small budget)."""
+    for field in ("epochs", "batch_size", "input_size"):
+        getattr(widget, field).value = budget[field]
 
 
 def pseudo_masks(viewer, run: Path, timeout: float) -> None:
@@ -197,9 +201,7 @@ def train_segmenter(viewer, run: Path, timeout: float) -> None:
     widget, dock_widget = dock(viewer, TrainSegmenterWidget, "3. Train segmenter")
     follows_shared_run(widget, run)
     widget.strategies.value = STRATEGIES
-    widget.epochs.value = SEGMENTER["epochs"]
-    widget.batch_size.value = SEGMENTER["batch_size"]
-    widget.input_size.value = SEGMENTER["input_size"]
+    set_budget(widget, SEGMENTER)
     run_job(widget, widget.runner, "train segmenter", timeout)
     select(viewer, "pseudo-mask")
     save(viewer, "widget_train_segmenter.png")
