@@ -111,29 +111,28 @@ class Segmenter(nn.Module):
         """ImageNet or file weights through ``core.backbones`` (offline for Lite0): the smp
         encoder is the same timm feature extractor, so its tensors are a subset by name."""
         source = build_backbone(config.encoder, config.weights, output_stride=32).body
-        weights = source.state_dict()
-        own = self.net.encoder.model.state_dict()
-        missing = [name for name in own if name not in weights]
-        if missing:
-            raise CheckpointError(f"the encoder weights lack tensors such as '{missing[0]}'",
-                                  config.weights)
-        self.net.encoder.model.load_state_dict({name: weights[name] for name in own})
+        self._load_encoder(source.state_dict(), config.weights,
+                           "the encoder weights lack tensors such as '{name}'")
 
     def load_classifier_backbone(self, classifier_state: dict[str, torch.Tensor],
                                  source: Path) -> None:
         """Start the encoder from a trained stage-1 classifier (``encoder_init="classifier"``):
         its backbone is the same timm feature extractor, under ``backbone.body.``."""
         prefix = "backbone.body."
-        weights = {name[len(prefix):]: tensor for name, tensor in classifier_state.items()
-                   if name.startswith(prefix)}
+        self._load_encoder(
+            {name[len(prefix):]: tensor for name, tensor in classifier_state.items()
+             if name.startswith(prefix)}, source,
+            "the classifier's backbone does not fit this segmenter's encoder (e.g. '{name}'): "
+            "encoder_init 'classifier' needs the same encoder in both stages")
+
+    def _load_encoder(self, weights: dict[str, torch.Tensor], source, problem: str) -> None:
+        """The encoder's tensors, by name, from a larger set; ``problem`` (with ``{name}``,
+        the first tensor missing or of another shape) is the error otherwise."""
         own = self.net.encoder.model.state_dict()
         unfit = [name for name, tensor in own.items()
                  if name not in weights or weights[name].shape != tensor.shape]
         if unfit:
-            raise CheckpointError(
-                f"the classifier's backbone does not fit this segmenter's encoder (e.g. "
-                f"'{unfit[0]}'): encoder_init 'classifier' needs the same encoder in both "
-                "stages", source)
+            raise CheckpointError(problem.format(name=unfit[0]), source)
         self.net.encoder.model.load_state_dict({name: weights[name] for name in own})
 
     @property
