@@ -164,11 +164,14 @@ def test_no_resume_never_deletes_an_output_another_run_is_writing(
     out = tmp_path / "slide.zarr"
     first = Process(_segment_slide(trained_run, sample_slide_path, out))
     first.wait_for(lambda: first.tiles_done() >= 1, "its first batch")
+    # Paused mid-slide, so it is still writing however fast this machine would finish it.
+    first.popen.send_signal(signal.SIGSTOP)
     second = main(_segment_slide(trained_run, sample_slide_path, out, "--no-resume")[3:])
     assert second == 2
     error = capsys.readouterr().err.strip()
     assert f"being written by process {first.popen.pid}" in error
     assert str(sibling_lock_path(out)) in error
+    first.popen.send_signal(signal.SIGCONT)
     first.popen.send_signal(signal.SIGINT)
     assert first.finish() == 1
     assert out.exists() and not sibling_lock_path(out).exists()
