@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from napari_histo_wsss.core.corrections.finetune import (
-    FINETUNE_EPOCHS,
     corrected_strategy,
     finetune_with_corrections,
 )
+from napari_histo_wsss.core.corrections.recipe import FINETUNE_EPOCHS
 from napari_histo_wsss.core.corrections.review import review_queue
 from napari_histo_wsss.core.corrections.store import Correction
 from napari_histo_wsss.core.data.classes import DatasetSpec

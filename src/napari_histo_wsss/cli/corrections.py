@@ -177,7 +177,8 @@ def _check_geojson_output(path, inputs, overwrite: bool, what: str) -> None:
 
 def cmd_finetune(args, run, config, layout) -> int:
     """``train-segmenter --with-corrections``: fine-tune on the run's corrections."""
-    from ..core.corrections.finetune import FINETUNE_EPOCHS, finetune_with_corrections
+    from ..core.corrections.finetune import finetune_with_corrections
+    from ..core.corrections.recipe import FINETUNE_EPOCHS
     from ..core.inference.metrics import format_scores
     from ..core.inference.predict import evaluate, load_predictor
     from .progress import drive

@@ -51,7 +51,7 @@ class CorrectionsWidget(JobWidget):
 
     def __init__(self, viewer: napari.viewer.Viewer):
         super().__init__(viewer, "Retrain with corrections", plot=False)
-        from ..core.corrections.finetune import FINETUNE_EPOCHS
+        from ..core.corrections.recipe import FINETUNE_EPOCHS
 
         self.run_folder = run_folder_field()
         self.run_info = info_label()

@@ -145,7 +145,6 @@ class TrainClassifierWidget(JobWidget):
         from ..core.errors import HistoWsssError
         from ..core.runs.run_dir import RunDirectory
         from ..core.runs.status import StageState, run_status
-        from ..core.training.extension import stage_epochs
 
         folder = given_path(self.run_folder.value)
         existing, finished = None, False
@@ -163,7 +162,7 @@ class TrainClassifierWidget(JobWidget):
             self.backbone.value = settings.backbone
             self.weights.value = settings.weights if settings.weights not in (None, "none") \
                 else None
-            self.epochs.value = stage_epochs(existing, STAGE, settings.epochs)
+            self.epochs.value = existing.stage_epochs(STAGE, settings.epochs)
             self.batch_size.value = settings.batch_size
             self.schedule.value = existing.schedule
             self.seed.value = existing.seed

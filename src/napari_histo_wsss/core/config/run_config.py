@@ -276,6 +276,11 @@ class RunConfig:
         self.pseudo_masks.validate()
         self.segmenter.validate()
 
+    def stage_epochs(self, stage: str, planned: int) -> int:
+        """The epochs ``stage`` runs to: its extension where it has one, else ``planned`` (the
+        epochs of its config section)."""
+        return self.extended_epochs.get(stage, planned)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

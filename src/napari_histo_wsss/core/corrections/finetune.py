@@ -28,16 +28,10 @@ from ..runs.run_dir import RunDirectory
 from ..stage2.losses import IGNORE_INDEX
 from ..stage2.sparse_labels import SparseLabels
 from ..stage2.train_segmenter import train_segmenter
+from .recipe import FINETUNE_EPOCHS, FINETUNE_LR_SCALE, REPLAY_PER_IMAGE
 from .store import UNLABELLED, Correction, CorrectionStore
 
 SUFFIX = "-corrections"
-#: Ordinary training patches drawn per corrected image (replay against forgetting).
-REPLAY_PER_IMAGE = 2
-#: Epochs of a fine-tune (over the corrected images and their replay sample).
-FINETUNE_EPOCHS = 10
-#: The fine-tune's learning rate relative to the run's: the run's own lr, restarted on a
-#: trained model with the painted pixels' large loss, undoes what training learnt.
-FINETUNE_LR_SCALE = 0.1
 
 
 def corrected_strategy(strategy: str) -> str:

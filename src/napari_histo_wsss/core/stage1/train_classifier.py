@@ -36,7 +36,7 @@ from ..runs.checkpoints import check_same_classes, save_checkpoint
 from ..runs.locks import writes_run
 from ..runs.run_dir import LossLog, RunDirectory
 from ..training import distributed
-from ..training.extension import extend_stage, may_extend, stage_epochs
+from ..training.extension import extend_stage, may_extend
 from ..training.loop import EpochResult, EpochTrainer, run_epochs
 from ..training.resume import RESTART_HINT, load_resume_checkpoint, resume_state
 from ..training.schedules import set_lr
@@ -209,7 +209,7 @@ def _same_settings(payload: dict, config: RunConfig) -> bool:
     return (canonical(saved_settings) == canonical(config.to_dict()["classifier"])
             and saved.get("seed") == config.seed
             and may_extend(saved_epochs, bool(payload["training"].get("finished")),
-                           stage_epochs(config, STAGE, config.classifier.epochs)))
+                           config.stage_epochs(STAGE, config.classifier.epochs)))
 
 
 @writes_run(STAGE)
@@ -253,7 +253,7 @@ class ClassifierTrainer(EpochTrainer):
         patches.decode_all()
         count = len(patches)
         self.batch_size = max(1, min(settings.batch_size, count))
-        self.epochs = stage_epochs(config, STAGE, settings.epochs)
+        self.epochs = config.stage_epochs(STAGE, settings.epochs)
         self.batches_per_epoch = count // self.batch_size
         self.total_steps = self.batches_per_epoch * self.epochs
         self.size = training_size(settings, [patches.image(i).shape for i in range(count)])

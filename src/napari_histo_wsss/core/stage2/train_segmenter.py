@@ -50,7 +50,7 @@ from ..runs.run_dir import LossLog, RunDirectory
 from ..runs.stages import segmenter_stage
 from ..runs.status import METHOD_WITHOUT_CAMS
 from ..training import distributed
-from ..training.extension import extend_stage, stage_epochs
+from ..training.extension import extend_stage
 from ..training.loop import EpochResult, EpochTrainer, run_epochs
 from ..training.resume import load_resume_checkpoint, restore_average, resume_state
 from ..training.sampling import SAMPLINGS, epoch_order
@@ -143,7 +143,7 @@ class SegmenterTrainer(EpochTrainer):
         self.settings = settings = config.segmenter
         self.strategy, self.device, self.spec = strategy, device, patches.spec
         self.stage = self.done_stage = segmenter_stage(strategy)
-        self.epochs = stage_epochs(config, self.stage, settings.epochs)
+        self.epochs = config.stage_epochs(self.stage, settings.epochs)
         self.loss_fn = build_loss(settings)
         patches.decode_all()
         self.targets = read_pseudo_masks(run, settings.targets, patches)

@@ -42,12 +42,6 @@ from .state import TrainingState
 STALE_PSEUDO_MASKS = "trained on pseudo-masks of the classifier before it was trained longer"
 
 
-def stage_epochs(config: RunConfig, stage: str, planned: int) -> int:
-    """The epochs ``stage`` runs to: its extension where it has one, else ``planned`` (the
-    epochs of its config section)."""
-    return config.extended_epochs.get(stage, planned)
-
-
 def extend_stage(run: RunDirectory, config: RunConfig, stage: str, last_path: Path,
                  kind: str, more_epochs: int) -> RunConfig:
     """Record in ``run.json`` that the finished ``stage`` trains ``more_epochs`` more epochs
