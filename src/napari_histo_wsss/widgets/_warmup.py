@@ -21,14 +21,17 @@ from collections.abc import Callable
 
 _log = logging.getLogger(__name__)
 
-#: Modules whose import pulls in torch and that fill the widgets' choices, and pyqtgraph
-#: (the loss plot; 0.5 s, most of it probing CUDA).
+#: Modules whose import pulls in torch and that fill the widgets' choices, pyqtgraph (the
+#: loss plot; 0.5 s, most of it probing CUDA) and pandas.
 HEAVY_MODULES = (
     "torch",
     "napari_histo_wsss.core.devices",
     "napari_histo_wsss.core.stage2.losses",
     "napari_histo_wsss.core.models.segmenter",
     "pyqtgraph",
+    # napari imports pandas for the first layer with features (our labels layers' class
+    # names): 0.5-1 s that froze the first pseudo-mask image shown.
+    "pandas",
 )
 #: The import starts this long after the first widget asked, so the dock is drawn first.
 START_DELAY_MS = 300
