@@ -127,6 +127,9 @@ class PseudoMaskConfig:
     #: "mean": the scales' normalised maps are averaged before the argmax, so an enlarged
     #: input's finer map sharpens the boundaries the native one places (docs/algorithms.md 12).
     scale_fusion: str = "vote"
+    #: When > 0, each class map is averaged inside SLIC superpixels about this many pixels
+    #: across before the argmax, so mask boundaries follow the tissue (stage1/superpixels.py).
+    superpixel_size: int = 0
     gating: str = "label"  # a GATINGS name (stage1/pseudo_masks.py): "label" or "predicted"
     gate_threshold: float = 0.31
     #: None follows the dataset description.
@@ -135,6 +138,7 @@ class PseudoMaskConfig:
 
     def validate(self) -> None:
         require("pseudo_masks", _is_count, batch_size=self.batch_size)
+        require("pseudo_masks", _is_non_negative_int, superpixel_size=self.superpixel_size)
         require("pseudo_masks", _is_positive, scales=self.scales)
         if self.scale_fusion not in SCALE_FUSIONS:
             raise ConfigError(f"pseudo_masks.scale_fusion must be one of {list(SCALE_FUSIONS)}, "

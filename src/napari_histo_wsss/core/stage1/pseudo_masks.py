@@ -36,6 +36,7 @@ from ..runs.locks import writes_run
 from ..runs.run_dir import RunDirectory
 from ..runs.stages import PSEUDO_MASKS
 from .cams import class_activation_maps
+from .superpixels import batch_superpixels, smooth_maps
 
 STAGE = PSEUDO_MASKS
 WHITE_SCORE = 1.000001
@@ -219,6 +220,11 @@ def _recipe_batch(model: CamClassifier, images: np.ndarray, labels: np.ndarray |
                           size=(height, width), mode="bilinear", align_corners=False)
             for layer in config.layers
         ])
+
+    if config.superpixel_size:
+        segments = batch_superpixels(images, config.superpixel_size)
+        per_scale = [[smooth_maps(maps, segments) for maps in layer_maps]
+                     for layer_maps in per_scale]
 
     kept = GATINGS.get(config.gating)(labels, probabilities, config)
     white = None
