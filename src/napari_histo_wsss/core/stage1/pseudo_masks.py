@@ -31,6 +31,7 @@ from ..errors import ConfigError, DatasetError
 from ..events import Batch, Done, Event, Preview, Started, StopToken
 from ..inference.metrics import ConfusionMatrix
 from ..models.classifier import CamClassifier, load_classifier
+from ..models.folding import fold_batchnorm
 from ..registry import Registry
 from ..runs.locks import writes_run
 from ..runs.run_dir import RunDirectory
@@ -261,7 +262,7 @@ def pseudo_masks_for_images(model: CamClassifier, images: Sequence[np.ndarray],
     """The recipe on (H, W, 3) uint8 images of any sizes, in memory (widget, report)."""
     device = torch.device(device)
     _check_recipe(model, config)
-    model.to(device).eval()
+    model = fold_batchnorm(model.to(device).eval())
     results: list[PseudoMasks | None] = [None] * len(images)
     for group in _batches_by_size([image.shape for image in images], config.batch_size):
         batch = np.stack([images[i] for i in group])
@@ -302,6 +303,7 @@ def generate_pseudo_masks(run: RunDirectory, config: RunConfig, patches: PatchSe
     spec = patches.spec
     model, _ = load_classifier(run.classifier_checkpoint, device, spec=spec)
     _check_recipe(model, recipe)
+    model = fold_batchnorm(model.eval())
     if patches.labels.shape[1] != spec.num_classes:
         raise DatasetError(f"labels have {patches.labels.shape[1]} entries but the classifier "
                            f"knows {spec.num_classes} classes", patches.paths[0].parent)
