@@ -67,6 +67,8 @@ from .sparse_labels import (
 
 #: MSV-ONSS's training pipeline (mmseg): rescale ratio range and PhotoMetricDistortion ranges.
 ONSS_RESCALE = (0.75, 3.0)
+#: ``histo_scale``: the rescale range, drawn log-uniformly so shrinking and enlarging are as likely.
+HISTO_SCALE_RANGE = (0.8, 1.25)
 BRIGHTNESS_DELTA = 32
 CONTRAST_RANGE = (0.5, 1.5)
 SATURATION_RANGE = (0.5, 1.5)
@@ -457,6 +459,22 @@ def histo_augmentation(image: np.ndarray, masks: list[np.ndarray], side: int,
         radius = rng.uniform(0.0, 1.0)
         image = np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(radius)))
     return image, masks
+
+
+@SEGMENTER_AUGMENTATIONS.register("histo_scale")
+def histo_scale_augmentation(image: np.ndarray, masks: list[np.ndarray], side: int,
+                             rng: np.random.Generator):
+    """``histo`` after a rescale by a log-uniform factor in ``HISTO_SCALE_RANGE``: a trained
+    segmenter is brittle to magnification (docs/results.md), and slides and patches are never
+    at exactly the same microns per pixel. Shrunk images are padded with ignore."""
+    low, high = np.log(HISTO_SCALE_RANGE)
+    ratio = float(np.exp(rng.uniform(low, high)))
+    height, width = image.shape[:2]
+    image, masks = _resize(image, masks, (max(1, round(height * ratio)),
+                                          max(1, round(width * ratio))))
+    if min(image.shape[:2]) < side:
+        image, masks = _crop(image, masks, side, rng, pad=True)
+    return histo_augmentation(image, masks, side, rng)
 
 
 @SEGMENTER_AUGMENTATIONS.register("onss")
