@@ -99,7 +99,8 @@ def main() -> None:
     parser.add_argument("--strategy", help="segmenter to start from (default: the run's loss)")
     parser.add_argument("--strokes", default="0,1,3,10")
     parser.add_argument("--order-images", type=int, default=5,
-                        help="images corrected (3 strokes each) in review vs random order")
+                        help="images corrected (3 strokes each) in review vs random order "
+                             "(0: skip that comparison)")
     parser.add_argument("--epochs", type=int, default=FINETUNE_EPOCHS)
     parser.add_argument("--radius", type=int, default=4)
     parser.add_argument("--length", type=int, default=40)
@@ -154,7 +155,7 @@ def main() -> None:
     chosen = {"review": [order[item.image] for item in queue[:args.order_images]],
               "random": np.random.default_rng(args.seed).permutation(len(first))[
                   :args.order_images].tolist()}
-    for name, indices in chosen.items():
+    for name, indices in chosen.items() if args.order_images > 0 else ():
         corrections = corrections_for(indices, 3)
         strokes = 3 * len(indices)
         scores, seconds = finetune_and_score(run, config, layout, corrections, strategy,

@@ -30,6 +30,7 @@ from napari_histo_wsss.core.stage2.train_segmenter import (
     SEGMENTER_AUGMENTATIONS,
     SegmenterTrainer,
     augment_sample,
+    around_painted,
     average_decay,
     input_side,
     measured_input_statistics,
@@ -258,6 +259,25 @@ def test_every_segmenter_augmentation_keeps_image_and_mask_aligned(name):
         bright = out_image[..., 1] > (values.min() + values.max()) / 2
         agreement = np.mean(bright[scored] == (out_mask[scored] == 1))
         assert agreement > 0.9 or np.unique(out_mask[scored]).size == 1
+
+
+def test_a_crop_of_a_corrected_image_always_holds_a_painted_pixel():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (300, 420, 3), dtype=np.uint8)
+    pseudo = np.zeros((300, 420), np.uint8)
+    painted = np.full((300, 420), IGNORE_INDEX, np.uint8)
+    painted[250:254, 10:40] = 2  # one short stroke near a corner
+    corners = set()
+    for _ in range(50):
+        window, (window_pseudo, window_painted) = around_painted(image, [pseudo, painted], 96,
+                                                                 rng)
+        assert window.shape == (96, 96, 3) and window_painted.shape == (96, 96)
+        assert (window_painted == 2).any()
+        corners.add(tuple(np.argwhere(window_painted == 2)[0]))
+    assert len(corners) > 10  # the stroke lands at varied places in the window
+    unpainted = np.full((300, 420), IGNORE_INDEX, np.uint8)
+    same, masks = around_painted(image, [pseudo, unpainted], 96, rng)
+    assert same is image and masks[1] is unpainted
 
 
 def test_weight_average_is_what_is_kept_and_survives_a_stop(tmp_path, patches, layout):

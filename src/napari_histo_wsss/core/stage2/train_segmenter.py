@@ -252,9 +252,8 @@ class SegmenterTrainer(EpochTrainer):
                                                 (index + 1) * self.batch_size))
         chosen = self.order[positions]
         rngs = [np.random.default_rng([self.config.seed, epoch, int(p)]) for p in positions]
-        targets = self.targets if self.painted is None else [*self.targets, self.painted]
-        images, masks = make_batch(self.patches, targets, chosen, self.side,
-                                   self.settings.augment, rngs)
+        images, masks = make_batch(self.patches, self.targets, chosen, self.side,
+                                   self.settings.augment, rngs, self.painted)
         painted = None if self.painted is None else masks.pop()
         x = channels_last(normalise(torch.from_numpy(images).to(self.device), self.mean,
                                     self.std))
@@ -402,17 +401,42 @@ def measured_input_statistics(mode: str, patches: PatchSet) -> tuple[tuple, tupl
 
 
 def make_batch(patches: PatchSet, targets: list[list[np.ndarray]], indices, side: int,
-               augment: str, rngs: Sequence[np.random.Generator]
+               augment: str, rngs: Sequence[np.random.Generator],
+               painted: list[np.ndarray] | None = None
                ) -> tuple[np.ndarray, list[np.ndarray]]:
     """uint8 images (N, side, side, 3) and one (N, side, side) mask array per target; each
-    sample draws from its own generator."""
+    sample draws from its own generator. With ``painted`` (per patch, ``IGNORE_INDEX`` where
+    unpainted) the painted labels are the last target returned, and an image larger than the
+    crop is first cut to a window holding one of its painted pixels."""
     images, masks = [], []
     for index, rng in zip(indices, rngs, strict=True):
-        image, sample_masks = augment_sample(
-            patches.image(index), [target[index] for target in targets], side, augment, rng)
+        image = patches.image(index)
+        sample_targets = [target[index] for target in targets]
+        if painted is not None:
+            image, sample_targets = around_painted(image, [*sample_targets, painted[index]],
+                                                   side, rng)
+        image, sample_masks = augment_sample(image, sample_targets, side, augment, rng)
         images.append(image)
         masks.append(sample_masks)
     return np.stack(images), [np.stack(per_target) for per_target in zip(*masks, strict=True)]
+
+
+def around_painted(image: np.ndarray, masks: list[np.ndarray], side: int,
+                   rng: np.random.Generator) -> tuple[np.ndarray, list[np.ndarray]]:
+    """A ``side`` window of a larger image placed so that a painted pixel (a random one of the
+    last mask's) lies inside it at a random position; unchanged without painted pixels.
+
+    A corrected val image or slide region is several crops large: a random crop would miss
+    a few strokes most of the time, and the fine-tune would hardly see what the user drew."""
+    height, width = image.shape[:2]
+    painted = np.flatnonzero(masks[-1] != IGNORE_INDEX)
+    if len(painted) == 0 or (height <= side and width <= side):
+        return image, masks
+    row, col = np.unravel_index(int(painted[rng.integers(len(painted))]), (height, width))
+    top = int(np.clip(row - rng.integers(side), 0, max(height - side, 0)))
+    left = int(np.clip(col - rng.integers(side), 0, max(width - side, 0)))
+    window = (slice(top, top + side), slice(left, left + side))
+    return image[window], [mask[window] for mask in masks]
 
 
 def augment_sample(image: np.ndarray, masks: list[np.ndarray], side: int, augment: str,
