@@ -149,6 +149,37 @@ def test_put_layer_updates_in_place(make_napari_viewer):
 
 
 @pytest.mark.gui
+def test_put_layer_recolours_only_when_the_colours_change(make_napari_viewer):
+    from napari_histo_wsss.core.data.classes import WSSS4LUAD
+    from napari_histo_wsss.widgets._layers import cam_colormap
+    from napari_histo_wsss.widgets.class_colours import class_features, labels_colormap
+
+    viewer = make_napari_viewer()
+    mask = np.zeros((8, 8), np.uint8)
+    labels = put_layer(viewer, "labels", "mask", mask, colormap=labels_colormap(WSSS4LUAD),
+                       features=class_features(WSSS4LUAD))
+    kept_colours, kept_table = labels.colormap, labels.features
+    put_layer(viewer, "labels", "mask", mask + 1, colormap=labels_colormap(WSSS4LUAD),
+              features=class_features(WSSS4LUAD))
+    assert labels.colormap is kept_colours and labels.features is kept_table
+    other = WSSS4LUAD.__class__.from_dict({**WSSS4LUAD.to_dict(),
+                                           "colours": [[255, 0, 0]] * 4})
+    put_layer(viewer, "labels", "mask", mask, colormap=labels_colormap(other))
+    assert labels.colormap is not kept_colours
+    assert np.allclose(labels.colormap.map(np.array([1]))[0][:3], (1.0, 0.0, 0.0))
+
+    cam = put_layer(viewer, "image", "cam", np.zeros((8, 8), np.float32),
+                    colormap=cam_colormap("tumor", (0, 64, 128)))
+    first = cam.colormap
+    put_layer(viewer, "image", "cam", np.ones((8, 8), np.float32),
+              colormap=cam_colormap("tumor", (0, 64, 128)))
+    assert cam.colormap is first
+    put_layer(viewer, "image", "cam", np.ones((8, 8), np.float32),
+              colormap=cam_colormap("tumor", (128, 0, 0)))
+    assert cam.colormap is not first
+
+
+@pytest.mark.gui
 def test_closing_the_dock_stops_the_job_gracefully(make_napari_viewer, qtbot):
     """The dock's close button orphans the widget: its job must stop (checkpoint first)."""
     from napari_histo_wsss.widgets._base import JobWidget

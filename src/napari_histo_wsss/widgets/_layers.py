@@ -61,7 +61,7 @@ def put_layer(viewer, kind: str, name: str, data, *, above=None, **properties):
         layer.data = data
         for key in ("colormap", "features", "scale", "translate", "units", "contrast_limits",
                     "metadata"):
-            if key in properties:
+            if key in properties and not _unchanged(layer, key, properties[key]):
                 setattr(layer, key, properties[key])
         if above is not None and above in viewer.layers:
             index, anchor = viewer.layers.index(layer), viewer.layers.index(above)
@@ -77,6 +77,31 @@ def put_layer(viewer, kind: str, name: str, data, *, above=None, **properties):
     if above is not None and above in viewer.layers:
         viewer.layers.move(viewer.layers.index(layer), viewer.layers.index(above) + 1)
     return layer
+
+
+def _unchanged(layer, key: str, value) -> bool:
+    """Whether a colormap or features table equals the layer's own: setting either again
+    costs napari tens of milliseconds per layer on every browse step (a recolour, a new
+    table), for nothing."""
+    current = getattr(layer, key, None)
+    if key == "features":
+        import pandas as pd
+
+        return isinstance(current, pd.DataFrame) and current.equals(pd.DataFrame(value))
+    if key == "colormap":
+        return current is not None and _colormap_key(current) == _colormap_key(value)
+    return False
+
+
+def _colormap_key(colormap) -> tuple:
+    """What a napari colormap draws: a direct labels colormap's colour per value, else the
+    name and the colour stops."""
+    colours = getattr(colormap, "color_dict", None)
+    if colours is not None:
+        return tuple(sorted((str(value), tuple(np.round(np.asarray(colour, float), 6)))
+                            for value, colour in colours.items()))
+    stops = np.round(np.asarray(getattr(colormap, "colors", ()), float), 6)
+    return (getattr(colormap, "name", None), stops.shape, stops.tobytes())
 
 
 def _can_update(layer, kind: str, data, properties: dict) -> bool:

@@ -29,8 +29,8 @@ from napari_histo_wsss.core.stage2.losses import IGNORE_INDEX
 from napari_histo_wsss.core.stage2.train_segmenter import (
     SEGMENTER_AUGMENTATIONS,
     SegmenterTrainer,
-    augment_sample,
     around_painted,
+    augment_sample,
     average_decay,
     input_side,
     measured_input_statistics,
