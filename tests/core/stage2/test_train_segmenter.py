@@ -234,6 +234,20 @@ def test_balanced_sampling_draws_rare_class_patches_as_often_as_common_ones():
                               epoch_order(labels, "balanced", 0, 1))
 
 
+def test_sqrt_sampling_draws_the_rare_class_more_often_but_not_as_often_as_balanced():
+    labels = np.zeros((100, 3), np.uint8)
+    labels[:96, 0] = 1
+    labels[96:, 2] = 1  # 4 rare patches of 100
+    share = {}
+    for sampling in ("uniform", "sqrt", "balanced"):
+        draws = np.concatenate([epoch_order(labels, sampling, 0, e) for e in range(200)])
+        share[sampling] = np.mean(draws >= 96)
+    # Weights 1/sqrt(4) vs 1/sqrt(96): 4 x 0.5 / (4 x 0.5 + 96 x 0.102) = 17 % of the draws.
+    assert abs(share["uniform"] - 0.04) < 0.01
+    assert abs(share["sqrt"] - 0.17) < 0.02
+    assert abs(share["balanced"] - 0.5) < 0.03
+
+
 def test_balanced_sampling_weighs_unlabelled_patches_like_the_commonest_class():
     labels = np.zeros((100, 3), np.uint8)
     labels[:80, 0] = 1  # 80 patches of class 0, 20 without any label
