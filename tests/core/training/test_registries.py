@@ -13,7 +13,7 @@ from napari_histo_wsss.core.training.schedules import SCHEDULES, set_lr
 
 def test_registered_names_are_the_config_values():
     assert SCHEDULES.names() == ("poly", "constant")
-    assert SAMPLINGS.names() == ("uniform", "balanced")
+    assert SAMPLINGS.names() == ("uniform", "balanced", "sqrt")
     with pytest.raises(ConfigError, match="unknown lr schedule 'cosine': choose one of poly"):
         SCHEDULES.get("cosine")
     with pytest.raises(ConfigError, match="unknown sampling 'x'"):
