@@ -69,6 +69,9 @@ def main() -> None:
         patches.decode_all()
         list(train_classifier(run, config, patches, device=device))
     val = layout.eval_set("val")
+    # Each recipe's report would replace the run's own pseudo_masks/report.json.
+    report_path = run.pseudo_mask_root / "report.json"
+    saved_report = report_path.read_text() if report_path.is_file() else None
     for text in args.recipe:
         name, changes = recipe(text)
         variant = dataclasses.replace(config, pseudo_masks=dataclasses.replace(
@@ -84,6 +87,8 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         with open(args.out / "pseudo_mask_ablation.jsonl", "a") as log:
             log.write(json.dumps(row) + "\n")
+    if saved_report is not None:
+        report_path.write_text(saved_report)
 
 
 if __name__ == "__main__":
