@@ -75,14 +75,16 @@ class ClassMapView:
 
 
 def _trained_classifier(checkpoint: Path, device):
-    """The run's stage-1 classifier, or one clear error when it has not been trained."""
+    """The run's stage-1 classifier with its BatchNorms folded for class maps (kept for the
+    whole browse), or one clear error when it has not been trained."""
     from ..core.errors import CheckpointError
     from ..core.models.classifier import load_classifier
+    from ..core.models.folding import fold_batchnorm
 
     if not checkpoint.is_file():
         raise CheckpointError("no trained classifier yet: train one first", checkpoint)
     model, _ = load_classifier(checkpoint, device)
-    return model
+    return fold_batchnorm(model.eval())
 
 
 class PseudoMaskWidget(JobWidget):

@@ -259,10 +259,12 @@ def pseudo_masks_for_images(model: CamClassifier, images: Sequence[np.ndarray],
                             labels: np.ndarray | None, config: PseudoMaskConfig,
                             spec: DatasetSpec, device: torch.device | str = "cpu"
                             ) -> list[PseudoMasks]:
-    """The recipe on (H, W, 3) uint8 images of any sizes, in memory (widget, report)."""
+    """The recipe on (H, W, 3) uint8 images of any sizes, in memory (widget, report).
+    Callers that keep a classifier for many calls fold its BatchNorms once
+    (``models.folding.fold_batchnorm``)."""
     device = torch.device(device)
     _check_recipe(model, config)
-    model = fold_batchnorm(model.to(device).eval())
+    model.to(device).eval()
     results: list[PseudoMasks | None] = [None] * len(images)
     for group in _batches_by_size([image.shape for image in images], config.batch_size):
         batch = np.stack([images[i] for i in group])
@@ -381,6 +383,7 @@ def pseudo_mask_report(run: RunDirectory, config: RunConfig, eval_set: EvalSet,
     model, _ = load_classifier(run.classifier_checkpoint, device, spec=spec)
     recipe = config.pseudo_masks
     _check_recipe(model, recipe)
+    model = fold_batchnorm(model.eval())
     recipes = {"recipe": recipe}
     if recipe.gating != "label":
         recipes["label_gated"] = dataclasses.replace(recipe, gating="label")
