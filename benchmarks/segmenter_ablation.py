@@ -55,15 +55,20 @@ def main() -> None:
     parser.add_argument("--name", required=True, help="the variant's segmenter folder")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     parser.add_argument("--tag", default="", help="names a stage-1 variant's run folder")
+    parser.add_argument("--schedule", default="fast",
+                        help="the preset's schedule (fast, long, paper); not fast names the folder")
     parser.add_argument("--pseudo-masks", nargs="*", default=[], metavar="KEY=VALUE",
                         help="PseudoMaskConfig changes for a new run folder")
     parser.add_argument("--classifier-from", type=Path,
                         help="a run of the same method and seed whose classifier to copy")
     args = parser.parse_args()
 
-    folder = "-".join(part for part in (args.method, args.tag, f"s{args.seed}") if part)
+    schedule_tag = "" if args.schedule == "fast" else args.schedule
+    folder = "-".join(part for part in (args.method, schedule_tag, args.tag, f"s{args.seed}")
+                      if part)
     run, config, layout = prepare_run(args.data_dir, args.out / folder, args.method,
                                       seed=args.seed, device=args.device,
+                                      schedule=args.schedule,
                                       pseudo_masks=settings(args.pseudo_masks))
     device = resolve_device(args.device)
     patches, val = layout.patches(), layout.eval_set("val")
@@ -83,7 +88,8 @@ def main() -> None:
     metrics = json.loads((run.segmenter_dir(args.name) / "metrics.json").read_text())
     report = json.loads((run.pseudo_mask_root / "report.json").read_text())
     history = [round(100 * entry["miou"], 2) for entry in metrics["history"]]
-    row = {"method": args.method, "tag": args.tag, "seed": args.seed, "name": args.name,
+    row = {"method": args.method, "tag": args.tag, "schedule": args.schedule,
+           "seed": args.seed, "name": args.name,
            "settings": settings(args.set), "pseudo_masks": settings(args.pseudo_masks),
            "pseudo_mask_miou_label_gated": round(
                100 * (report.get("label_gated") or report)["miou"], 2),
