@@ -21,6 +21,7 @@ run, and runs on the same machine.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import tempfile
 import time
@@ -34,11 +35,17 @@ TINY = {"epochs": 1, "batch_size": 8, "input_size": 64}
 
 
 class LatencyProbe:
-    """A main-thread timer that records how late each 10 ms tick arrives."""
+    """A main-thread timer that records how late each 10 ms tick arrives.
 
-    def __init__(self):
+    With ``trace``, every tick re-arms faulthandler's watchdog (a C thread that needs no GIL):
+    when the main thread misses ticks for STALL_MS, the stacks of all threads at that moment
+    are written to ``trace``, which says what held the main thread.
+    """
+
+    def __init__(self, trace=None):
         from qtpy.QtCore import QTimer
 
+        self.trace = trace
         self.lateness_ms: list[float] = []
         self._last = time.perf_counter()
         self._timer = QTimer()
@@ -50,6 +57,8 @@ class LatencyProbe:
         now = time.perf_counter()
         self.lateness_ms.append(max(0.0, (now - self._last) * 1000 - TIMER_MS))
         self._last = now
+        if self.trace is not None:
+            faulthandler.dump_traceback_later(STALL_MS / 1000, file=self.trace)
 
     def mark(self) -> int:
         return len(self.lateness_ms)
@@ -209,7 +218,12 @@ def main() -> None:
                         help="seconds of the idle baseline measured first")
     parser.add_argument("--only-open", action="store_true",
                         help="stop after the first widget and its background import")
+    parser.add_argument("--trace-stalls", type=Path, metavar="FILE",
+                        help="write every thread's stack to FILE at each stall over 200 ms")
+    parser.add_argument("--skip-slide", action="store_true",
+                        help="leave out the Segment slide phase")
     args = parser.parse_args()
+    faulthandler.enable()  # a crash in napari's drawing shows where it happened
     os.environ.setdefault("HISTO_WSSS_DEVICE", "cpu")
     scratch = Path(tempfile.mkdtemp(prefix="bench-freezes-"))
     os.environ.setdefault("HISTO_WSSS_CONFIG_DIR", str(scratch / "config"))
@@ -222,7 +236,8 @@ def main() -> None:
     viewer = napari.Viewer(show=True)
     app = QApplication.instance()
     app.processEvents()
-    phases = Phases(app, LatencyProbe())
+    trace = open(args.trace_stalls, "w") if args.trace_stalls else None  # noqa: SIM115
+    phases = Phases(app, LatencyProbe(trace))
     torch_before = "torch" in sys.modules
     # The machine's own share: a viewer doing nothing, the same timer. A busy machine (other
     # processes on the cores) makes ticks late with no widget involved; compare against it.
@@ -238,7 +253,9 @@ def main() -> None:
     pseudo_mask_phases(phases, viewer, run_folder, args.browse_steps)
     segmenter_phases(phases, viewer, scratch / "classifier-run")
     compare_phases(phases, viewer, run_folder)
-    slide_phases(phases, viewer, run_folder, scratch)
+    if not args.skip_slide:
+        slide_phases(phases, viewer, run_folder, scratch)
+    faulthandler.cancel_dump_traceback_later()
     viewer.close()
 
 

@@ -252,3 +252,33 @@ def test_building_every_dock_widget_leaves_torch_to_the_background_import(tmp_pa
     docks, torch_loaded = json.loads(result.stdout.strip().splitlines()[-1])
     assert docks >= 7  # every dock of the manifest was built
     assert torch_loaded is False
+
+
+def test_progress_bar_paints_its_new_value_asynchronously(qtbot):
+    """A plain QProgressBar paints inside setValue (a whole-window flush next to napari's
+    canvas); the panel's bars paint with the next event-loop pass instead."""
+    from qtpy.QtWidgets import QProgressBar
+
+    from napari_histo_wsss.widgets._progress import QuietProgressBar
+
+    def counting(base):
+        class Counting(base):
+            paints = 0
+
+            def paintEvent(self, event):  # noqa: N802
+                type(self).paints += 1
+                super().paintEvent(event)
+        return Counting
+
+    for base, synchronous in ((QProgressBar, True), (QuietProgressBar, False)):
+        bar = counting(base)()
+        bar.setFormat("batch %v / %m")
+        bar.setRange(0, 40)
+        qtbot.addWidget(bar)
+        bar.show()
+        qtbot.waitUntil(lambda bar=bar: bar.paints > 0, timeout=2000)
+        before = bar.paints
+        bar.setValue(3)
+        assert bar.value() == 3
+        assert (bar.paints > before) is synchronous
+        qtbot.waitUntil(lambda bar=bar, before=before: bar.paints > before, timeout=2000)

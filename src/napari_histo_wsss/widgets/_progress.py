@@ -76,6 +76,25 @@ class LossPlot:
                                 symbolBrush=colour, name=f"{stage} train")
 
 
+class QuietProgressBar(QProgressBar):
+    """A progress bar whose new value is painted with the next ordinary paint.
+
+    ``QProgressBar.setValue`` repaints synchronously whenever its text changes ("batch 3 / 40"
+    does at every batch). In a window that holds napari's OpenGL canvas such a repaint flushes
+    the whole window and draws any pending canvas frame inside the job's signal handler: the
+    main-thread stalls traced by ``benchmarks/bench_freezes.py --trace-stalls``, and the
+    moment Xvfb's software OpenGL crashed. With updates switched off the value changes without
+    painting; switching them on schedules an asynchronous paint.
+    """
+
+    def setValue(self, value: int) -> None:  # noqa: N802 (Qt's name)
+        self.setUpdatesEnabled(False)
+        try:
+            super().setValue(value)
+        finally:
+            self.setUpdatesEnabled(True)
+
+
 class ProgressPanel(QWidget):
     """Status line, epoch and batch progress bars and (optionally) the loss plot."""
 
@@ -86,13 +105,13 @@ class ProgressPanel(QWidget):
         self.status = QLabel("")
         self.status.setWordWrap(True)
         layout.addWidget(self.status)
-        self.epoch_bar = QProgressBar()
+        self.epoch_bar = QuietProgressBar()
         self.epoch_bar.setFormat("epoch %v / %m")
         self._show_epochs = epochs
         self._epoch_text: str | None = None  # the last epoch's summary, kept on screen
         self._message_stage: str | None = None  # stage of the event before, if a Message
         layout.addWidget(self.epoch_bar)
-        self.batch_bar = QProgressBar()
+        self.batch_bar = QuietProgressBar()
         self.batch_bar.setFormat("batch %v / %m" if epochs else "%v / %m  (%p%)")
         layout.addWidget(self.batch_bar)
         self.loss_plot: LossPlot | None = None
