@@ -150,7 +150,8 @@ def pseudo_mask_phases(phases, viewer, run_folder, steps: int) -> None:
     for index in range(steps):
         phases.run(f"pseudo-masks: val image {index}",
                    lambda index=index: setattr(masks.index, "value", index),
-                   done=lambda: not masks.preview_runner.busy and not masks._pending_preview)
+                   done=lambda: not (masks.preview_runner.busy or masks._pending_preview
+                                     or masks.showing))
     viewer.layers["pseudo-mask"].visible = False
     for name in ("tumor", "stroma"):
         viewer.layers[f"CAM {name}"].visible = True
@@ -174,25 +175,26 @@ def segmenter_phases(phases, viewer, run_folder) -> None:
 def compare_phases(phases, viewer, run_folder) -> None:
     from napari_histo_wsss.widgets.compare import CompareWidget
 
-    for layer in list(viewer.layers):
-        viewer.layers.remove(layer)
+    viewer.layers.clear()
     compare = CompareWidget(viewer)
     viewer.window.add_dock_widget(compare, name="4. Compare strategies")
     compare.run_folder.value = run_folder
     compare.source.value = "validation image"
     compare.index.value = 4
     phases.run("compare: 2 strategies on a val image", compare.toggle_button.click,
-               done=lambda: not compare.runner.busy)
+               done=lambda: not (compare.runner.busy or compare.showing))
     phases.run("compare: grid on", lambda: setattr(compare.grid, "value", True))
     compare.grid.value = False
     compare.source.value = "training patch"
     compare.index.value = 2
+    # As scripts/screenshots.py does: napari 0.9.2 under Xvfb's software OpenGL segfaults in
+    # its draw when a comparison replaces the val image's layers in place.
+    viewer.layers.clear()
     phases.run("compare: 2 strategies on a patch", compare.toggle_button.click,
-               done=lambda: not compare.runner.busy)
+               done=lambda: not (compare.runner.busy or compare.showing))
     viewer.layers["trust: onss"].visible = True
     viewer.layers.selection.active = viewer.layers["trust: onss"]
-    for layer in list(viewer.layers):
-        viewer.layers.remove(layer)
+    viewer.layers.clear()
 
 
 def slide_phases(phases, viewer, run_folder, scratch) -> None:

@@ -87,6 +87,7 @@ def run_job(widget, runner, what: str, timeout: float) -> None:
     wait_until(lambda: not runner.busy, what, timeout)
     if runner.state is not JobState.DONE:
         raise RuntimeError(f"{what}: ended {runner.state.value}: {runner.error or ''}")
+    wait_until(lambda: not getattr(widget, "showing", False), f"{what}: layers", timeout)
     log(f"{what}: done · {widget.progress.status.text()}")
 
 

@@ -282,3 +282,38 @@ def test_progress_bar_paints_its_new_value_asynchronously(qtbot):
         assert bar.value() == 3
         assert (bar.paints > before) is synchronous
         qtbot.waitUntil(lambda bar=bar, before=before: bar.paints > before, timeout=2000)
+
+
+def test_layer_steps_yield_to_the_event_loop_and_a_new_run_replaces_the_old(qtbot):
+    from qtpy.QtCore import QTimer
+    from qtpy.QtWidgets import QWidget
+
+    from napari_histo_wsss.widgets._layers import LayerSteps
+
+    owner = QWidget()
+    qtbot.addWidget(owner)
+    steps = LayerSteps(owner)
+    done: list[str] = []
+    ticks: list[int] = []
+    timer = QTimer(owner)
+    timer.timeout.connect(lambda: ticks.append(len(done)))
+    timer.start(0)
+
+    def slow(name):
+        def step():
+            time.sleep(LayerSteps.SLICE_MS / 1000 + 0.01)
+            done.append(name)
+        return step
+
+    steps.run([slow("a"), slow("b"), slow("c")])
+    assert done == ["a"] and steps.busy  # the rest waits for the event loop
+    qtbot.waitUntil(lambda: not steps.busy, timeout=2000)
+    assert done == ["a", "b", "c"]
+    assert 1 in ticks and 2 in ticks  # the loop ran between the steps
+
+    done.clear()
+    steps.run([slow("old 1"), slow("old 2")])
+    steps.run([lambda: done.append("new 1"), lambda: done.append("new 2")])  # fast: one pass
+    assert done == ["old 1", "new 1", "new 2"] and not steps.busy
+    qtbot.wait(50)
+    assert done == ["old 1", "new 1", "new 2"]  # the old run's last step never ran

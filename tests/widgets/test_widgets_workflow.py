@@ -207,6 +207,7 @@ def test_pseudo_masks_generate_and_browse(make_napari_viewer, qtbot, base_run, t
 
     widget.index.value = 5  # browse: the class maps of training patch 5
     wait_for_job(qtbot, widget.preview_runner)
+    qtbot.waitUntil(lambda: not widget.showing, timeout=JOB_TIMEOUT_MS)
     qtbot.waitUntil(lambda: "pseudo-mask" in viewer.layers, timeout=JOB_TIMEOUT_MS)
     for name in ("tumor", "stroma", "normal"):
         cam = viewer.layers[f"CAM {name}"]
@@ -232,6 +233,7 @@ def test_pseudo_masks_generate_and_browse(make_napari_viewer, qtbot, base_run, t
     widget.index.value = 0
     widget.show_button.clicked.emit()
     wait_for_job(qtbot, widget.preview_runner)
+    qtbot.waitUntil(lambda: not widget.showing, timeout=JOB_TIMEOUT_MS)
     qtbot.waitUntil(lambda: "ground truth" in viewer.layers, timeout=JOB_TIMEOUT_MS)
     truth = viewer.layers["ground truth"]
     assert truth.data.shape == viewer.layers["pseudo-mask"].data.shape
@@ -247,6 +249,7 @@ def test_pseudo_masks_generate_and_browse(make_napari_viewer, qtbot, base_run, t
     widget.image_layer.value = viewer.layers["my image"]
     widget.show_button.clicked.emit()
     wait_for_job(qtbot, widget.preview_runner)
+    qtbot.waitUntil(lambda: not widget.showing, timeout=JOB_TIMEOUT_MS)
     qtbot.waitUntil(lambda: tuple(viewer.layers["CAM tumor"].translate) == (0, 500),
                     timeout=JOB_TIMEOUT_MS)
     assert "ground truth" not in viewer.layers and "gated by prediction" in \
@@ -300,6 +303,7 @@ def test_compare_two_strategies(make_napari_viewer, qtbot, two_strategy_run):
 
     widget.toggle_button.click()
     assert wait_for_job(qtbot, widget.runner) is JobState.DONE
+    qtbot.waitUntil(lambda: not widget.showing, timeout=JOB_TIMEOUT_MS)
     predictions = [viewer.layers[f"prediction: {s}"] for s in ("ce", "onss")]
     image = viewer.layers["image (compare)"]
     for layer in predictions:
@@ -326,6 +330,7 @@ def test_compare_two_strategies(make_napari_viewer, qtbot, two_strategy_run):
     widget.index.value = 2
     widget.toggle_button.click()
     assert wait_for_job(qtbot, widget.runner) is JobState.DONE
+    qtbot.waitUntil(lambda: not widget.showing, timeout=JOB_TIMEOUT_MS)
     assert "ground truth (compare)" not in viewer.layers
     assert isinstance(viewer.layers["pseudo-mask (compare)"], Labels)
     trust = viewer.layers["trust: onss"]  # ONSS weighs pixels; plain CE trusts them all
@@ -575,7 +580,8 @@ def test_segment_slide_resumes_its_progress_where_it_stopped(
     first = batches[0].index
     assert first == total - len(batches) >= 8  # starts at the tiles already done
     assert [b.index for b in batches] == list(range(first, total))
-    # Both bars (the dock's and napari's activity dock) go on from there, never from 0.
-    assert all(first < panel == activity for panel, shown, activity in bars if shown)
+    # Both bars (the dock's and napari's activity dock) go on from there, never from 0; the
+    # activity dock's moves at most twice a second, so it may trail the dock's.
+    assert all(first < activity <= panel for panel, shown, activity in bars if shown)
     assert bars[-1] == (total, True, total)
     assert open_segmentation(tmp_path / "slide.zarr").complete

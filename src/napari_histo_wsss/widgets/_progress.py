@@ -8,12 +8,15 @@ several segmenters train one after another).
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from qtpy.QtWidgets import QLabel, QProgressBar, QVBoxLayout, QWidget
 
 from ..core.events import Batch, CheckpointSaved, Done, Epoch, Message, Started
 
+#: The shortest time between two moves of the activity dock's bar.
+UPDATE_INTERVAL_S = 0.5
 #: Curve colours, one per stage, readable on napari's dark and light themes.
 _STAGE_COLOURS = ("#4fc3f7", "#ffb74d", "#81c784", "#e57373", "#ba68c8", "#fff176")
 
@@ -195,20 +198,24 @@ class ActivityProgress:
     """The job's progress as a bar in napari's activity dock (bottom right of the window).
 
     One bar per stage: a ``Started`` event opens it with the stage's whole length (epochs x
-    batches), each ``Batch`` moves it to the batch's absolute position, so a resumed job
-    continues from where it stopped; ``close`` removes it when the job ends.
+    batches), ``Batch`` events move it to the batch's absolute position, so a resumed job
+    continues from where it stopped; ``close`` removes it when the job ends. napari's bar
+    repaints the window synchronously on every change (a frozen window while the canvas
+    draws), so it moves at most every UPDATE_INTERVAL_S.
     """
 
     def __init__(self, description: str):
         self.description = description
         self.bar = None
         self._per_epoch = 1
+        self._shown_at = 0.0
 
     def show_event(self, event: Any) -> None:
         from napari.utils import progress
 
         if isinstance(event, Started):
             self.close()
+            self._shown_at = 0.0  # the first batch moves the new bar at once
             self._per_epoch = max(event.batches_per_epoch, 1)
             total = max(event.total_epochs, 1) * self._per_epoch
             self.bar = progress(total=total, desc=f"{self.description}: {event.stage}")
@@ -217,7 +224,10 @@ class ActivityProgress:
                 self._per_epoch = max(event.total, 1)
                 self.bar.total = self._per_epoch
             position = min(event.epoch * self._per_epoch + event.index + 1, self.bar.total)
-            if position != self.bar.n:
+            now = time.monotonic()
+            if position != self.bar.n and (now - self._shown_at >= UPDATE_INTERVAL_S
+                                           or position == self.bar.total):
+                self._shown_at = now
                 self.bar.update(position - self.bar.n)
 
     def close(self) -> None:

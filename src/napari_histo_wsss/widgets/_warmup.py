@@ -1,4 +1,5 @@
-"""torch, the model registries and pyqtgraph, imported once in a background thread.
+"""torch, the model registries and pyqtgraph, imported once in a background thread (with
+what napari's first layers would otherwise load on the main thread).
 
 Importing torch takes seconds (3.5 s on the 2-core test machine); done while a dock widget was
 built, it froze napari for that long. The widgets only need torch for three lists (the
@@ -28,10 +29,16 @@ HEAVY_MODULES = (
     "napari_histo_wsss.core.devices",
     "napari_histo_wsss.core.stage2.losses",
     "napari_histo_wsss.core.models.segmenter",
+    # Imported by the first job's model otherwise: timm pulls in torch._dynamo and sympy,
+    # seconds of imports holding Python's lock in the job's thread (0.2-0.3 s stalls).
+    "timm",
+    "segmentation_models_pytorch",
     "pyqtgraph",
     # napari imports pandas for the first layer with features (our labels layers' class
     # names): 0.5-1 s that froze the first pseudo-mask image shown.
     "pandas",
+    # napari imports scipy.ndimage for an image layer's first thumbnail: 0.4 s, the same way.
+    "scipy.ndimage",
 )
 #: The import starts this long after the first widget asked, so the dock is drawn first.
 START_DELAY_MS = 300
@@ -75,7 +82,7 @@ def when_ready(callback: Callable[[], None]) -> None:
     from qtpy.QtCore import QTimer
     from superqt.utils import create_worker
 
-    _worker = create_worker(_import_heavy, _start_thread=False)
+    _worker = create_worker(_background_warmup, _start_thread=False)
     _worker.returned.connect(_run_callbacks)
     _worker.errored.connect(lambda error: _log.error("importing torch failed", exc_info=error))
     QTimer.singleShot(START_DELAY_MS, _start)
@@ -96,8 +103,38 @@ def _import_heavy() -> None:
         importlib.import_module(name)
 
 
-def _run_callbacks(*_) -> None:
+def _background_warmup():
+    """The worker's job: the imports, and a built pint unit registry while napari's is not
+    built yet (installed on the main thread when the worker returns)."""
+    _import_heavy()
+    if _unit_registry_is_lazy():
+        import pint
+
+        return pint.UnitRegistry(on_redefinition="raise")  # as pint's lazy one builds it
+    return None
+
+
+def _unit_registry_is_lazy() -> bool:
+    """napari asks pint's application registry for "pixel" units when it makes its first
+    layer, and pint builds that registry then: 0.15-0.35 s on the main thread."""
+    import pint
+    from pint.registry import LazyRegistry
+
+    return isinstance(pint.get_application_registry().get(), LazyRegistry)
+
+
+def _install_unit_registry(registry) -> None:
+    """Swap in the registry built in the background, on the main thread and only while no
+    layer has made napari build its own (so no unit from another registry exists yet)."""
+    if registry is not None and _unit_registry_is_lazy():
+        import pint
+
+        pint.set_application_registry(registry)
+
+
+def _run_callbacks(registry=None) -> None:
     global _worker, _done
+    _install_unit_registry(registry)
     _worker = None
     _done = True
     callbacks, _callbacks[:] = list(_callbacks), []

@@ -35,6 +35,7 @@ from ._jobs import JobState
 from ._layers import (
     OVERLAY_STYLE,
     TRUTH_STYLE,
+    LayerSteps,
     display_labels,
     layer_transform,
     put_layer,
@@ -161,6 +162,7 @@ class CompareWidget(JobWidget):
         self._shown_layers: set[str] = set()
         self._source_layer = None  # the viewer layer compared on, if any
         self._anchor = None  # the layer the next new layer goes above
+        self._layer_steps = LayerSteps(self.native)
         self._results: dict[str, StrategyComparison] = {}
         self._image: ComparedImage | None = None
         self.run_folder.changed.connect(self._load_run)
@@ -305,29 +307,47 @@ class CompareWidget(JobWidget):
             self._show_result(event.data)
 
     def _show_image(self, compared: ComparedImage) -> None:
-        """The image, then (above it) the pseudo-mask and the ground truth as outlines."""
+        """The image, then (above it) the pseudo-mask and the ground truth as outlines; one
+        layer per step (``LayerSteps``), the results' layers queued behind them."""
         self._image = compared
-        names = []
-        spec, transform = compared.spec, compared.transform
+        names: list[str] = []
         self._anchor = self._source_layer
+        steps = []
         if compared.show_image:
-            reset = IMAGE_LAYER not in self.viewer.layers or \
-                self.viewer.layers[IMAGE_LAYER].data.shape != compared.image.shape
-            layer = put_layer(self.viewer, "image", IMAGE_LAYER, compared.image, rgb=True)
-            self.viewer.layers.move(self.viewer.layers.index(layer), 0)
-            self._anchor = layer
-            names.append(IMAGE_LAYER)
-            if reset:
-                self.viewer.reset_view()
+            steps.append(lambda: self._put_image(compared, names))
         for name, mask, style in ((PSEUDO_MASK_LAYER, compared.pseudo_mask, OVERLAY_STYLE),
                                   (TRUTH_LAYER, compared.truth, TRUTH_STYLE)):
             if mask is not None:
-                self._anchor = put_layer(
-                    self.viewer, "labels", name, display_labels(mask, spec.num_classes),
-                    above=self._anchor, colormap=labels_colormap(spec),
-                    features=class_features(spec), visible=name == TRUTH_LAYER, **style,
-                    **transform)
-                names.append(name)
+                steps.append(lambda name=name, mask=mask, style=style:
+                             self._put_mask(compared, name, mask, style, names))
+        steps.append(lambda: self._finish_image(compared, names))
+        self._layer_steps.run(steps)
+
+    @property
+    def showing(self) -> bool:
+        """Whether results are still being turned into layers."""
+        return self._layer_steps.busy
+
+    def _put_image(self, compared: ComparedImage, names: list[str]) -> None:
+        reset = IMAGE_LAYER not in self.viewer.layers or \
+            self.viewer.layers[IMAGE_LAYER].data.shape != compared.image.shape
+        layer = put_layer(self.viewer, "image", IMAGE_LAYER, compared.image, rgb=True)
+        self.viewer.layers.move(self.viewer.layers.index(layer), 0)
+        self._anchor = layer
+        names.append(IMAGE_LAYER)
+        if reset:
+            self.viewer.reset_view()
+
+    def _put_mask(self, compared: ComparedImage, name: str, mask: np.ndarray, style: dict,
+                  names: list[str]) -> None:
+        spec = compared.spec
+        self._anchor = put_layer(
+            self.viewer, "labels", name, display_labels(mask, spec.num_classes),
+            above=self._anchor, colormap=labels_colormap(spec), features=class_features(spec),
+            visible=name == TRUTH_LAYER, **style, **compared.transform)
+        names.append(name)
+
+    def _finish_image(self, compared: ComparedImage, names: list[str]) -> None:
         self._forget_layers(keep=names)
         set_info(self.run_info, f"comparing on {compared.title}")
         ensure_legend(self.viewer)
@@ -335,27 +355,37 @@ class CompareWidget(JobWidget):
     def _show_result(self, result: StrategyComparison) -> None:
         """A strategy's prediction (the first one shown, later ones hidden: tick them in the
         layer list or use the grid) and its trust map (hidden; its key is in the legend)."""
-        from napari.experimental import link_layers, unlink_layers
-
-        compared = self._image
-        spec, transform = compared.spec, compared.transform
         first = not self._results
         self._results[result.strategy] = result
+        steps = [lambda: self._put_prediction(result, first)]
+        if result.trust is not None:
+            steps.append(lambda: self._put_trust(result))
+        steps.append(self._link_predictions)
+        self._layer_steps.then(steps)
+
+    def _put_prediction(self, result: StrategyComparison, first: bool) -> None:
+        spec, transform = self._image.spec, self._image.transform
         name = prediction_layer_name(result.strategy)
         self._anchor = put_layer(
             self.viewer, "labels", name, display_labels(result.labels, spec.num_classes),
             above=self._anchor, colormap=labels_colormap(spec), features=class_features(spec),
             visible=first, **OVERLAY_STYLE, **transform)
         self._shown_layers.add(name)
-        if result.trust is not None:
-            trust = trust_layer_name(result.strategy)
-            high = float(max(np.percentile(result.trust, 99), 1e-6))
-            self._anchor = put_layer(
-                self.viewer, "image", trust, result.trust, above=self._anchor,
-                colormap="viridis", contrast_limits=(0.0, high), opacity=0.7, visible=False,
-                **transform)
-            self._shown_layers.add(trust)
-        predictions = [self.viewer.layers[prediction_layer_name(s)] for s in self._results]
+
+    def _put_trust(self, result: StrategyComparison) -> None:
+        trust = trust_layer_name(result.strategy)
+        high = float(max(np.percentile(result.trust, 99), 1e-6))
+        self._anchor = put_layer(
+            self.viewer, "image", trust, result.trust, above=self._anchor,
+            colormap="viridis", contrast_limits=(0.0, high), opacity=0.7, visible=False,
+            **self._image.transform)
+        self._shown_layers.add(trust)
+
+    def _link_predictions(self) -> None:
+        from napari.experimental import link_layers, unlink_layers
+
+        predictions = [self.viewer.layers[prediction_layer_name(s)] for s in self._results
+                       if prediction_layer_name(s) in self.viewer.layers]
         if len(predictions) > 1:
             unlink_layers(predictions)
             link_layers(predictions, ("opacity", "contour"))
@@ -399,7 +429,7 @@ class CompareWidget(JobWidget):
 
     def on_job_finished(self, state: JobState) -> None:
         if state is JobState.DONE:
-            self._apply_grid()
+            self._layer_steps.then([self._apply_grid])
 
     def _apply_grid(self, *_: Any) -> None:
         """Grid on or off, then fit the camera to the new layout (napari keeps the old zoom)."""

@@ -34,6 +34,7 @@ from ._layers import (
     CAM_STYLE,
     OVERLAY_STYLE,
     TRUTH_STYLE,
+    LayerSteps,
     cam_colormap,
     display_labels,
     layer_named,
@@ -126,6 +127,7 @@ class PseudoMaskWidget(JobWidget):
         self._shown_layers: set[str] = set()
         self._source_layer = None  # the viewer image being browsed, if any
         self._anchor = None  # the layer the next new layer goes above
+        self._layer_steps = LayerSteps(self.native)
 
         self.run_folder.changed.connect(self._load_run)
         self.dataset.changed.connect(self._load_run)
@@ -288,67 +290,91 @@ class PseudoMaskWidget(JobWidget):
 
     def _show_view(self, view: ClassMapView) -> None:
         """Turn one browse result into layers (main thread), stacked above their image: class
-        maps (hidden), the pseudo-mask (shown), the ground truth as outlines."""
-        spec, result = view.spec, view.result
+        maps (hidden), the pseudo-mask (shown), the ground truth as outlines. One layer per
+        step of ``LayerSteps``, so the first view's new layers do not freeze the window at
+        once."""
+        spec, result, transform = view.spec, view.result, view.transform
         names: list[str] = []
-        reset_view = False
-        anchor = self._source_layer if view.image is None else None
+        steps: list = []
+        self._anchor = self._source_layer if view.image is None else None
+        reset_view = [False]
         if view.image is not None:
-            previous = layer_named(self.viewer, IMAGE_LAYER)
-            reset_view = previous is None or previous.data.shape != view.image.shape
-            anchor = put_layer(self.viewer, "image", IMAGE_LAYER, view.image, rgb=True)
-            if previous is None:
-                self.viewer.layers.move(self.viewer.layers.index(anchor), 0)
-            names.append(IMAGE_LAYER)
-        self._anchor = anchor
-        ensure_legend(self.viewer)
-        transform = view.transform
+            steps.append(lambda: self._put_image(view.image, names, reset_view))
+        steps.append(lambda: ensure_legend(self.viewer))
         for map_name, maps in result.maps.items():
             main = map_name == view.main_map
-            if not main and not view.extra:
-                continue
-            suffix = "" if main else f" [{map_name}]"
-            names += self._put_class_maps(spec, maps, suffix, **transform)
+            if main or view.extra:
+                suffix = "" if main else f" [{map_name}]"
+                steps += self._class_map_steps(spec, maps, suffix, names, transform)
         for scale, scaled in view.per_scale.items():
-            names += self._put_class_maps(spec, scaled.maps[view.main_map], f" @{scale:g}",
-                                          **transform)
-            names.append(self._put_mask(f"{MASK_LAYER} @{scale:g}", scaled.masks["final"], spec,
-                                        visible=False, **transform))
+            steps += self._class_map_steps(spec, scaled.maps[view.main_map], f" @{scale:g}",
+                                           names, transform)
+            steps.append(self._mask_step(f"{MASK_LAYER} @{scale:g}", scaled.masks["final"],
+                                         spec, names, transform, visible=False))
         if view.extra:
             for mask_name, mask in result.masks.items():
                 if mask_name not in ("final", view.main_map):  # those two are the same mask
-                    names.append(self._put_mask(f"{MASK_LAYER} [{mask_name}]", mask, spec,
-                                                visible=False, **transform))
-        names.append(self._put_mask(MASK_LAYER, result.masks["final"], spec, **transform))
+                    steps.append(self._mask_step(f"{MASK_LAYER} [{mask_name}]", mask, spec,
+                                                 names, transform, visible=False))
+        steps.append(self._mask_step(MASK_LAYER, result.masks["final"], spec, names, transform))
         if view.truth is not None:
-            names.append(self._put_mask(TRUTH_LAYER, view.truth, spec, style=TRUTH_STYLE,
-                                        **transform))
+            steps.append(self._mask_step(TRUTH_LAYER, view.truth, spec, names, transform,
+                                         style=TRUTH_STYLE))
+        steps.append(lambda: self._finish_view(view, names, reset_view[0]))
+        self._layer_steps.run(steps)
+
+    @property
+    def showing(self) -> bool:
+        """Whether a browse result is still being turned into layers."""
+        return self._layer_steps.busy
+
+    def _put_image(self, image: np.ndarray, names: list[str], reset_view: list[bool]) -> None:
+        previous = layer_named(self.viewer, IMAGE_LAYER)
+        reset_view[0] = previous is None or previous.data.shape != image.shape
+        self._anchor = put_layer(self.viewer, "image", IMAGE_LAYER, image, rgb=True)
+        if previous is None:
+            self.viewer.layers.move(self.viewer.layers.index(self._anchor), 0)
+        self._created(IMAGE_LAYER, names)
+
+    def _created(self, name: str, names: list[str]) -> None:
+        """Record a layer of this view; ``_shown_layers`` also keeps those of a view whose
+        last steps were dropped for a newer one, so that they are removed at its end."""
+        names.append(name)
+        self._shown_layers.add(name)
+
+    def _finish_view(self, view: ClassMapView, names: list[str], reset_view: bool) -> None:
         remove_layers(self.viewer, self._shown_layers - set(names))
         self._shown_layers = set(names)
         if reset_view:
             self.viewer.reset_view()
         probabilities = ", ".join(f"{name} {p:.2f}" for name, p in
-                                  zip(spec.class_names, result.probabilities, strict=True))
+                                  zip(view.spec.class_names, view.result.probabilities,
+                                      strict=True))
         set_info(self.view_info, f"{view.title} · classifier: {probabilities}")
 
-    def _put_class_maps(self, spec, maps: np.ndarray, suffix: str, **transform) -> list[str]:
-        names = []
-        for index, class_name in enumerate(spec.class_names):
-            name = f"CAM {class_name}{suffix}"
+    def _class_map_steps(self, spec, maps: np.ndarray, suffix: str, names: list[str],
+                         transform: dict) -> list:
+        def put(index: int, name: str) -> None:
             self._anchor = put_layer(
                 self.viewer, "image", name, maps[index], above=self._anchor,
-                colormap=cam_colormap(class_name, spec.colours[index]),
+                colormap=cam_colormap(spec.class_names[index], spec.colours[index]),
                 contrast_limits=(0.0, 1.0), **CAM_STYLE, **transform)
-            names.append(name)
-        return names
+            self._created(name, names)
 
-    def _put_mask(self, name: str, mask: np.ndarray, spec, visible: bool = True,
-                  style: dict | None = None, **transform) -> str:
-        self._anchor = put_layer(
-            self.viewer, "labels", name, display_labels(mask, spec.num_classes),
-            above=self._anchor, colormap=labels_colormap(spec), features=class_features(spec),
-            visible=visible, **(style or OVERLAY_STYLE), **transform)
-        return name
+        return [lambda index=index, name=f"CAM {class_name}{suffix}": put(index, name)
+                for index, class_name in enumerate(spec.class_names)]
+
+    def _mask_step(self, name: str, mask: np.ndarray, spec, names: list[str], transform: dict,
+                   visible: bool = True, style: dict | None = None):
+        def put() -> None:
+            self._anchor = put_layer(
+                self.viewer, "labels", name, display_labels(mask, spec.num_classes),
+                above=self._anchor, colormap=labels_colormap(spec),
+                features=class_features(spec), visible=visible, **(style or OVERLAY_STYLE),
+                **transform)
+            self._created(name, names)
+
+        return put
 
     # -- the generation job ----------------------------------------------------------------------
     def build_job(self):
