@@ -6,12 +6,11 @@ loss believed while training), an image layer, or the part of a slide layer in v
 strategy's prediction becomes a labels layer in the dataset's colours; the prediction layers
 are linked (opacity and contour change together) and can be laid out in napari's grid. The
 predictions, scores and trust maps come from ``core.stage2.compare`` (as for ``histo-wsss
-compare``); this module only picks the image and makes the layers.
+compare``); this module picks the image, ``_comparison_layers`` makes the layers.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,22 +30,12 @@ from ._base import (
     run_folder_field,
     set_info,
 )
+from ._comparison_layers import ComparedImage, ComparisonLayers
 from ._jobs import JobState
-from ._layers import (
-    OVERLAY_STYLE,
-    TRUTH_STYLE,
-    LayerSteps,
-    display_labels,
-    layer_transform,
-    put_layer,
-    remove_layers,
-    rgb_pixels,
-)
+from ._layers import layer_transform, rgb_pixels
 from ._runs import describe_run, given_path, open_run
 from ._shared_run import shared_run_folder
 from ._tooltips import TOOLTIPS
-from .class_colours import class_features, labels_colormap
-from .legend import ensure_legend
 
 if TYPE_CHECKING:
     import napari
@@ -55,32 +44,8 @@ if TYPE_CHECKING:
 
 STAGE = "compare"
 SOURCES = ("validation image", "training patch", "image layer", "slide view")
-IMAGE_LAYER = "image (compare)"
-TRUTH_LAYER = "ground truth (compare)"
-PSEUDO_MASK_LAYER = "pseudo-mask (compare)"
 #: The longest side read from a slide view; coarser pyramid levels are used beyond it.
 MAX_VIEW_SIDE = 2048
-
-
-@dataclass
-class ComparedImage:
-    """The image being compared and what is known about it (worker -> main thread)."""
-
-    title: str
-    spec: Any
-    image: np.ndarray
-    truth: np.ndarray | None = None
-    pseudo_mask: np.ndarray | None = None
-    transform: dict[str, Any] = field(default_factory=dict)  # where it sits in the viewer
-    show_image: bool = True  # False: the image is the user's own layer
-
-
-def prediction_layer_name(strategy: str) -> str:
-    return f"prediction: {strategy}"
-
-
-def trust_layer_name(strategy: str) -> str:
-    return f"trust: {strategy}"
 
 
 def slide_view_loader(layer, spec):
@@ -159,10 +124,10 @@ class CompareWidget(JobWidget):
                       device=self.device, dataset=self.dataset, engine=self.engine,
                       precision=self.precision)
         self._models = ModelCache()
-        self._shown_layers: set[str] = set()
         self._source_layer = None  # the viewer layer compared on, if any
-        self._anchor = None  # the layer the next new layer goes above
-        self._layer_steps = LayerSteps(self.native)
+        self._layers = ComparisonLayers(
+            viewer, self.native, show_info=lambda text: set_info(self.run_info, text),
+            on_predictions=self._update_table)
         self._results: dict[str, StrategyComparison] = {}
         self._image: ComparedImage | None = None
         self.run_folder.changed.connect(self._load_run)
@@ -302,99 +267,18 @@ class CompareWidget(JobWidget):
         if not isinstance(event, Preview):
             return
         if isinstance(event.data, ComparedImage):
-            self._show_image(event.data)
+            self._image = event.data
+            self._layers.show_image(event.data, self._source_layer)
         elif isinstance(event.data, StrategyComparison):
-            self._show_result(event.data)
-
-    def _show_image(self, compared: ComparedImage) -> None:
-        """The image, then (above it) the pseudo-mask and the ground truth as outlines; one
-        layer per step (``LayerSteps``), the results' layers queued behind them."""
-        self._image = compared
-        names: list[str] = []
-        self._anchor = self._source_layer
-        steps = []
-        if compared.show_image:
-            steps.append(lambda: self._put_image(compared, names))
-        for name, mask, style in ((PSEUDO_MASK_LAYER, compared.pseudo_mask, OVERLAY_STYLE),
-                                  (TRUTH_LAYER, compared.truth, TRUTH_STYLE)):
-            if mask is not None:
-                steps.append(lambda name=name, mask=mask, style=style:
-                             self._put_mask(compared, name, mask, style, names))
-        steps.append(lambda: self._finish_image(compared, names))
-        self._layer_steps.run(steps)
+            first = not self._results
+            self._results[event.data.strategy] = event.data
+            self._layers.show_result(event.data, first)
 
     @property
     def showing(self) -> bool:
         """Whether results are still being turned into layers."""
-        return self._layer_steps.busy
+        return self._layers.busy
 
-    def _put_image(self, compared: ComparedImage, names: list[str]) -> None:
-        reset = IMAGE_LAYER not in self.viewer.layers or \
-            self.viewer.layers[IMAGE_LAYER].data.shape != compared.image.shape
-        layer = put_layer(self.viewer, "image", IMAGE_LAYER, compared.image, rgb=True)
-        self.viewer.layers.move(self.viewer.layers.index(layer), 0)
-        self._anchor = layer
-        names.append(IMAGE_LAYER)
-        if reset:
-            self.viewer.reset_view()
-
-    def _put_mask(self, compared: ComparedImage, name: str, mask: np.ndarray, style: dict,
-                  names: list[str]) -> None:
-        spec = compared.spec
-        self._anchor = put_layer(
-            self.viewer, "labels", name, display_labels(mask, spec.num_classes),
-            above=self._anchor, colormap=labels_colormap(spec), features=class_features(spec),
-            visible=name == TRUTH_LAYER, **style, **compared.transform)
-        names.append(name)
-
-    def _finish_image(self, compared: ComparedImage, names: list[str]) -> None:
-        self._forget_layers(keep=names)
-        set_info(self.run_info, f"comparing on {compared.title}")
-        ensure_legend(self.viewer)
-
-    def _show_result(self, result: StrategyComparison) -> None:
-        """A strategy's prediction (the first one shown, later ones hidden: tick them in the
-        layer list or use the grid) and its trust map (hidden; its key is in the legend)."""
-        first = not self._results
-        self._results[result.strategy] = result
-        steps = [lambda: self._put_prediction(result, first)]
-        if result.trust is not None:
-            steps.append(lambda: self._put_trust(result))
-        steps.append(self._link_predictions)
-        self._layer_steps.then(steps)
-
-    def _put_prediction(self, result: StrategyComparison, first: bool) -> None:
-        spec, transform = self._image.spec, self._image.transform
-        name = prediction_layer_name(result.strategy)
-        self._anchor = put_layer(
-            self.viewer, "labels", name, display_labels(result.labels, spec.num_classes),
-            above=self._anchor, colormap=labels_colormap(spec), features=class_features(spec),
-            visible=first, **OVERLAY_STYLE, **transform)
-        self._shown_layers.add(name)
-
-    def _put_trust(self, result: StrategyComparison) -> None:
-        trust = trust_layer_name(result.strategy)
-        high = float(max(np.percentile(result.trust, 99), 1e-6))
-        self._anchor = put_layer(
-            self.viewer, "image", trust, result.trust, above=self._anchor,
-            colormap="viridis", contrast_limits=(0.0, high), opacity=0.7, visible=False,
-            **self._image.transform)
-        self._shown_layers.add(trust)
-
-    def _link_predictions(self) -> None:
-        from napari.experimental import link_layers, unlink_layers
-
-        predictions = [self.viewer.layers[prediction_layer_name(s)] for s in self._results
-                       if prediction_layer_name(s) in self.viewer.layers]
-        if len(predictions) > 1:
-            unlink_layers(predictions)
-            link_layers(predictions, ("opacity", "contour"))
-        self._update_table()
-
-    def _forget_layers(self, keep: list[str]) -> None:
-        """Remove what the previous comparison showed and this one does not."""
-        remove_layers(self.viewer, self._shown_layers - set(keep))
-        self._shown_layers = set(keep)
 
     def _update_table(self) -> None:
         scored = {name: r for name, r in self._results.items() if r.per_class_iou is not None}
@@ -429,7 +313,7 @@ class CompareWidget(JobWidget):
 
     def on_job_finished(self, state: JobState) -> None:
         if state is JobState.DONE:
-            self._layer_steps.then([self._apply_grid])
+            self._layers.then(self._apply_grid)
 
     def _apply_grid(self, *_: Any) -> None:
         """Grid on or off, then fit the camera to the new layout (napari keeps the old zoom)."""

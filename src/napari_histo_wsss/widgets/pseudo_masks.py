@@ -5,14 +5,13 @@ class's map as a colour layer (transparent where the class is not active), the v
 pseudo-mask in the dataset's class colours, and the ground truth where the image has one. With
 "per-scale and per-layer maps" on, the maps and masks of every layer (multi-layer recipes) and
 every scale (MSV's voting) are added as hidden layers, to see what the vote was made of. The
-class maps are computed in a worker by the core recipe (``pseudo_masks_for_images``); only the
-layers are made here.
+class maps are computed in a worker by the core recipe (``pseudo_masks_for_images``); the
+layers are made by ``_class_map_layers``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,52 +28,18 @@ from ._base import (
     run_folder_field,
     set_info,
 )
+from ._class_map_layers import ClassMapLayers, ClassMapView
 from ._jobs import JobState
-from ._layers import (
-    CAM_STYLE,
-    OVERLAY_STYLE,
-    TRUTH_STYLE,
-    LayerSteps,
-    cam_colormap,
-    display_labels,
-    layer_named,
-    layer_transform,
-    put_layer,
-    remove_layers,
-    rgb_pixels,
-)
+from ._layers import layer_transform, rgb_pixels
 from ._runs import describe_run, given_path, open_run
 from ._shared_run import shared_run_folder
 from ._tooltips import TOOLTIPS
-from .class_colours import class_features, labels_colormap
-from .legend import ensure_legend
 
 if TYPE_CHECKING:
     import napari
 
 STAGE = PSEUDO_MASKS
 SOURCES = ("training patches", "validation images", "viewer image")
-IMAGE_LAYER = "image (pseudo-masks)"
-MASK_LAYER = "pseudo-mask"
-TRUTH_LAYER = "ground truth"
-
-
-@dataclass
-class ClassMapView:
-    """What one browse step shows; computed in the worker, turned into layers on the main
-    thread."""
-
-    title: str
-    spec: Any
-    image: np.ndarray | None  # None: the image is the user's own layer
-    truth: np.ndarray | None
-    result: Any  # core PseudoMasks at the recipe's scales
-    main_map: str
-    extra: bool = False  # also the other layers' and scales' maps and masks
-    per_scale: dict[float, Any] = field(default_factory=dict)
-    transform: dict[str, Any] = field(default_factory=dict)  # scale/translate of the source
-
-
 def _trained_classifier(checkpoint: Path, device):
     """The run's stage-1 classifier with its BatchNorms folded for class maps (kept for the
     whole browse), or one clear error when it has not been trained."""
@@ -124,10 +89,9 @@ class PseudoMaskWidget(JobWidget):
         self._models = ModelCache(capacity=1)  # the run's one classifier
         self._context = None  # (run, config, layout) of the chosen run folder
         self._pending_preview = False
-        self._shown_layers: set[str] = set()
         self._source_layer = None  # the viewer image being browsed, if any
-        self._anchor = None  # the layer the next new layer goes above
-        self._layer_steps = LayerSteps(self.native)
+        self._layers = ClassMapLayers(viewer, self.native,
+                                      lambda text: set_info(self.view_info, text))
 
         self.run_folder.changed.connect(self._load_run)
         self.dataset.changed.connect(self._load_run)
@@ -279,7 +243,12 @@ class PseudoMaskWidget(JobWidget):
         from ..core.events import Preview
 
         if isinstance(event, Preview) and isinstance(event.data, ClassMapView):
-            self._show_view(event.data)
+            self._layers.show(event.data, self._source_layer)
+
+    @property
+    def showing(self) -> bool:
+        """Whether a browse result is still being turned into layers."""
+        return self._layers.busy
 
     def _on_preview_state(self, state: JobState) -> None:
         if state is JobState.FAILED:
@@ -287,94 +256,6 @@ class PseudoMaskWidget(JobWidget):
         if not state.busy and self._pending_preview:
             self._pending_preview = False
             self.show_class_maps()
-
-    def _show_view(self, view: ClassMapView) -> None:
-        """Turn one browse result into layers (main thread), stacked above their image: class
-        maps (hidden), the pseudo-mask (shown), the ground truth as outlines. One layer per
-        step of ``LayerSteps``, so the first view's new layers do not freeze the window at
-        once."""
-        spec, result, transform = view.spec, view.result, view.transform
-        names: list[str] = []
-        steps: list = []
-        self._anchor = self._source_layer if view.image is None else None
-        reset_view = [False]
-        if view.image is not None:
-            steps.append(lambda: self._put_image(view.image, names, reset_view))
-        steps.append(lambda: ensure_legend(self.viewer))
-        for map_name, maps in result.maps.items():
-            main = map_name == view.main_map
-            if main or view.extra:
-                suffix = "" if main else f" [{map_name}]"
-                steps += self._class_map_steps(spec, maps, suffix, names, transform)
-        for scale, scaled in view.per_scale.items():
-            steps += self._class_map_steps(spec, scaled.maps[view.main_map], f" @{scale:g}",
-                                           names, transform)
-            steps.append(self._mask_step(f"{MASK_LAYER} @{scale:g}", scaled.masks["final"],
-                                         spec, names, transform, visible=False))
-        if view.extra:
-            for mask_name, mask in result.masks.items():
-                if mask_name not in ("final", view.main_map):  # those two are the same mask
-                    steps.append(self._mask_step(f"{MASK_LAYER} [{mask_name}]", mask, spec,
-                                                 names, transform, visible=False))
-        steps.append(self._mask_step(MASK_LAYER, result.masks["final"], spec, names, transform))
-        if view.truth is not None:
-            steps.append(self._mask_step(TRUTH_LAYER, view.truth, spec, names, transform,
-                                         style=TRUTH_STYLE))
-        steps.append(lambda: self._finish_view(view, names, reset_view[0]))
-        self._layer_steps.run(steps)
-
-    @property
-    def showing(self) -> bool:
-        """Whether a browse result is still being turned into layers."""
-        return self._layer_steps.busy
-
-    def _put_image(self, image: np.ndarray, names: list[str], reset_view: list[bool]) -> None:
-        previous = layer_named(self.viewer, IMAGE_LAYER)
-        reset_view[0] = previous is None or previous.data.shape != image.shape
-        self._anchor = put_layer(self.viewer, "image", IMAGE_LAYER, image, rgb=True)
-        if previous is None:
-            self.viewer.layers.move(self.viewer.layers.index(self._anchor), 0)
-        self._created(IMAGE_LAYER, names)
-
-    def _created(self, name: str, names: list[str]) -> None:
-        """Record a layer of this view; ``_shown_layers`` also keeps those of a view whose
-        last steps were dropped for a newer one, so that they are removed at its end."""
-        names.append(name)
-        self._shown_layers.add(name)
-
-    def _finish_view(self, view: ClassMapView, names: list[str], reset_view: bool) -> None:
-        remove_layers(self.viewer, self._shown_layers - set(names))
-        self._shown_layers = set(names)
-        if reset_view:
-            self.viewer.reset_view()
-        probabilities = ", ".join(f"{name} {p:.2f}" for name, p in
-                                  zip(view.spec.class_names, view.result.probabilities,
-                                      strict=True))
-        set_info(self.view_info, f"{view.title} · classifier: {probabilities}")
-
-    def _class_map_steps(self, spec, maps: np.ndarray, suffix: str, names: list[str],
-                         transform: dict) -> list:
-        def put(index: int, name: str) -> None:
-            self._anchor = put_layer(
-                self.viewer, "image", name, maps[index], above=self._anchor,
-                colormap=cam_colormap(spec.class_names[index], spec.colours[index]),
-                contrast_limits=(0.0, 1.0), **CAM_STYLE, **transform)
-            self._created(name, names)
-
-        return [lambda index=index, name=f"CAM {class_name}{suffix}": put(index, name)
-                for index, class_name in enumerate(spec.class_names)]
-
-    def _mask_step(self, name: str, mask: np.ndarray, spec, names: list[str], transform: dict,
-                   visible: bool = True, style: dict | None = None):
-        def put() -> None:
-            self._anchor = put_layer(
-                self.viewer, "labels", name, display_labels(mask, spec.num_classes),
-                above=self._anchor, colormap=labels_colormap(spec),
-                features=class_features(spec), visible=visible, **(style or OVERLAY_STYLE),
-                **transform)
-            self._created(name, names)
-
-        return put
 
     # -- the generation job ----------------------------------------------------------------------
     def build_job(self):
