@@ -107,7 +107,7 @@ def test_every_preset_passes_its_own_validation():
     ("classifier", "epochs", 0), ("classifier", "epochs", -3),
     ("classifier", "batch_size", 0), ("classifier", "lr", math.nan),
     ("segmenter", "batch_size", 0), ("segmenter", "input_size", -64),
-    ("segmenter", "lr", -0.01),
+    ("segmenter", "lr", -0.01), ("segmenter", "mosaic", 1.5),
 ])
 def test_prepare_run_refuses_bad_settings_before_creating_the_run(
         tmp_path, sample_dataset_dir, section, setting, value):

@@ -33,6 +33,7 @@ from napari_histo_wsss.core.stage2.train_segmenter import (
     augment_sample,
     average_decay,
     input_side,
+    make_batch,
     measured_input_statistics,
     train_segmenter,
 )
@@ -292,6 +293,29 @@ def test_a_crop_of_a_corrected_image_always_holds_a_painted_pixel():
     unpainted = np.full((300, 420), IGNORE_INDEX, np.uint8)
     same, masks = around_painted(image, [pseudo, unpainted], 96, rng)
     assert same is image and masks[1] is unpainted
+
+
+def test_a_mosaic_sample_tiles_four_patches_with_their_own_masks(patches):
+    # Each patch's "mask" is its own index, so every quarter of a mosaic says where it came
+    # from; the top-left quarter is the sample's own patch.
+    own = [[np.full(patches.image(i).shape[:2], i, np.uint8) for i in range(len(patches))]]
+    indices = list(range(len(patches)))
+    rngs = [np.random.default_rng([3, i]) for i in indices]
+    images, (masks,) = make_batch(patches, own, indices, 96, "histo", rngs, mosaic=1.0)
+    assert images.shape == (len(patches), 96, 96, 3) and masks.shape == (len(patches), 96, 96)
+    sources = set()
+    for index, mask in zip(indices, masks, strict=True):
+        quarters = [mask[:48, :48], mask[:48, 48:], mask[48:, :48], mask[48:, 48:]]
+        scored = [q[q != IGNORE_INDEX] for q in quarters]
+        assert all(np.unique(q).size == 1 for q in scored)  # one source per quarter
+        assert scored[0][0] == index
+        sources.update(int(q[0]) for q in scored[1:])
+    assert len(sources) > 5  # the other three quarters come from many patches
+    # Without mosaic (the default) each input is one patch, as before.
+    rngs = [np.random.default_rng([3, i]) for i in indices]
+    _, (plain,) = make_batch(patches, own, indices, 96, "histo", rngs)
+    assert all(set(np.unique(m[m != IGNORE_INDEX])) == {i} for i, m in zip(indices, plain,
+                                                                           strict=True))
 
 
 def test_weight_average_is_what_is_kept_and_survives_a_stop(tmp_path, patches, layout):

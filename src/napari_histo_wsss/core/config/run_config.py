@@ -185,6 +185,9 @@ class SegmenterConfig:
     #: "uniform": each patch once per epoch (the papers); "balanced": patches drawn with
     #: replacement, weighted by the rarest class in their label (see ``epoch_order``).
     sampling: str = "uniform"
+    #: Probability that a training input is a 2 x 2 mosaic of four patches' half-size crops
+    #: (``train_segmenter.mosaic_sample``), so that classes never labelled together meet.
+    mosaic: float = 0.0
     normalise: str = "divide255"
     #: MLPS classification gate: classes with classifier probability <= this are suppressed.
     class_gate: float | None = None
@@ -204,6 +207,9 @@ class SegmenterConfig:
         require("segmenter", _is_count, epochs=self.epochs, batch_size=self.batch_size,
                 input_size=self.input_size, encoder_depth=self.encoder_depth)
         require("segmenter", _is_positive, lr=self.lr, head_lr_mult=self.head_lr_mult)
+        if not 0 <= self.mosaic <= 1:
+            raise ConfigError(f"segmenter.mosaic must be a probability (0 to 1), not "
+                              f"{self.mosaic!r}")
         require("segmenter", _is_non_negative, momentum=self.momentum, min_lr=self.min_lr,
                 weight_decay=self.weight_decay, target_weights=self.target_weights,
                 class_gate=self.class_gate)

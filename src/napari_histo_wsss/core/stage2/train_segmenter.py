@@ -253,7 +253,8 @@ class SegmenterTrainer(EpochTrainer):
         chosen = self.order[positions]
         rngs = [np.random.default_rng([self.config.seed, epoch, int(p)]) for p in positions]
         images, masks = make_batch(self.patches, self.targets, chosen, self.side,
-                                   self.settings.augment, rngs, self.painted)
+                                   self.settings.augment, rngs, self.painted,
+                                   mosaic=self.settings.mosaic)
         painted = None if self.painted is None else masks.pop()
         x = channels_last(normalise(torch.from_numpy(images).to(self.device), self.mean,
                                     self.std))
@@ -402,14 +403,20 @@ def measured_input_statistics(mode: str, patches: PatchSet) -> tuple[tuple, tupl
 
 def make_batch(patches: PatchSet, targets: list[list[np.ndarray]], indices, side: int,
                augment: str, rngs: Sequence[np.random.Generator],
-               painted: list[np.ndarray] | None = None
+               painted: list[np.ndarray] | None = None, mosaic: float = 0.0
                ) -> tuple[np.ndarray, list[np.ndarray]]:
     """uint8 images (N, side, side, 3) and one (N, side, side) mask array per target; each
     sample draws from its own generator. With ``painted`` (per patch, ``IGNORE_INDEX`` where
     unpainted) the painted labels are the last target returned, and an image larger than the
-    crop is first cut to a window holding one of its painted pixels."""
+    crop is first cut to a window holding one of its painted pixels. With probability
+    ``mosaic`` a sample (without ``painted``) is a 2 x 2 mosaic (``mosaic_sample``)."""
     images, masks = [], []
     for index, rng in zip(indices, rngs, strict=True):
+        if painted is None and mosaic > 0 and side % 2 == 0 and rng.random() < mosaic:
+            image, sample_masks = mosaic_sample(patches, targets, index, side, augment, rng)
+            images.append(image)
+            masks.append(sample_masks)
+            continue
         image = patches.image(index)
         sample_targets = [target[index] for target in targets]
         if painted is not None:
@@ -419,6 +426,28 @@ def make_batch(patches: PatchSet, targets: list[list[np.ndarray]], indices, side
         images.append(image)
         masks.append(sample_masks)
     return np.stack(images), [np.stack(per_target) for per_target in zip(*masks, strict=True)]
+
+
+def mosaic_sample(patches: PatchSet, targets: list[list[np.ndarray]], index: int, side: int,
+                  augment: str, rng: np.random.Generator) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Four augmented ``side / 2`` crops tiled 2 x 2: patch ``index`` and three drawn at
+    random, each with its own masks, at the patches' magnification.
+
+    A class whose patches are all single-label (WSSS4LUAD's "normal": 16 patches, never
+    labelled with another class) otherwise never meets other tissue in one input, where
+    inference sees it beside tumour and stroma."""
+    half = side // 2
+    chosen = [int(index), *(int(i) for i in rng.integers(len(patches), size=3))]
+    parts = [augment_sample(patches.image(i), [target[i] for target in targets], half,
+                            augment, rng) for i in chosen]
+
+    def tiled(quarters: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate([np.concatenate(quarters[:2], axis=1),
+                               np.concatenate(quarters[2:], axis=1)], axis=0)
+
+    image = tiled([image for image, _ in parts])
+    masks = [tiled([part_masks[k] for _, part_masks in parts]) for k in range(len(targets))]
+    return image, masks
 
 
 def around_painted(image: np.ndarray, masks: list[np.ndarray], side: int,
