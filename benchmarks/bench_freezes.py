@@ -210,7 +210,7 @@ def slide_phases(phases, viewer, run_folder, scratch) -> None:
     slide.strategy.value = "onss"
     slide.output.value = scratch / "slide.zarr"
     phases.run("segment slide (CMU-1 region)", slide.toggle_button.click,
-               done=lambda: not slide.runner.busy)
+               done=lambda: not (slide.runner.busy or slide.showing))
 
 
 def main() -> None:

@@ -284,6 +284,7 @@ def segment_slide(viewer, run: Path, timeout: float) -> None:
     if widget.runner.state is not JobState.DONE:
         raise RuntimeError(f"segment slide ended {widget.runner.state.value}: "
                            f"{widget.runner.error or ''}")
+    wait_until(lambda: not widget.showing, "segment slide: layers", timeout)
     log(f"segment slide: done · {widget.progress.status.text()}")
     select(viewer, widget.live_layer.name)
     save(viewer, "widget_segment_slide.png")

@@ -374,6 +374,7 @@ def test_segment_slide_fills_in_and_exports(make_napari_viewer, qtbot, two_strat
     widget.runner.event.connect(remember_live_layer)
     widget.toggle_button.click()
     assert wait_for_job(qtbot, widget.runner) is JobState.DONE
+    qtbot.waitUntil(lambda: not widget.showing, timeout=JOB_TIMEOUT_MS)
     assert live and live[0][1] and live[0][0].endswith("(segmenting)")
     segmentation = open_segmentation(tmp_path / "slide.zarr")
     assert segmentation.complete
@@ -415,6 +416,7 @@ def test_compare_runs_the_engine_chosen_in_its_advanced_settings(
 
     widget.toggle_button.click()
     assert wait_for_job(qtbot, widget.runner) is JobState.DONE
+    qtbot.waitUntil(lambda: not widget.showing, timeout=JOB_TIMEOUT_MS)
     assert widget._results["ce"].engine["name"] == "torch"
     assert widget._results["ce"].engine["precision"] == "bf16"
     assert "ce: engine torch bf16" in messages
@@ -442,6 +444,7 @@ def test_segment_slide_runs_the_engine_chosen_in_its_advanced_settings(
 
     widget.toggle_button.click()
     assert wait_for_job(qtbot, widget.runner) is JobState.DONE
+    qtbot.waitUntil(lambda: not widget.showing, timeout=JOB_TIMEOUT_MS)
     engine = read_attrs(tmp_path / "slide.zarr")["engine"]
     assert (engine["name"], engine["precision"]) == ("onnxruntime", "fp32")
     assert list((run / "segmenter" / "ce" / "engines").glob("segmenter-*.onnx"))
@@ -575,6 +578,7 @@ def test_segment_slide_resumes_its_progress_where_it_stopped(
     bars.clear()
     widget.toggle_button.click()  # Start again: resumes the output
     assert wait_for_job(qtbot, widget.runner) is JobState.DONE
+    qtbot.waitUntil(lambda: not widget.showing, timeout=JOB_TIMEOUT_MS)
     batches = [e for e in events if isinstance(e, Batch)]
     assert next(e for e in events if isinstance(e, Started)).batches_per_epoch == total
     first = batches[0].index

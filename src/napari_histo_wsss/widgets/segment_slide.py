@@ -34,6 +34,7 @@ from ._base import (
     set_info,
 )
 from ._jobs import JobState
+from ._layers import LayerSteps
 from ._runs import describe_run, given_path
 from ._shared_run import shared_run_folder
 from ._tooltips import TOOLTIPS
@@ -174,6 +175,7 @@ class SegmentSlideWidget(JobWidget):
         self._dirty = False
         self._result: Path | None = None
         self._refresh_timer = QTimer(interval=REFRESH_MS, timeout=self._refresh_live_layer)
+        self._layer_steps = LayerSteps(self.native)
         self.run_folder.changed.connect(self._load_run)
         self.restore_settings()
         shared_run_folder(viewer).follow(self.run_folder)
@@ -316,25 +318,36 @@ class SegmentSlideWidget(JobWidget):
 
     def _show_result(self, out: Path) -> None:
         """The finished pyramid replaces the live one; probabilities come as hidden layers
-        (the layers napari's reader makes for this zarr, put over the slide layer)."""
-        from napari.layers import Layer
-
+        (the layers napari's reader makes for this zarr, put over the slide layer), one per
+        event-loop pass (``LayerSteps``: 0.1-0.25 s each in napari)."""
         from .._reader import segmentation_layer_data
         from ..core.wsi.ome_zarr_labels import open_segmentation
 
         self._refresh_timer.stop()
-        for data, kwargs, kind in segmentation_layer_data(open_segmentation(out)):
-            kwargs = {**kwargs, **self._geometry}
-            if kwargs["name"] in self.viewer.layers:
-                self.viewer.layers.remove(kwargs["name"])
-            layer = Layer.create(data, kwargs, kind)
-            if kind == "labels":
-                if self._live_layer is not None and self._live_layer in self.viewer.layers:
-                    self.viewer.layers.remove(self._live_layer)
-                self._live_layer = layer
-            self.viewer.add_layer(layer)
+        steps = [lambda data=data, kwargs=kwargs, kind=kind: self._put_result_layer(data, kwargs,
+                                                                                   kind)
+                 for data, kwargs, kind in segmentation_layer_data(open_segmentation(out))]
+        steps.append(lambda: self._set_result(out))
         self._live = None
-        self._set_result(out)
+        self._layer_steps.run(steps)
+
+    @property
+    def showing(self) -> bool:
+        """Whether the finished output is still being turned into layers."""
+        return self._layer_steps.busy
+
+    def _put_result_layer(self, data, kwargs: dict, kind: str) -> None:
+        from napari.layers import Layer
+
+        kwargs = {**kwargs, **self._geometry}
+        if kwargs["name"] in self.viewer.layers:
+            self.viewer.layers.remove(kwargs["name"])
+        layer = Layer.create(data, kwargs, kind)
+        if kind == "labels":
+            if self._live_layer is not None and self._live_layer in self.viewer.layers:
+                self.viewer.layers.remove(self._live_layer)
+            self._live_layer = layer
+        self.viewer.add_layer(layer)
 
     @property
     def live_layer(self):
