@@ -254,6 +254,36 @@ def test_building_every_dock_widget_leaves_torch_to_the_background_import(tmp_pa
     assert torch_loaded is False
 
 
+def test_background_warmup_loads_what_the_first_job_and_layer_would(tmp_path):
+    """timm (the first model), scipy.ndimage and pint's unit registry (napari's first layer)
+    are loaded by the warm-up thread, and the registry it built serves napari's layers."""
+    code = (
+        "import json, sys, time, napari, numpy as np, pint\n"
+        "from pint.registry import LazyRegistry\n"
+        "from qtpy.QtWidgets import QApplication\n"
+        "from napari_histo_wsss.widgets import _warmup\n"
+        "from napari_histo_wsss.widgets.train_classifier import TrainClassifierWidget\n"
+        "viewer = napari.Viewer(show=False)\n"
+        "lazy_before = isinstance(pint.get_application_registry().get(), LazyRegistry)\n"
+        "TrainClassifierWidget(viewer)\n"
+        "end = time.time() + 240\n"
+        "while not _warmup.ready() and time.time() < end:\n"
+        "    QApplication.processEvents(); time.sleep(0.01)\n"
+        "built = pint.get_application_registry().get()\n"
+        "layer = viewer.add_image(np.zeros((8, 8), np.uint8))\n"
+        "print(json.dumps([lazy_before, isinstance(built, LazyRegistry),\n"
+        "                  all(m in sys.modules for m in ('timm', 'scipy.ndimage')),\n"
+        "                  str(layer.units[0])]))\n"
+    )
+    env = {**os.environ, _settings.CONFIG_DIR_ENV_VAR: str(tmp_path / "config")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lazy_before, lazy_after, imported, unit = json.loads(result.stdout.strip().splitlines()[-1])
+    assert lazy_before and not lazy_after and imported
+    assert unit == "pixel"
+
+
 def test_progress_bar_paints_its_new_value_asynchronously(qtbot):
     """A plain QProgressBar paints inside setValue (a whole-window flush next to napari's
     canvas); the panel's bars paint with the next event-loop pass instead."""
