@@ -191,6 +191,9 @@ class SegmenterConfig:
     normalise: str = "divide255"
     #: MLPS classification gate: classes with classifier probability <= this are suppressed.
     class_gate: float | None = None
+    #: Fit a log-probability offset per class on the val masks after training, kept where it
+    #: raises val mIoU (``core.inference.calibration``).
+    fit_class_offsets: bool = False
     tta: str = "none"  # a TTA_MODES name (inference/predict.py)
     #: Decay of an exponential moving average of the weights, validated and saved instead of
     #: the raw weights (None: off). 0.99 averages over about the last 100 steps; short runs

@@ -34,6 +34,8 @@ MULTISCALE_RATIOS = (0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
 WHOLE_IMAGE_LIMIT = 1024
 #: Beside a segmenter checkpoint: whether its recipe's class gate helped on the val masks.
 GATE_CHOICE_FILE = "class_gate.json"
+#: Beside a segmenter checkpoint: per-class offsets fitted on val (``core.calibration``).
+CLASS_OFFSETS_FILE = "class_offsets.json"
 TILE = 512
 TILE_OVERLAP = 64
 
@@ -77,7 +79,8 @@ class SegmentationPredictor:
 
     def __init__(self, model: Segmenter, spec: DatasetSpec, *, mean, std, input_size: int,
                  mpp: float | None = None, tta: str = "none", gate: ClassGate | None = None,
-                 config: dict[str, Any] | None = None, engine: Engine | None = None):
+                 config: dict[str, Any] | None = None, engine: Engine | None = None,
+                 class_offsets: np.ndarray | None = None):
         TTA_MODES.check(tta)
         self.model = model.eval()
         self.spec = spec
@@ -91,7 +94,12 @@ class SegmentationPredictor:
         #: with bf16 autocast on a GPU.
         self.engine = engine or torch_engine(
             model, "bf16" if autocast_dtype(self.device) is not None else "fp32", self.device)
+        #: Log-probability offset per class (``core.calibration``), or None.
+        self.class_offsets = None if class_offsets is None else np.asarray(class_offsets,
+                                                                            np.float32)
         self.config = {"tta": tta, "class_gate": gate.threshold if gate else None,
+                       "class_offsets": None if class_offsets is None else
+                       [float(v) for v in class_offsets],
                        "mean": list(self.mean), "std": list(self.std), **(config or {})}
 
     @property
@@ -104,8 +112,11 @@ class SegmentationPredictor:
         batch = torch.from_numpy(np.array(images, dtype=np.uint8)).to(self.device)
         present = self.gate.present(batch.permute(0, 3, 1, 2)) if self.gate else None
         x = normalise(batch, self.mean, self.std)
-        probabilities = TTA_MODES.get(self.tta)(self, x, present)
-        return probabilities.float().cpu().numpy()
+        probabilities = TTA_MODES.get(self.tta)(self, x, present).float().cpu().numpy()
+        if self.class_offsets is not None:  # log p + offset, renormalised
+            probabilities = probabilities * np.exp(self.class_offsets)[None, :, None, None]
+            probabilities /= probabilities.sum(axis=1, keepdims=True)
+        return probabilities
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """One forward pass on any size: padded to the encoder's stride, cropped back."""
@@ -261,13 +272,15 @@ def json_ready(value: Any) -> Any:
 def load_predictor(source: str | Path, device: torch.device | str | None = "auto",
                    strategy: str | None = None, *, tta: str | None = None,
                    use_class_gate: bool | None = None, engine: str = "torch",
-                   precision: str | None = None) -> SegmentationPredictor:
+                   precision: str | None = None,
+                   use_class_offsets: bool = True) -> SegmentationPredictor:
     """A predictor from a run directory or a segmenter checkpoint file.
 
     In a run directory ``strategy`` picks the segmenter (``segmenter/<strategy>/``); without it,
     the one with the best validation mIoU, else the latest trained. ``tta`` None keeps the
     recipe's TTA. The recipe's class gate needs the run's stage-1 classifier; ``use_class_gate``
-    None follows the choice made on val (``select_class_gate``), else the recipe.
+    None follows the choice made on val (``select_class_gate``), else the recipe. Class offsets
+    fitted on val (``core.calibration``) are applied unless ``use_class_offsets`` is False.
     ``engine`` (``auto``, ``torch``, ``onnxruntime``, ``openvino``) and ``precision`` (``fp32``,
     ``bf16``, None for the engine's default) choose what runs the network (``engine_choice``);
     exports are cached beside the checkpoint.
@@ -299,6 +312,8 @@ def load_predictor(source: str | Path, device: torch.device | str | None = "auto
         model, spec, mean=mean, std=std,
         input_size=saved["input_size"], mpp=config.mpp, tta=tta or config.segmenter.tta,
         gate=gate, engine=runner,
+        class_offsets=_class_offsets(checkpoint.parent / CLASS_OFFSETS_FILE, spec)
+        if use_class_offsets else None,
         config={"checkpoint": str(checkpoint), "strategy": saved["strategy"],
                 "arch": config.segmenter.arch, "encoder": config.segmenter.encoder,
                 "method": config.method},
@@ -316,6 +331,23 @@ def _gate_choice(path: Path) -> bool:
                               "again to remake it", path) from None
 
 
+def _class_offsets(path: Path, spec: DatasetSpec) -> np.ndarray | None:
+    """The saved class offsets, or None where none were fitted or kept."""
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        offsets = np.asarray(record["offsets"], np.float32)
+        use = bool(record["use"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise CheckpointError("unreadable class offsets: delete the file, or run the "
+                              "pipeline again to remake it", path) from None
+    if offsets.shape != (spec.num_classes,) or not np.isfinite(offsets).all():
+        raise CheckpointError(f"class offsets for {offsets.size} classes, but the model has "
+                              f"{spec.num_classes}: delete the file", path)
+    return offsets if use else None
+
+
 def select_class_gate(run: RunDirectory, strategy: str, eval_set: EvalSet,
                       device: torch.device | str = "auto") -> dict[str, Any]:
     """Keep the recipe's class gate only where it does not lower mIoU on ``eval_set``.
@@ -326,7 +358,8 @@ def select_class_gate(run: RunDirectory, strategy: str, eval_set: EvalSet,
     ``load_predictor`` reads it. Returns the scores of the chosen predictor with ``class_gate``
     (kept or not) and ``miou_with_gate`` / ``miou_without_gate`` when there was a choice.
     """
-    predictor = load_predictor(run.root, device, strategy=strategy, use_class_gate=True)
+    predictor = load_predictor(run.root, device, strategy=strategy, use_class_gate=True,
+                               use_class_offsets=False)
     scores = evaluate(predictor, eval_set)
     if predictor.gate is None:
         return scores

@@ -15,6 +15,7 @@
       segmenter/<strategy>/model.pt best-on-validation segmenter; last.pt for resuming
       segmenter/<strategy>/losses.csv, metrics.json
       segmenter/<strategy>/class_gate.json   whether the recipe's class gate helped on val
+      segmenter/<strategy>/class_offsets.json   per-class offsets fitted on val, if kept
       hisynseg/                     synthetic images (<type>.npz), synthesis.json (counts,
                                     acceptance, filter figures), examples/
       pseudo_masks/hisynseg/, segmenter/hisynseg/round1.pt   HisynSeg's self-training round

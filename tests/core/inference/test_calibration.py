@@ -1,0 +1,99 @@
+"""Class offsets fitted on val: the fit, what is saved, and how predictors apply it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from napari_histo_wsss.core.config.run_config import RunConfig, SegmenterConfig
+from napari_histo_wsss.core.data.classes import WSSS4LUAD
+from napari_histo_wsss.core.data.datasets import find_dataset
+from napari_histo_wsss.core.errors import CheckpointError
+from napari_histo_wsss.core.inference import calibration
+from napari_histo_wsss.core.inference.calibration import (
+    describe_offsets,
+    fit_class_offsets,
+    select_class_offsets,
+)
+from napari_histo_wsss.core.inference.predict import CLASS_OFFSETS_FILE, load_predictor
+from napari_histo_wsss.core.models.segmenter import build_segmenter, checkpoint_config
+from napari_histo_wsss.core.runs.checkpoints import save_checkpoint
+from napari_histo_wsss.core.runs.run_dir import RunDirectory
+
+
+def untrained_run(root) -> RunDirectory:
+    """A run directory holding one small segmenter with random weights ("ce")."""
+    torch.manual_seed(0)
+    settings = SegmenterConfig(arch="pspnet", encoder_depth=3, weights="none")
+    config = RunConfig(dataset=WSSS4LUAD.to_dict(), segmenter=settings)
+    run = RunDirectory(root)
+    model = build_segmenter(settings, WSSS4LUAD.num_classes)
+    save_checkpoint(run.segmenter_checkpoint("ce"), kind="segmenter",
+                    state_dict=model.state_dict(), spec=WSSS4LUAD,
+                    config=checkpoint_config(config, "ce", 64, "divide255", (0.0,) * 3,
+                                             (255.0,) * 3))
+    run.create(config)
+    return run
+
+
+def biased_log_probabilities(rng, pixels: int = 3000, bias: float = 1.0):
+    """Three classes; the model's log-probabilities favour class 0 by ``bias`` over the
+    truth, so a third of class 1 is called 0, as the recipe does with stroma."""
+    truth = rng.integers(0, 3, pixels)
+    scores = rng.normal(0, 1, (pixels, 3))
+    scores[np.arange(pixels), truth] += 2.0
+    scores[:, 0] += bias
+    log_probabilities = scores - np.log(np.exp(scores).sum(axis=1, keepdims=True))
+    return log_probabilities, truth
+
+
+def test_fit_recovers_a_class_bias_and_leaves_unfitted_classes_alone():
+    rng = np.random.default_rng(0)
+    log_probabilities, truth = biased_log_probabilities(rng)
+    before = calibration._miou(log_probabilities, truth, np.zeros(3))
+    offsets = fit_class_offsets(log_probabilities, truth, fitted=[0, 1, 2])
+    assert calibration._miou(log_probabilities, truth, offsets) > before + 0.05
+    relative = offsets - offsets[1]
+    assert -1.5 <= relative[0] <= -0.5  # class 0 pulled back by about the bias
+    held = fit_class_offsets(log_probabilities, truth, fitted=[1])
+    assert held[0] == held[2] == 0.0 and held[1] > 0  # only class 1 may move
+    unbiased, truth2 = biased_log_probabilities(rng, bias=0.0)
+    none = fit_class_offsets(unbiased, truth2, fitted=[0, 1, 2])
+    assert calibration._miou(unbiased, truth2, none) - \
+        calibration._miou(unbiased, truth2, np.zeros(3)) < 0.01  # nothing to correct
+
+
+def test_offsets_are_saved_applied_and_checked(tmp_path, sample_dataset_dir, monkeypatch):
+    run = untrained_run(tmp_path / "run")
+    val = find_dataset(sample_dataset_dir).eval_set("val")
+    monkeypatch.setattr(calibration, "MIN_CLASS_IMAGES", 1)  # 7 bundled val images
+    record = select_class_offsets(run, "ce", val, "cpu")
+    saved = json.loads((run.segmenter_dir("ce") / CLASS_OFFSETS_FILE).read_text())
+    assert saved == json.loads(json.dumps(record))
+    assert record["miou_with"] >= record["miou_without"]
+    assert record["use"] == (record["miou_with"] >= record["miou_without"] +
+                             calibration.MIN_GAIN)
+    assert describe_offsets(record).startswith("class offsets ")
+
+    # A kept record shifts the probabilities by exp(offset), renormalised.
+    offsets = [0.5, -0.25, 0.0]
+    (run.segmenter_dir("ce") / CLASS_OFFSETS_FILE).write_text(json.dumps(
+        {**record, "use": True, "offsets": offsets}))
+    image = val.pair(0)[0][:64, :64][None]
+    plain = load_predictor(run.root, "cpu", "ce", use_class_offsets=False).predict_batch(image)
+    shifted = load_predictor(run.root, "cpu", "ce").predict_batch(image)
+    expected = plain * np.exp(offsets)[None, :, None, None]
+    expected /= expected.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(shifted, expected, rtol=1e-4, atol=1e-6)
+    assert load_predictor(run.root, "cpu", "ce").config["class_offsets"] == offsets
+
+    (run.segmenter_dir("ce") / CLASS_OFFSETS_FILE).write_text(json.dumps(
+        {**record, "use": True, "offsets": [1.0, 2.0]}))
+    with pytest.raises(CheckpointError, match="class offsets for 2 classes"):
+        load_predictor(run.root, "cpu", "ce")
+    (run.segmenter_dir("ce") / CLASS_OFFSETS_FILE).write_text("{broken")
+    with pytest.raises(CheckpointError, match="unreadable class offsets"):
+        load_predictor(run.root, "cpu", "ce")
