@@ -115,7 +115,9 @@ def main() -> None:
     layout = find_dataset(config.data_dir, spec)
     strategy = args.strategy or config.segmenter.loss
     first, second = split_halves(layout.eval_set("val"))
-    base = load_predictor(run.root, args.device, strategy, use_class_gate=False)
+    # The raw model, as the fine-tuned one is scored (no gate, no val-fitted offsets).
+    base = load_predictor(run.root, args.device, strategy, use_class_gate=False,
+                          use_class_offsets=False)
     pairs = [first.pair(i) for i in range(len(first))]
     predictions = [predict_image(base, image)[0] for image, _ in pairs]
     base_scores = evaluate(base, second)

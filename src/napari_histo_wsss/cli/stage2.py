@@ -150,12 +150,12 @@ def cmd_train_segmenter(args) -> int:
     if metrics.get("best_val"):
         print(f"best on val (epoch {metrics.get('best_epoch')} of {metrics.get('epochs')}, "
               f"kept as model.pt):\n{format_scores(metrics['best_val'])}", file=sys.stderr)
-    if val is not None and config.segmenter.class_gate is not None:
-        from ..core.inference.predict import describe_gate_choice, select_class_gate
+    if val is not None and (config.segmenter.class_gate is not None
+                            or config.segmenter.fit_class_offsets):
+        from ..core.inference.calibration import make_val_choices
 
-        gate_choice = describe_gate_choice(select_class_gate(run, strategy, val, config.device))
-        if gate_choice:
-            print(gate_choice, file=sys.stderr)
+        for line in make_val_choices(run, strategy, val, config.device)[1]:
+            print(line, file=sys.stderr)
     return 0
 
 

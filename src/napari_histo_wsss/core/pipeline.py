@@ -185,27 +185,13 @@ def _write_summary(path: Path, summary: dict, elapsed: float, trained: bool) -> 
 
 
 def _evaluate_strategies(run, strategies, val, device) -> Generator[Event, None, dict]:
-    from .inference.calibration import describe_offsets, select_class_offsets
-    from .inference.predict import (
-        describe_gate_choice,
-        evaluate,
-        load_predictor,
-        select_class_gate,
-    )
+    from .inference.calibration import make_val_choices
 
     results = {}
     for strategy in strategies:
-        scores = select_class_gate(run, strategy, val, device)
-        gate_choice = describe_gate_choice(scores)
-        if gate_choice:
-            yield Message("evaluate", f"{strategy}: {gate_choice}")
-        if run.config().segmenter.fit_class_offsets:
-            offsets = select_class_offsets(run, strategy, val, device)
-            yield Message("evaluate", f"{strategy}: {describe_offsets(offsets)}")
-            if offsets["use"]:
-                scores = {**scores, **evaluate(load_predictor(run.root, device, strategy), val),
-                          "class_offsets": offsets["offsets"],
-                          "miou_without_offsets": offsets["miou_without"]}
+        scores, choices = make_val_choices(run, strategy, val, device)
+        for line in choices:
+            yield Message("evaluate", f"{strategy}: {line}")
         results[strategy] = scores
         yield Message("evaluate", f"{strategy} on val: " + format_scores(scores).splitlines()[0])
     return results

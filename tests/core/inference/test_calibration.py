@@ -16,6 +16,7 @@ from napari_histo_wsss.core.inference import calibration
 from napari_histo_wsss.core.inference.calibration import (
     describe_offsets,
     fit_class_offsets,
+    make_val_choices,
     select_class_offsets,
 )
 from napari_histo_wsss.core.inference.predict import CLASS_OFFSETS_FILE, load_predictor
@@ -24,10 +25,10 @@ from napari_histo_wsss.core.runs.checkpoints import save_checkpoint
 from napari_histo_wsss.core.runs.run_dir import RunDirectory
 
 
-def untrained_run(root) -> RunDirectory:
+def untrained_run(root, **segmenter) -> RunDirectory:
     """A run directory holding one small segmenter with random weights ("ce")."""
     torch.manual_seed(0)
-    settings = SegmenterConfig(arch="pspnet", encoder_depth=3, weights="none")
+    settings = SegmenterConfig(arch="pspnet", encoder_depth=3, weights="none", **segmenter)
     config = RunConfig(dataset=WSSS4LUAD.to_dict(), segmenter=settings)
     run = RunDirectory(root)
     model = build_segmenter(settings, WSSS4LUAD.num_classes)
@@ -97,3 +98,24 @@ def test_offsets_are_saved_applied_and_checked(tmp_path, sample_dataset_dir, mon
     (run.segmenter_dir("ce") / CLASS_OFFSETS_FILE).write_text("{broken")
     with pytest.raises(CheckpointError, match="unreadable class offsets"):
         load_predictor(run.root, "cpu", "ce")
+
+
+def test_val_choices_fit_offsets_only_where_the_recipe_asks(tmp_path, sample_dataset_dir,
+                                                            monkeypatch):
+    val = find_dataset(sample_dataset_dir).eval_set("val")
+    plain = untrained_run(tmp_path / "plain")
+    scores, lines = make_val_choices(plain, "ce", val, "cpu")
+    assert lines == [] and 0 <= scores["miou"] <= 1
+    assert not (plain.segmenter_dir("ce") / CLASS_OFFSETS_FILE).exists()
+
+    asked = untrained_run(tmp_path / "asked", fit_class_offsets=True)
+    _, lines = make_val_choices(asked, "ce", val, "cpu")  # 7 images: too few to fit
+    assert lines == [f"class offsets not fitted: no class is in "
+                     f"{calibration.MIN_CLASS_IMAGES} or more of the 7 val images"]
+    monkeypatch.setattr(calibration, "MIN_CLASS_IMAGES", 1)
+    scores, lines = make_val_choices(asked, "ce", val, "cpu")
+    record = json.loads((asked.segmenter_dir("ce") / CLASS_OFFSETS_FILE).read_text())
+    assert lines == [describe_offsets(record)]
+    if record["use"]:  # the scores are those of the predictor with the offsets
+        assert scores["miou"] == pytest.approx(record["miou_with"], abs=1e-6)
+        assert scores["miou_without_offsets"] == pytest.approx(record["miou_without"])

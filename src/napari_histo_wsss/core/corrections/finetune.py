@@ -57,7 +57,7 @@ def finetune_with_corrections(
         raise DatasetError("no corrections in this run: paint some in napari or import "
                            "them with `histo-wsss corrections import`", run.root / "corrections")
     predictor = load_predictor(start, device or config.device, tta="none",
-                               use_class_gate=False)
+                               use_class_gate=False, use_class_offsets=False)
     sparse = [sparse_labels(c, patches.spec.background_index, predictor, patches)
               for c in corrections]
     chosen = replay_patches(patches, sparse, replay, config.seed)

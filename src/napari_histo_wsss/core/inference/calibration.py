@@ -23,7 +23,14 @@ import torch
 
 from ..data.datasets import EvalSet
 from ..runs.run_dir import RunDirectory
-from .predict import CLASS_OFFSETS_FILE, load_predictor, predict_image
+from .predict import (
+    CLASS_OFFSETS_FILE,
+    describe_gate_choice,
+    evaluate,
+    load_predictor,
+    predict_image,
+    select_class_gate,
+)
 
 OFFSET_GRID = np.round(np.arange(-1.0, 2.001, 0.25), 2)
 MIN_CLASS_IMAGES = 8
@@ -100,3 +107,20 @@ def describe_offsets(record: dict[str, Any]) -> str:
     verdict = f"kept ({fitted})" if record["use"] else "none kept"
     return (f"class offsets {verdict}: val mIoU {100 * record['miou_without']:.2f} without, "
             f"{100 * record['miou_with']:.2f} fitted on these same images")
+
+
+def make_val_choices(run: RunDirectory, strategy: str, eval_set: EvalSet,
+                     device: torch.device | str = "auto") -> tuple[dict[str, Any], list[str]]:
+    """What the recipe decides on val once a segmenter is trained: the class gate, then (where
+    the recipe asks) class offsets. Returns the scores of the predictor ``load_predictor``
+    now gives, and one line per choice made."""
+    scores = select_class_gate(run, strategy, eval_set, device)
+    lines = [line for line in [describe_gate_choice(scores)] if line]
+    if run.config().segmenter.fit_class_offsets:
+        offsets = select_class_offsets(run, strategy, eval_set, device)
+        lines.append(describe_offsets(offsets))
+        if offsets["use"]:
+            scores = {**scores, **evaluate(load_predictor(run.root, device, strategy), eval_set),
+                      "class_offsets": offsets["offsets"],
+                      "miou_without_offsets": offsets["miou_without"]}
+    return scores, lines
