@@ -162,7 +162,9 @@ def test_train_segmenter_restart_never_deletes_outside_the_run(tmp_path, layout,
     """``--strategy /abs/path --restart`` once deleted model.pt, last.pt, ... in any folder."""
     victim = tmp_path / "victim"
     victim.mkdir()
-    for name in ("last.pt", "model.pt", "losses.csv", "metrics.json", "class_gate.json"):
+    kept = ["last.pt", "model.pt", "losses.csv", "metrics.json", "class_gate.json",
+            "class_offsets.json"]
+    for name in kept:
         (victim / name).write_text(name)
     run = RunDirectory(tmp_path / "run")
     run.create(RunConfig(data_dir=str(layout.root), dataset=layout.spec.to_dict()))
@@ -171,8 +173,7 @@ def test_train_segmenter_restart_never_deletes_outside_the_run(tmp_path, layout,
                    "--device", "cpu"])
     assert status == 2
     assert "cannot be a folder of the run" in _one_line_error(capsys)
-    assert sorted(p.name for p in victim.iterdir()) == sorted(
-        ["last.pt", "model.pt", "losses.csv", "metrics.json", "class_gate.json"])
+    assert sorted(p.name for p in victim.iterdir()) == sorted(kept)
     assert (victim / "model.pt").read_text() == "model.pt"
 
 

@@ -87,6 +87,19 @@ def make_run(root, patches, layout, **segmenter) -> tuple[RunDirectory, RunConfi
     return run, config
 
 
+def test_training_again_drops_the_choices_made_on_val_for_the_old_model(tmp_path, patches,
+                                                                        layout):
+    run, config = make_run(tmp_path / "run", patches, layout, epochs=1)
+    folder = run.segmenter_dir("ce")
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("class_gate.json", "class_offsets.json"):
+        (folder / name).write_text('{"use": true}')
+    list(train_segmenter(run, config, patches, device="cpu", resume=False))
+    assert (folder / "model.pt").is_file()
+    assert not (folder / "class_gate.json").exists()
+    assert not (folder / "class_offsets.json").exists()
+
+
 def test_training_events_files_and_best_checkpoint(tmp_path, patches, layout, val):
     run, config = make_run(tmp_path / "run", patches, layout)
     events = list(train_segmenter(run, config, patches, device="cpu", val=val))

@@ -29,6 +29,7 @@ from ..devices import resolve_device
 from ..errors import ConfigError, DatasetError
 from ..events import Event, Preview, StopToken
 from ..inference.predict import (
+    CLASS_OFFSETS_FILE,
     GATE_CHOICE_FILE,
     SegmentationPredictor,
     evaluate,
@@ -229,7 +230,8 @@ class SegmenterTrainer(EpochTrainer):
             for name in ("last.pt", "model.pt", "losses.csv", "metrics.json"):
                 (self.folder / name).unlink(missing_ok=True)
         self.run.mark_incomplete(self.stage)
-        (self.folder / GATE_CHOICE_FILE).unlink(missing_ok=True)  # made for the replaced model
+        for choice in (GATE_CHOICE_FILE, CLASS_OFFSETS_FILE):  # made for the replaced model
+            (self.folder / choice).unlink(missing_ok=True)
 
     def begin_epoch(self, epoch: int, first_batch: int) -> None:
         self.context.epoch = epoch
