@@ -161,3 +161,15 @@ def print_engine_note(predictor) -> None:
     note = getattr(getattr(predictor, "engine", None), "note", "")
     if note:
         print(f"histo-wsss: {note}", file=sys.stderr)
+
+
+def print_offsets_note(predictor) -> None:
+    """One line when class offsets fitted on val are applied (stderr)."""
+    import sys
+
+    offsets = predictor.config.get("class_offsets")
+    if offsets:
+        shown = ", ".join(f"{name} {value:+.2f}" for name, value in
+                          zip(predictor.spec.class_names, offsets, strict=True) if value)
+        print(f"histo-wsss: class offsets fitted on val applied ({shown}); "
+              "--no-class-offsets leaves them out", file=sys.stderr)

@@ -21,6 +21,7 @@ from .flags import (
     positive_float,
     positive_int,
     print_engine_note,
+    print_offsets_note,
 )
 
 
@@ -86,6 +87,7 @@ def cmd_segment_slide(args) -> int:
     else:
         predictor = load_predictor(args.run_dir, args.device, **engine)
         print_engine_note(predictor)
+        print_offsets_note(predictor)
     done = drive(lambda stop: segment_slides(
         predictor, slides, outputs, scheduler=args.scheduler, stop=stop, **options))
     if done is None or done.stopped:

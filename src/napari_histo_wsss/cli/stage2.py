@@ -28,6 +28,7 @@ from .flags import (
     add_segmenter_epochs_flag,
     add_train_precision_flag,
     print_engine_note,
+    print_offsets_note,
     spec_from_args,
 )
 
@@ -87,6 +88,9 @@ def add_stage2_parsers(commands) -> None:
                           help="do not gate classes with the stage-1 classifier (MLPS); by "
                                "default the gate is used where the pipeline found it helps "
                                "on val")
+    evaluate.add_argument("--no-class-offsets", action="store_true",
+                          help="leave out the per-class offsets the pipeline fitted on val "
+                               "(recommended recipe); by default they are applied")
     evaluate.add_argument("--save-masks", metavar="DIR",
                           help="also write the predicted palette masks into DIR: a new or empty "
                                "folder, or one an earlier --save-masks wrote (never an input "
@@ -172,8 +176,10 @@ def cmd_evaluate(args) -> int:
             _check_masks_folder(args, source)
         predictor = load_predictor(source, args.device, args.strategy, tta=args.tta,
                                    use_class_gate=False if args.no_class_gate else None,
+                                   use_class_offsets=not args.no_class_offsets,
                                    engine=args.engine, precision=args.precision)
         print_engine_note(predictor)
+        print_offsets_note(predictor)
         eval_set = load_eval_set(args.images_dir, args.masks_dir, predictor.spec)
         if args.save_masks:  # marked only once the model and the set are known to load
             claim_output_folder(args.save_masks, SAVE_MASKS_COMMAND)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from napari_histo_wsss.cli import main
 from napari_histo_wsss.core.config.run_config import RunConfig, SegmenterConfig
 from napari_histo_wsss.core.data.classes import WSSS4LUAD
 from napari_histo_wsss.core.data.datasets import find_dataset
@@ -119,3 +120,20 @@ def test_val_choices_fit_offsets_only_where_the_recipe_asks(tmp_path, sample_dat
     if record["use"]:  # the scores are those of the predictor with the offsets
         assert scores["miou"] == pytest.approx(record["miou_with"], abs=1e-6)
         assert scores["miou_without_offsets"] == pytest.approx(record["miou_without"])
+
+
+def test_cli_evaluate_applies_the_offsets_and_can_leave_them_out(tmp_path, sample_dataset_dir,
+                                                                 capsys):
+    run = untrained_run(tmp_path / "run")
+    (run.segmenter_dir("ce") / CLASS_OFFSETS_FILE).write_text(json.dumps(
+        {"use": True, "offsets": [3.0, 0.0, 0.0], "classes": ["tumor", "stroma", "normal"]}))
+    val = find_dataset(sample_dataset_dir).eval_set("val")
+    images, masks = str(val.image_paths[0].parent), str(val.mask_paths[0].parent)
+    assert main(["evaluate", str(run.root), images, masks, "--json", "--device", "cpu"]) == 0
+    shifted = capsys.readouterr()
+    assert "class offsets fitted on val applied (tumor +3.00)" in shifted.err
+    assert main(["evaluate", str(run.root), images, masks, "--json", "--device", "cpu",
+                 "--no-class-offsets"]) == 0
+    plain = capsys.readouterr()
+    assert "class offsets" not in plain.err
+    assert json.loads(shifted.out)["miou"] != json.loads(plain.out)["miou"]
