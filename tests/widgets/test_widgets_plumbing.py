@@ -273,7 +273,9 @@ def test_background_warmup_loads_what_the_first_job_and_layer_would(tmp_path):
         "layer = viewer.add_image(np.zeros((8, 8), np.uint8))\n"
         "print(json.dumps([lazy_before, isinstance(built, LazyRegistry),\n"
         "                  all(m in sys.modules for m in ('timm', 'scipy.ndimage')),\n"
-        "                  str(layer.units[0])]))\n"
+        "                  str(layer.units[0])]), flush=True)\n"
+        "viewer.close()\n"
+        "import os; os._exit(0)  # Qt and torch can crash in their exit-time teardown\n"
     )
     env = {**os.environ, _settings.CONFIG_DIR_ENV_VAR: str(tmp_path / "config")}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

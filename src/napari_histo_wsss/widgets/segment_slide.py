@@ -388,33 +388,41 @@ class SegmentSlideWidget(JobWidget):
 
     def export_zarr(self, destination: Path) -> None:
         """Copy the finished OME-Zarr to ``destination`` (in a worker)."""
-        source = self._finished_result()
-
-        def make_job(stop):
-            import shutil
-
-            from ..core.errors import ConfigError
-            from ..core.events import Done
-
-            if destination.exists():
-                raise ConfigError("already exists; choose a new folder", destination)
-            shutil.copytree(source, destination)
-            yield Done("export", destination)
-
-        self.export_runner.start(make_job)
+        self.export_runner.start(copy_zarr_job(self._finished_result(), destination))
         self.progress.set_status(f"exporting OME-Zarr to {destination}")
 
     def export_geojson(self, destination: Path) -> None:
         """Write the tissue regions as GeoJSON polygons for QuPath (in a worker)."""
-        source = self._finished_result()
-
-        def make_job(stop):
-            from ..core.events import Done
-            from ..core.wsi.geojson_export import segmentation_to_geojson
-
-            collection = segmentation_to_geojson(source, destination)
-            yield Done("export", {"path": destination,
-                                  "features": len(collection.get("features", []))})
-
-        self.export_runner.start(make_job)
+        self.export_runner.start(geojson_job(self._finished_result(), destination))
         self.progress.set_status(f"exporting GeoJSON to {destination}")
+
+
+def copy_zarr_job(source: Path, destination: Path):
+    """The job that copies a finished output, refusing to write over anything."""
+
+    def make_job(stop):
+        import shutil
+
+        from ..core.errors import ConfigError
+        from ..core.events import Done
+
+        if destination.exists():
+            raise ConfigError("already exists; choose a new folder", destination)
+        shutil.copytree(source, destination)
+        yield Done("export", destination)
+
+    return make_job
+
+
+def geojson_job(source: Path, destination: Path):
+    """The job that writes an output's tissue regions as GeoJSON."""
+
+    def make_job(stop):
+        from ..core.events import Done
+        from ..core.wsi.geojson_export import segmentation_to_geojson
+
+        collection = segmentation_to_geojson(source, destination)
+        yield Done("export", {"path": destination,
+                              "features": len(collection.get("features", []))})
+
+    return make_job
