@@ -37,6 +37,9 @@ MIN_CLASS_IMAGES = 8
 #: The val mIoU an offset must add to be kept (fitting on val over-states it a little).
 MIN_GAIN = 0.005
 SWEEPS = 2
+#: Val pixels the fit looks at, at most (an even sample of each image's share beyond it):
+#: 31 WSSS4LUAD val images fit whole; a thousand-image val set would not fit in memory.
+MAX_PIXELS = 8_000_000
 
 
 def fit_class_offsets(log_probabilities: np.ndarray, truth: np.ndarray,
@@ -74,14 +77,18 @@ def select_class_offsets(run: RunDirectory, strategy: str, eval_set: EvalSet,
     already made) and save them, or a record that none helped. Returns what was saved."""
     predictor = load_predictor(run.root, device, strategy=strategy, use_class_offsets=False)
     classes = predictor.num_classes
+    per_image = MAX_PIXELS // max(len(eval_set), 1)
     pixels, truths, seen = [], [], np.zeros(classes, np.int64)
     for index in range(len(eval_set)):
         image, truth = eval_set.pair(index)
         _, probabilities = predict_image(predictor, image)
-        tissue = truth < classes
-        pixels.append(np.log(np.clip(probabilities[:, tissue].T, 1e-8, None)))
-        truths.append(truth[tissue].astype(np.int64))
-        seen += np.isin(np.arange(classes), truth[tissue])
+        tissue = np.flatnonzero(truth.ravel() < classes)
+        if len(tissue) > per_image:  # an even sample of the image's tissue pixels
+            tissue = tissue[np.linspace(0, len(tissue) - 1, per_image).astype(np.int64)]
+        flat = probabilities.reshape(classes, -1)[:, tissue].T
+        pixels.append(np.log(np.clip(flat, 1e-8, None)).astype(np.float32))
+        truths.append(truth.ravel()[tissue].astype(np.int64))
+        seen += np.isin(np.arange(classes), truths[-1])
     log_probabilities, truth = np.concatenate(pixels), np.concatenate(truths)
     fitted = [c for c in range(classes) if seen[c] >= MIN_CLASS_IMAGES]
     offsets = fit_class_offsets(log_probabilities, truth, fitted)
