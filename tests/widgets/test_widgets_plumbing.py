@@ -231,6 +231,16 @@ def test_legend_recounts_a_layer_written_in_place(make_napari_viewer, qtbot):
     assert legend.shares()["stroma"] == "75.0 %"
 
 
+def last_json_line_of(code: str, tmp_path):
+    """Run ``code`` in a fresh interpreter (settings under ``tmp_path``) and parse the last
+    line it printed as JSON."""
+    env = {**os.environ, _settings.CONFIG_DIR_ENV_VAR: str(tmp_path / "config")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def test_building_every_dock_widget_leaves_torch_to_the_background_import(tmp_path):
     """A dock that imports torch while it is built freezes napari for seconds (2.1 s measured
     when the classifier widget's run description pulled torch in): built in a fresh
@@ -245,11 +255,7 @@ def test_building_every_dock_widget_leaves_torch_to_the_background_import(tmp_pa
         "    dock.get_callable()(viewer)\n"
         "print(json.dumps([len(docks), 'torch' in sys.modules]))\n"
     )
-    env = {**os.environ, _settings.CONFIG_DIR_ENV_VAR: str(tmp_path / "config")}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    docks, torch_loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    docks, torch_loaded = last_json_line_of(code, tmp_path)
     assert docks >= 7  # every dock of the manifest was built
     assert torch_loaded is False
 
@@ -277,11 +283,7 @@ def test_background_warmup_loads_what_the_first_job_and_layer_would(tmp_path):
         "viewer.close()\n"
         "import os; os._exit(0)  # Qt and torch can crash in their exit-time teardown\n"
     )
-    env = {**os.environ, _settings.CONFIG_DIR_ENV_VAR: str(tmp_path / "config")}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    lazy_before, lazy_after, imported, unit = json.loads(result.stdout.strip().splitlines()[-1])
+    lazy_before, lazy_after, imported, unit = last_json_line_of(code, tmp_path)
     assert lazy_before and not lazy_after and imported
     assert unit == "pixel"
 
