@@ -23,6 +23,7 @@ import torch
 
 from ..data.datasets import EvalSet
 from ..runs.run_dir import RunDirectory
+from .metrics import ConfusionMatrix
 from .predict import (
     CLASS_OFFSETS_FILE,
     describe_gate_choice,
@@ -61,14 +62,10 @@ def fit_class_offsets(log_probabilities: np.ndarray, truth: np.ndarray,
 
 
 def _miou(log_probabilities: np.ndarray, truth: np.ndarray, offsets: np.ndarray) -> float:
-    classes = log_probabilities.shape[1]
-    prediction = (log_probabilities + offsets).argmax(axis=1)
-    matrix = np.bincount(truth * classes + prediction, minlength=classes * classes)
-    matrix = matrix.reshape(classes, classes).astype(np.float64)
-    union = matrix.sum(0) + matrix.sum(1) - np.diag(matrix)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        iou = np.diag(matrix) / union
-    return float(np.nanmean(iou))
+    """The evaluation protocol's mIoU (``ConfusionMatrix``) of the offset argmax."""
+    matrix = ConfusionMatrix(log_probabilities.shape[1])
+    matrix.update((log_probabilities + offsets).argmax(axis=1), truth)
+    return matrix.scores()["miou"]
 
 
 def select_class_offsets(run: RunDirectory, strategy: str, eval_set: EvalSet,
