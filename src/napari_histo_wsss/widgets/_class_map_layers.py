@@ -20,12 +20,11 @@ from ._layers import (
     TRUTH_STYLE,
     LayerSteps,
     cam_colormap,
-    display_labels,
     layer_named,
+    put_class_labels,
     put_layer,
     remove_layers,
 )
-from .class_colours import class_features, labels_colormap
 from .legend import ensure_legend
 
 IMAGE_LAYER = "image (pseudo-masks)"
@@ -119,11 +118,9 @@ class ClassMapLayers:
     def _mask_step(self, name: str, mask: np.ndarray, spec, names: list[str], transform: dict,
                    visible: bool = True, style: dict | None = None) -> Callable[[], None]:
         def put() -> None:
-            self._anchor = put_layer(
-                self.viewer, "labels", name, display_labels(mask, spec.num_classes),
-                above=self._anchor, colormap=labels_colormap(spec),
-                features=class_features(spec), visible=visible, **(style or OVERLAY_STYLE),
-                **transform)
+            self._anchor = put_class_labels(
+                self.viewer, name, mask, spec, above=self._anchor, visible=visible,
+                **(style or OVERLAY_STYLE), **transform)
             self._created(name, names)
 
         return put

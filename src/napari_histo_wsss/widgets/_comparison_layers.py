@@ -17,11 +17,10 @@ from ._layers import (
     OVERLAY_STYLE,
     TRUTH_STYLE,
     LayerSteps,
-    display_labels,
+    put_class_labels,
     put_layer,
     remove_layers,
 )
-from .class_colours import class_features, labels_colormap
 from .legend import ensure_legend
 
 if TYPE_CHECKING:
@@ -115,10 +114,8 @@ class ComparisonLayers:
 
     def _put_mask(self, compared: ComparedImage, name: str, mask: np.ndarray, style: dict,
                   names: list[str]) -> None:
-        spec = compared.spec
-        self._anchor = put_layer(
-            self.viewer, "labels", name, display_labels(mask, spec.num_classes),
-            above=self._anchor, colormap=labels_colormap(spec), features=class_features(spec),
+        self._anchor = put_class_labels(
+            self.viewer, name, mask, compared.spec, above=self._anchor,
             visible=name == TRUTH_LAYER, **style, **compared.transform)
         names.append(name)
 
@@ -130,12 +127,10 @@ class ComparisonLayers:
         ensure_legend(self.viewer)
 
     def _put_prediction(self, result: StrategyComparison, first: bool) -> None:
-        spec, transform = self._image.spec, self._image.transform
         name = prediction_layer_name(result.strategy)
-        self._anchor = put_layer(
-            self.viewer, "labels", name, display_labels(result.labels, spec.num_classes),
-            above=self._anchor, colormap=labels_colormap(spec), features=class_features(spec),
-            visible=first, **OVERLAY_STYLE, **transform)
+        self._anchor = put_class_labels(
+            self.viewer, name, result.labels, self._image.spec, above=self._anchor,
+            visible=first, **OVERLAY_STYLE, **self._image.transform)
         self._shown.add(name)
 
     def _put_trust(self, result: StrategyComparison) -> None:

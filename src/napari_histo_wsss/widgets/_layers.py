@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .class_colours import bright_colour
+from .class_colours import bright_colour, class_features, labels_colormap
 
 #: Larger image layers are refused by whole-image jobs.
 MAX_IMAGE_SIDE = 4096
@@ -80,6 +80,14 @@ def put_layer(viewer, kind: str, name: str, data, *, above=None, **properties):
     if above is not None and above in viewer.layers:
         viewer.layers.move(viewer.layers.index(layer), viewer.layers.index(above) + 1)
     return layer
+
+
+def put_class_labels(viewer, name: str, mask: np.ndarray, spec, *, above=None, **properties):
+    """A dataset mask (``put_layer``) as labels in the dataset's class colours, with the
+    class names a legend and hovering show."""
+    return put_layer(viewer, "labels", name, display_labels(mask, spec.num_classes),
+                     above=above, colormap=labels_colormap(spec), features=class_features(spec),
+                     **properties)
 
 
 def _unchanged(layer, key: str, value) -> bool:
