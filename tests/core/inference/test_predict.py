@@ -159,6 +159,20 @@ def test_class_gate_decides_per_training_size_window(tta):
     assert np.all(labels[:64] == 0) and np.all(labels[64:] == 2)
 
 
+def test_overlapping_gate_windows_keep_what_every_covering_window_keeps():
+    image = torch.zeros((1, 3, 128, 64), dtype=torch.uint8)
+    image[:, :, 80:] = 255  # the window at rows 64-128 is bright, those above are dark
+    tiled = ClassGate(BrightnessClassifier(), 0.1, window=64).present(image)[0]
+    assert tiled[:, :64].all(dim=(1, 2)).tolist() == [True, False, False]
+    assert tiled[:, 64:].all(dim=(1, 2)).tolist() == [False, False, True]
+    overlapping = ClassGate(BrightnessClassifier(), 0.1, window=64, stride=32).present(image)[0]
+    assert overlapping[:, :64].all(dim=(1, 2)).tolist() == [True, False, False]
+    assert overlapping[:, 96:].all(dim=(1, 2)).tolist() == [False, False, True]
+    # Rows 64-96 lie in a dark window (32-96) and a bright one (64-128): no class is kept by
+    # both, so none is ruled out there.
+    assert overlapping[:, 64:96].all()
+
+
 def test_evaluate_saves_masks_that_score_the_same_as_a_mask_folder(tmp_path, val):
     model, _ = small_segmenter()
     scores = evaluate(predictor_of(model), val, save_masks=tmp_path / "pred")

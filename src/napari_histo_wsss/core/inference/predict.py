@@ -46,32 +46,55 @@ class ClassGate:
 
     MLPS gates whole test patches; here the classifier looks at windows of ``window`` pixels
     (the training patch side) and each window gates its own pixels, so a large image or tile
-    is gated at the scale the classifier was trained on. The most probable class of a window
-    always stays, so no pixel is left without a class.
+    is gated at the scale the classifier was trained on. With ``stride`` under ``window`` the
+    windows overlap and a pixel keeps a class only where every window covering it keeps it
+    (finer cells, as overlapping labelled patches give). The most probable class of a window
+    always stays, and a pixel whose windows share no class keeps every class.
     """
 
-    def __init__(self, classifier: torch.nn.Module, threshold: float, window: int):
+    def __init__(self, classifier: torch.nn.Module, threshold: float, window: int,
+                 stride: int | None = None):
         self.classifier = classifier
         self.threshold = threshold
         self.window = window
+        self.stride = stride or window
 
     def present(self, images: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) bool: the classes kept at each pixel of uint8 (N, 3, H, W) images."""
         height, width = images.shape[-2:]
         win_h, win_w = min(self.window, height), min(self.window, width)
-        # Window origins on a grid; the last row and column are moved inside the image.
-        tops = sorted({min(y, height - win_h) for y in range(0, height, win_h)})
-        lefts = sorted({min(x, width - win_w) for x in range(0, width, win_w)})
-        crops = torch.stack([images[:, :, y:y + win_h, x:x + win_w]
-                             for y in tops for x in lefts], dim=1).flatten(0, 1)
+        origins = window_origins(height, width, win_h, win_w, self.stride)
+        crops = torch.stack([images[:, :, y:y + win_h, x:x + win_w] for y, x in origins],
+                            dim=1).flatten(0, 1)
         logits = self.classifier(self.classifier.normalise(crops)).logits
-        probabilities = torch.sigmoid(logits).view(images.shape[0], len(tops) * len(lefts), -1)
+        probabilities = torch.sigmoid(logits).view(images.shape[0], len(origins), -1)
+        return self.intersect(self.keeps(probabilities), origins, (height, width),
+                              (win_h, win_w))
+
+    def keeps(self, probabilities: torch.Tensor) -> torch.Tensor:
+        """(N, windows, C) bool: the classes each window keeps."""
         top = probabilities == probabilities.amax(dim=2, keepdim=True)
-        kept = (probabilities > self.threshold) | top
-        present = kept.new_zeros((images.shape[0], kept.shape[2], height, width))
-        for index, (y, x) in enumerate((y, x) for y in tops for x in lefts):
-            present[:, :, y:y + win_h, x:x + win_w] = kept[:, index, :, None, None]
-        return present
+        return (probabilities > self.threshold) | top
+
+    @staticmethod
+    def intersect(kept: torch.Tensor, origins: list[tuple[int, int]], size: tuple[int, int],
+                  window: tuple[int, int]) -> torch.Tensor:
+        """Per pixel, the classes every covering window keeps: (N, C, H, W) bool."""
+        present = kept.new_ones((kept.shape[0], kept.shape[2], *size))
+        for index, (y, x) in enumerate(origins):
+            present[:, :, y:y + window[0], x:x + window[1]] &= kept[:, index, :, None, None]
+        return present | ~present.any(dim=1, keepdim=True)
+
+
+def window_origins(height: int, width: int, win_h: int, win_w: int,
+                   stride: int) -> list[tuple[int, int]]:
+    """Top-left corners of windows on a ``stride`` grid; the last row and column are moved
+    inside the image, so the windows cover it."""
+    tops = sorted({min(y, height - win_h) for y in range(0, max(height - win_h, 0) + stride,
+                                                        stride)})
+    lefts = sorted({min(x, width - win_w) for x in range(0, max(width - win_w, 0) + stride,
+                                                         stride)})
+    return [(y, x) for y in tops for x in lefts]
 
 
 class SegmentationPredictor:
