@@ -89,9 +89,11 @@ def _recommended() -> RunConfig:
     config.classifier.warmup_epochs = 1.0
     config.pseudo_masks.scales = (1.0, 2.0)
     config.pseudo_masks.scale_fusion = "mean"
+    config.pseudo_masks.fuse_overlaps = True
     config.segmenter = SegmenterConfig(
         arch="deeplabv3plus", loss="ce", lr=0.01, head_lr_mult=10.0, augment="histo",
         weight_average=0.99, class_gate=0.1, fit_class_offsets=True,
+        context=80, input_size=224,
     )
     return config
 
@@ -230,7 +232,9 @@ def _scale_budget(config: RunConfig, method: MethodPreset, num_patches: int,
     segmenter.batch_size = min(segmenter.batch_size, 16)
     # Native patch size, as for the classifier: the magnification inference will see. HisynSeg's
     # synthetic images take that side too, so no source patch is mirror-padded up to 224.
-    segmenter.input_size = None
+    # Windows with context are larger than a patch: their crops keep the preset's side.
+    if not segmenter.context:
+        segmenter.input_size = None
     if config.hisynseg is not None:
         # Two training rounds share the segmenter budget. Synthetic images per type are half the
         # real patches (as released for WSSS4LUAD: 2 x 3,600 synthetic for 10,091 real), and a

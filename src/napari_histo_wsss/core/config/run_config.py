@@ -73,6 +73,10 @@ class ClassifierConfig:
     #: Side of the square training inputs: larger patches are randomly cropped, smaller ones
     #: resized up. None: the patches' most common side, so typical patches are not resampled.
     input_size: int | None = 224
+    #: Pixels of the stitched source image around each training patch that its training
+    #: window takes in (0: the patch alone; data/stitching.py): more tissue per input at the
+    #: patches' magnification, from patches that overlap in their source image.
+    context: int = 0
     #: FEATURE_MODULES names (models/feature_modules.py): "pda", "coord_attention", "ars" act in
     #: training only (absent from the CAM network); "esf" is part of the network, CAM network
     #: included.
@@ -131,6 +135,10 @@ class PseudoMaskConfig:
     #: across before the argmax, so mask boundaries follow the tissue (stage1/superpixels.py).
     superpixel_size: int = 0
     gating: str = "label"  # a GATINGS name (stage1/pseudo_masks.py): "label" or "predicted"
+    #: Training patches that overlap in their source image (positions in their names) get
+    #: one fused final mask there: mean class maps, classes every covering gate kept
+    #: (stage1/overlap_fusion.py).
+    fuse_overlaps: bool = False
     gate_threshold: float = 0.31
     #: None follows the dataset description.
     white_plane: bool | None = None
@@ -181,6 +189,10 @@ class SegmenterConfig:
     #: patches are randomly cropped, smaller ones resized up. None: the patches' most common
     #: side, so typical patches keep the magnification that inference sees.
     input_size: int | None = 224
+    #: Pixels of the stitched source image around each training patch that its training
+    #: window takes in (0: the patch alone; data/stitching.py): more tissue per input at the
+    #: patches' magnification, from patches that overlap in their source image.
+    context: int = 0
     augment: str = "flip_blur"  # "flip_blur" | "onss" (rescale, crop, flip, photometric)
     #: "uniform": each patch once per epoch (the papers); "balanced": patches drawn with
     #: replacement, weighted by the rarest class in their label (see ``epoch_order``).
@@ -210,6 +222,10 @@ class SegmenterConfig:
         require("segmenter", _is_count, epochs=self.epochs, batch_size=self.batch_size,
                 input_size=self.input_size, encoder_depth=self.encoder_depth)
         require("segmenter", _is_positive, lr=self.lr, head_lr_mult=self.head_lr_mult)
+        if not (isinstance(self.context, int) and not isinstance(self.context, bool)
+                and self.context >= 0):
+            raise ConfigError(f"segmenter.context must be a whole number of pixels (0 or more), "
+                              f"not {self.context!r}")
         if not 0 <= self.mosaic <= 1:
             raise ConfigError(f"segmenter.mosaic must be a probability (0 to 1), not "
                               f"{self.mosaic!r}")

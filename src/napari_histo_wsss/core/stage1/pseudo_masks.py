@@ -27,6 +27,7 @@ from scipy import ndimage
 from ..config.run_config import PseudoMaskConfig, RunConfig
 from ..data.classes import DatasetSpec
 from ..data.datasets import EvalSet, PatchSet, write_palette_mask
+from ..data.stitching import StitchedImage, stitch_patches
 from ..errors import ConfigError, DatasetError
 from ..events import Batch, Done, Event, Preview, Started, StopToken
 from ..inference.metrics import ConfusionMatrix
@@ -37,6 +38,7 @@ from ..runs.locks import writes_run
 from ..runs.run_dir import RunDirectory
 from ..runs.stages import PSEUDO_MASKS
 from .cams import class_activation_maps
+from .overlap_fusion import OverlapFusion, fused_maps
 from .superpixels import batch_superpixels, smooth_maps
 
 STAGE = PSEUDO_MASKS
@@ -90,8 +92,10 @@ def gate_by_prediction(labels: np.ndarray | None, probabilities: torch.Tensor,
 
 def labels_from_maps(normalised: torch.Tensor, kept: torch.Tensor,
                      white: torch.Tensor | None) -> torch.Tensor:
-    """Argmax of the kept classes' maps and the white plane: (N, H, W) int64, white = C."""
-    scores = torch.where(kept[:, :, None, None], normalised, torch.full_like(normalised, -1.0))
+    """Argmax of the kept classes' maps and the white plane: (N, H, W) int64, white = C.
+    ``kept``: (N, C) per image or (N, C, H, W) per pixel."""
+    gate = kept if kept.dim() == 4 else kept[:, :, None, None]
+    scores = torch.where(gate, normalised, torch.full_like(normalised, -1.0))
     if white is not None:
         plane = torch.where(white, WHITE_SCORE, 0.0).to(scores.dtype)
         scores = torch.cat([scores, plane[:, None]], dim=1)
@@ -316,9 +320,13 @@ def generate_pseudo_masks(run: RunDirectory, config: RunConfig, patches: PatchSe
         shutil.rmtree(run.pseudo_mask_dir(folder), ignore_errors=True)
     cams = _open_cams_store(run, patches, names, spec)
 
-    shapes = [patches.image(i).shape for i in range(len(patches))]
-    batches = _batches_by_size(shapes, recipe.batch_size)
+    fusion = OverlapFusion(stitch_patches(patches) if recipe.fuse_overlaps else [])
+    order = fusion.order(len(patches))
+    shapes = [patches.image(i).shape for i in order]
+    batches = [[order[i] for i in group]
+               for group in _batches_by_size(shapes, recipe.batch_size)]
     white_plane = _uses_white_plane(recipe, spec)
+    final_map = final_map_name(model, recipe)
     yield Started(STAGE, total_epochs=1, batches_per_epoch=len(batches))
     for number, group in enumerate(batches):
         if stop.requested:
@@ -330,12 +338,33 @@ def generate_pseudo_masks(run: RunDirectory, config: RunConfig, patches: PatchSe
         for index, output in zip(group, outputs, strict=True):
             name = patches.paths[index].with_suffix(".png").name
             for folder in folders:
-                write_palette_mask(run.pseudo_mask_dir(folder) / name, output.masks[folder], spec)
+                if folder != FINAL or not fusion.holds(index):
+                    write_palette_mask(run.pseudo_mask_dir(folder) / name, output.masks[folder],
+                                       spec)
             _store_maps(cams, index, output, names)
+            if fusion.holds(index):
+                for stitched, members in fusion.add(index, output):
+                    _write_fused_masks(run, patches, stitched, members, final_map, white_plane)
         yield Batch(STAGE, epoch=0, index=number, total=len(batches))
         yield Preview(STAGE, patches.paths[group[0]].name, outputs[0].masks[FINAL])
     run.mark_complete(PSEUDO_MASKS, patches=len(patches), folders=folders)
     yield Done(STAGE, result=run.pseudo_mask_dir(FINAL))
+
+
+def _write_fused_masks(run: RunDirectory, patches: PatchSet, stitched: StitchedImage,
+                       outputs: Sequence[PseudoMasks], map_name: str, white_plane: bool) -> None:
+    """The final masks of a stitched image's patches, cut from its fused label map."""
+    spec = patches.spec
+    maps, allowed = fused_maps(stitched, outputs, map_name)
+    white = None
+    if white_plane:
+        white = torch.from_numpy(white_background(stitched.pixels, spec.white_threshold,
+                                                  spec.white_min_size)[None])
+    labels = labels_from_maps(torch.from_numpy(maps)[None], torch.from_numpy(allowed)[None],
+                              white)[0].to(torch.uint8).numpy()
+    for placement in stitched.placements:
+        name = patches.paths[placement.index].with_suffix(".png").name
+        write_palette_mask(run.pseudo_mask_dir(FINAL) / name, labels[placement.box], spec)
 
 
 def _open_cams_store(run: RunDirectory, patches: PatchSet, names: list[str], spec: DatasetSpec):

@@ -25,6 +25,7 @@ from PIL import Image, ImageFilter
 from ..config.run_config import RunConfig, SegmenterConfig
 from ..data.datasets import EvalSet, PatchSet, read_mask
 from ..data.stain import hed_jitter
+from ..data.stitching import windows_around_patches
 from ..devices import resolve_device
 from ..errors import ConfigError, DatasetError
 from ..events import Event, Preview, StopToken
@@ -150,6 +151,9 @@ class SegmenterTrainer(EpochTrainer):
         self.loss_fn = build_loss(settings)
         patches.decode_all()
         self.targets = read_pseudo_masks(run, settings.targets, patches)
+        if settings.context:
+            self.patches, self.targets = windows_around_patches(
+                patches, self.targets, settings.context, IGNORE_INDEX)
         self.folder = run.segmenter_dir(strategy)
         self.last_path, self.model_path = self.folder / "last.pt", self.folder / "model.pt"
         if distributed.is_main_process():
