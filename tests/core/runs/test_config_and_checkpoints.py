@@ -98,6 +98,13 @@ def test_fast_schedule_keeps_the_recipe_shape():
         paper.classifier.pda_gamma_decay ** paper.classifier.epochs
     )
     assert fast.pseudo_masks == paper.pseudo_masks
+    assert fast.segmenter.input_size is None  # the patches' own side
+
+
+def test_fast_schedule_keeps_the_crop_side_of_a_recipe_with_context():
+    recommended = preset(DEFAULT_METHOD, "fast", num_patches=557)
+    assert recommended.pseudo_masks.fuse_overlaps
+    assert (recommended.segmenter.context, recommended.segmenter.input_size) == (80, 224)
 
 
 def test_unknown_method_and_settings_are_clear():

@@ -446,3 +446,29 @@ def test_encoder_can_start_from_the_runs_classifier(tmp_path, patches, layout):
 def test_unknown_encoder_init_is_refused():
     with pytest.raises(ConfigError, match="encoder_init"):
         SegmenterConfig(encoder_init="imagenet21k").validate()
+
+
+def test_context_trains_on_windows_cut_from_the_stitched_source_images(tmp_path, layout):
+    every = layout.patches()
+    overlapping = every.subset(i for i, p in enumerate(every.paths)
+                               if p.name.startswith(("test03-", "test15-", "test39-")))
+    run, config = make_run(tmp_path / "run", overlapping, layout, epochs=1, context=40,
+                           input_size=192)
+    trainer = SegmenterTrainer(run, config, overlapping, "ce", torch.device("cpu"), False, None)
+    grown = [i for i in range(len(overlapping))
+             if trainer.patches.image(i).shape != overlapping.image(i).shape]
+    assert grown
+    for index in grown:
+        window = trainer.patches.image(index)
+        assert trainer.targets[0][index].shape == window.shape[:2]
+        assert max(window.shape[:2]) == 200
+    assert trainer.side == 192
+    list(train_segmenter(run, config, overlapping, device="cpu"))
+    _, payload = load_segmenter(run.segmenter_checkpoint("ce"))
+    assert payload["config"]["input_size"] == 192
+    assert RunConfig.load(run.config_path).segmenter.context == 40
+
+
+def test_a_negative_context_is_refused():
+    with pytest.raises(ConfigError, match="context"):
+        SegmenterConfig(context=-1).validate()
