@@ -88,6 +88,8 @@ def test_fused_final_masks_agree_wherever_patches_overlap(fused_run):
     run, patches = fused_run
     stitched = stitch_patches(patches)
     assert len(stitched) == 2
+    status = run.status()["pseudo-masks"]
+    assert (status["stitched_images"], status["stitched_patches"]) == (2, 8)
     masks = [read_mask(run.pseudo_mask_dir("final") / p.with_suffix(".png").name, patches.spec)
              for p in patches.paths]
     for image in stitched:

@@ -347,7 +347,9 @@ def generate_pseudo_masks(run: RunDirectory, config: RunConfig, patches: PatchSe
                     _write_fused_masks(run, patches, stitched, members, final_map, white_plane)
         yield Batch(STAGE, epoch=0, index=number, total=len(batches))
         yield Preview(STAGE, patches.paths[group[0]].name, outputs[0].masks[FINAL])
-    run.mark_complete(PSEUDO_MASKS, patches=len(patches), folders=folders)
+    stitched = {"stitched_images": len(fusion.stitched),
+                "stitched_patches": len(fusion.image_of)} if recipe.fuse_overlaps else {}
+    run.mark_complete(PSEUDO_MASKS, patches=len(patches), folders=folders, **stitched)
     yield Done(STAGE, result=run.pseudo_mask_dir(FINAL))
 
 
