@@ -462,11 +462,19 @@ def test_context_trains_on_windows_cut_from_the_stitched_source_images(tmp_path,
         window = trainer.patches.image(index)
         assert trainer.targets[0][index].shape == window.shape[:2]
         assert max(window.shape[:2]) == 200
-    assert trainer.side == 192
+    # These windows are 160 x 200 (the sample's crops are sparse): a 192 crop would enlarge them.
+    assert trainer.side == 160
     list(train_segmenter(run, config, overlapping, device="cpu"))
     _, payload = load_segmenter(run.segmenter_checkpoint("ce"))
-    assert payload["config"]["input_size"] == 192
+    assert payload["config"]["input_size"] == 160
     assert RunConfig.load(run.config_path).segmenter.context == 40
+    # Without overlapping neighbours the windows are the patches: crops keep their side.
+    alone = every.subset(i for i, p in enumerate(every.paths)
+                         if p.name.startswith(("test24-80-0-", "test24-283-0-")))
+    run, config = make_run(tmp_path / "alone", alone, layout, epochs=1, context=40,
+                           input_size=192, batch_size=2)
+    trainer = SegmenterTrainer(run, config, alone, "ce", torch.device("cpu"), False, None)
+    assert trainer.side == 160
 
 
 def test_a_negative_context_is_refused():

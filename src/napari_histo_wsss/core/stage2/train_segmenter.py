@@ -166,6 +166,9 @@ class SegmenterTrainer(EpochTrainer):
             start_from_classifier(self.model, run)  # a resumed run loads its own weights
         self.model = self.model.to(device)
         self.side = input_side(settings.input_size, patches, self.model.input_multiple)
+        if settings.context:  # crops of the windows, never larger than most of them
+            self.side = min(self.side, input_side(None, self.patches,
+                                                  self.model.input_multiple))
         self.mean, self.std = measured_input_statistics(settings.normalise, patches)
         optimizer = build_segmenter_optimizer(self.model, settings)
         self.state = TrainingState()
