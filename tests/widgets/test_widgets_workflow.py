@@ -242,6 +242,23 @@ def test_pseudo_masks_generate_and_browse(make_napari_viewer, qtbot, base_run, t
     names = [layer.name for layer in viewer.layers]
     assert names.index("pseudo-mask") < names.index("ground truth")
 
+    # The training patches stitched back into their source images, with the fused mask.
+    from napari_histo_wsss.core.data.datasets import find_dataset
+    from napari_histo_wsss.core.data.stitching import stitch_patches
+
+    stitched = stitch_patches(find_dataset(RunDirectory(run_folder).config().data_dir).patches())
+    widget.source.value = "stitched source images"
+    assert widget.index.max == 0  # counted in the worker, on the first view
+    widget.show_button.clicked.emit()
+    wait_for_job(qtbot, widget.preview_runner)
+    qtbot.waitUntil(lambda: not widget.showing, timeout=JOB_TIMEOUT_MS)
+    qtbot.waitUntil(lambda: "patches stitched" in widget.view_info.value,
+                    timeout=JOB_TIMEOUT_MS)
+    assert widget.index.max == len(stitched) - 1 > 0
+    assert viewer.layers["image (pseudo-masks)"].data.shape == stitched[0].pixels.shape
+    assert viewer.layers["pseudo-mask"].data.shape == stitched[0].covered.shape
+    assert "ground truth" not in viewer.layers
+
     # An image layer of the viewer (the CMU slide region is multiscale, so a crop of it).
     viewer.add_image(viewer.layers["image (pseudo-masks)"].data.copy(), name="my image",
                      rgb=True, translate=(0, 500))

@@ -30,8 +30,10 @@ TOOLTIPS: dict[str, str] = {
           " default).",
     "input_size": "Side of the square training crops, in pixels.",
     # pseudo-masks
-    "source": "Which images to look at: training patches of the dataset, validation images"
-              " (with their ground truth), or an RGB image layer of the viewer.",
+    "source": "Which images to look at: training patches of the dataset, the source images"
+              " rebuilt from overlapping patches (with the fused pseudo-mask the recipe trains"
+              " on), validation images (with their ground truth), or an RGB image layer of"
+              " the viewer.",
     "index": "Browse the images of the chosen source.",
     "image_layer": "An RGB image layer in the viewer to compute class maps for.",
     "generate": "Generate the recipe's pseudo-masks for every training patch (a job; writes"

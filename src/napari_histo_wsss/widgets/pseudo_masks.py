@@ -39,7 +39,8 @@ if TYPE_CHECKING:
     import napari
 
 STAGE = PSEUDO_MASKS
-SOURCES = ("training patches", "validation images", "viewer image")
+STITCHED = "stitched"  # marks a loader's result as a stitched source image
+SOURCES = ("training patches", "stitched source images", "validation images", "viewer image")
 def _trained_classifier(checkpoint: Path, device):
     """The run's stage-1 classifier with its BatchNorms folded for class maps (kept for the
     whole browse), or one clear error when it has not been trained."""
@@ -51,6 +52,17 @@ def _trained_classifier(checkpoint: Path, device):
         raise CheckpointError("no trained classifier yet: train one first", checkpoint)
     model, _ = load_classifier(checkpoint, device)
     return fold_batchnorm(model.eval())
+
+
+def _stitched_view(model, loaded, recipe, device) -> ClassMapView:
+    """A stitched source image with the fused class maps and pseudo-mask the generation job
+    cuts its patches' masks from."""
+    from ..core.stage1.pseudo_masks import final_map_name, fused_pseudo_masks
+
+    _, title, image, patches = loaded
+    result = fused_pseudo_masks(model, image, patches, recipe, device)
+    return ClassMapView(title=title, spec=patches.spec, image=image.pixels, truth=None,
+                        result=result, main_map=final_map_name(model, recipe))
 
 
 class PseudoMaskWidget(JobWidget):
@@ -90,6 +102,7 @@ class PseudoMaskWidget(JobWidget):
         self._context = None  # (run, config, layout) of the chosen run folder
         self._pending_preview = False
         self._source_layer = None  # the viewer image being browsed, if any
+        self._stitched_of = None  # (layout, patches, stitched images) of the run's dataset
         self._layers = ClassMapLayers(viewer, self.native,
                                       lambda text: set_info(self.view_info, text))
 
@@ -130,8 +143,21 @@ class PseudoMaskWidget(JobWidget):
         _, _, layout = self._context
         if self.source.value == "training patches":
             return len(layout.patches().paths)
+        if self.source.value == "stitched source images":  # known once the worker stitched
+            known = self._stitched_of is not None and self._stitched_of[0] is layout
+            return len(self._stitched_of[2]) if known else 1
         evaluation = layout.eval_set("val")
         return 0 if evaluation is None else len(evaluation)
+
+    def _stitched(self, layout) -> list:
+        """The dataset's overlapping patches stitched into their source images (in the worker,
+        once per run folder: it decodes every patch)."""
+        from ..core.data.stitching import stitch_patches
+
+        if self._stitched_of is None or self._stitched_of[0] is not layout:
+            patches = layout.patches()
+            self._stitched_of = (layout, patches, stitch_patches(patches))
+        return self._stitched_of[2]
 
     # -- browsing ------------------------------------------------------------------------------
     def show_class_maps(self, *_: Any, notify: bool = False) -> None:
@@ -178,7 +204,11 @@ class PseudoMaskWidget(JobWidget):
             device = resolve_device(device_name)
             checkpoint = run.classifier_checkpoint
             model = models.get(checkpoint, device, lambda: _trained_classifier(checkpoint, device))
-            title, image, labels, truth, transform = load()
+            loaded = load()
+            if loaded[0] == STITCHED:
+                yield Preview(STAGE, loaded[1], _stitched_view(model, loaded, recipe, device))
+                return
+            title, image, labels, truth, transform = loaded
             used = recipe if labels is not None else dataclasses.replace(recipe,
                                                                          gating="predicted")
             label_rows = None if labels is None else labels[None]
@@ -226,6 +256,18 @@ class PseudoMaskWidget(JobWidget):
                 return title, patches.image(index), label, None, None
 
             return load_patch
+        if source == "stitched source images":
+            def load_stitched():
+                stitched = self._stitched(layout)
+                if not stitched:
+                    raise ConfigError("no training patches overlap in a source image (names "
+                                      "<image>-<y>-<x>-[labels] whose pixels agree)",
+                                      layout.root)
+                image = stitched[min(index, len(stitched) - 1)]
+                title = f"{image.source} · {len(image.placements)} patches stitched"
+                return STITCHED, title, image, self._stitched_of[1]
+
+            return load_stitched
         evaluation = layout.eval_set("val")
         if evaluation is None or not len(evaluation):
             raise ConfigError("the dataset has no validation images with masks", layout.root)
@@ -244,6 +286,8 @@ class PseudoMaskWidget(JobWidget):
 
         if isinstance(event, Preview) and isinstance(event.data, ClassMapView):
             self._layers.show(event.data, self._source_layer)
+            if self.source.value == "stitched source images":
+                self.index.max = max(self._source_length() - 1, 0)
 
     @property
     def showing(self) -> bool:

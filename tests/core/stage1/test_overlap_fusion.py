@@ -98,3 +98,21 @@ def test_fused_final_masks_agree_wherever_patches_overlap(fused_run):
             assert np.array_equal(canvas[placement.box], masks[placement.index])
         assert set(np.unique(canvas[image.covered])) <= set(range(patches.spec.num_classes + 1))
     assert masks[-1].shape == patches.image(len(patches) - 1).shape[:2]
+
+
+def test_the_in_memory_fusion_gives_the_masks_the_job_wrote(fused_run):
+    from napari_histo_wsss.core.models.classifier import load_classifier
+    from napari_histo_wsss.core.stage1.pseudo_masks import fused_pseudo_masks
+
+    run, patches = fused_run
+    model, _ = load_classifier(run.classifier_checkpoint, spec=patches.spec)
+    image = stitch_patches(patches)[0]
+    result = fused_pseudo_masks(model, image, patches, run.config().pseudo_masks)
+    assert result.masks["final"].shape == image.covered.shape
+    (maps,) = result.maps.values()
+    assert maps.shape == (patches.spec.num_classes, *image.covered.shape)
+    for placement in image.placements:
+        written = read_mask(run.pseudo_mask_dir("final")
+                            / patches.paths[placement.index].with_suffix(".png").name,
+                            patches.spec)
+        assert np.array_equal(result.masks["final"][placement.box], written)

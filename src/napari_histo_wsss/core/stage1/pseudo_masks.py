@@ -353,10 +353,11 @@ def generate_pseudo_masks(run: RunDirectory, config: RunConfig, patches: PatchSe
     yield Done(STAGE, result=run.pseudo_mask_dir(FINAL))
 
 
-def _write_fused_masks(run: RunDirectory, patches: PatchSet, stitched: StitchedImage,
-                       outputs: Sequence[PseudoMasks], map_name: str, white_plane: bool) -> None:
-    """The final masks of a stitched image's patches, cut from its fused label map."""
-    spec = patches.spec
+def fuse_stitched(stitched: StitchedImage, outputs: Sequence[PseudoMasks], map_name: str,
+                  spec: DatasetSpec, white_plane: bool) -> PseudoMasks:
+    """The recipe's result on a stitched image from its patches' results (placement order):
+    the fused ``map_name`` maps, the final mask with the per-pixel gate and the white plane,
+    the patches' mean probabilities and the classes any of them kept."""
     maps, allowed = fused_maps(stitched, outputs, map_name)
     white = None
     if white_plane:
@@ -364,9 +365,31 @@ def _write_fused_masks(run: RunDirectory, patches: PatchSet, stitched: StitchedI
                                                   spec.white_min_size)[None])
     labels = labels_from_maps(torch.from_numpy(maps)[None], torch.from_numpy(allowed)[None],
                               white)[0].to(torch.uint8).numpy()
+    return PseudoMasks(masks={FINAL: labels}, maps={map_name: maps},
+                       probabilities=np.mean([o.probabilities for o in outputs], axis=0),
+                       kept=np.any([o.kept for o in outputs], axis=0))
+
+
+def fused_pseudo_masks(model: CamClassifier, stitched: StitchedImage, patches: PatchSet,
+                       config: PseudoMaskConfig, device: torch.device | str = "cpu"
+                       ) -> PseudoMasks:
+    """The recipe on each patch of a stitched image, fused (what the generation job writes
+    for those patches, on the whole stitched image; the widget shows it)."""
+    members = [p.index for p in stitched.placements]
+    outputs = pseudo_masks_for_images(model, [patches.image(i) for i in members],
+                                      patches.labels[members], config, patches.spec, device)
+    return fuse_stitched(stitched, outputs, final_map_name(model, config), patches.spec,
+                         _uses_white_plane(config, patches.spec))
+
+
+def _write_fused_masks(run: RunDirectory, patches: PatchSet, stitched: StitchedImage,
+                       outputs: Sequence[PseudoMasks], map_name: str, white_plane: bool) -> None:
+    """The final masks of a stitched image's patches, cut from its fused label map."""
+    labels = fuse_stitched(stitched, outputs, map_name, patches.spec, white_plane).masks[FINAL]
     for placement in stitched.placements:
         name = patches.paths[placement.index].with_suffix(".png").name
-        write_palette_mask(run.pseudo_mask_dir(FINAL) / name, labels[placement.box], spec)
+        write_palette_mask(run.pseudo_mask_dir(FINAL) / name, labels[placement.box],
+                           patches.spec)
 
 
 def _open_cams_store(run: RunDirectory, patches: PatchSet, names: list[str], spec: DatasetSpec):
