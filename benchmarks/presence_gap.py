@@ -33,7 +33,6 @@ from napari_histo_wsss.core.inference.predict import (
     window_origins,
 )
 from napari_histo_wsss.core.models.classifier import load_classifier
-from napari_histo_wsss.core.runs.checkpoints import load_checkpoint
 from napari_histo_wsss.core.runs.run_dir import RunDirectory
 
 #: A class is present in a window when it covers this share of it (the WSSS4LUAD rule).
@@ -75,8 +74,7 @@ def main() -> None:
     predictor = load_predictor(run.root, args.device, strategy, use_class_gate=False,
                                use_class_offsets=False)
     classifier, _ = load_classifier(run.classifier_checkpoint, args.device, spec=spec)
-    saved = load_checkpoint(run.segmenter_checkpoint(strategy), kind="segmenter")["config"]
-    window = saved.get("patch_size", predictor.input_size)  # the recipe's gate window
+    window = predictor.input_size
     threshold = config.segmenter.class_gate or 0.1
     gates = {
         "none": None,
