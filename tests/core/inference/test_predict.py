@@ -197,8 +197,7 @@ def test_evaluate_mask_folder_against_ground_truth(tmp_path, val):
     assert evaluate_mask_folder(tmp_path / "pred", val)["miou"] < 1.0
 
 
-def _trained_run(root, strategies: dict[str, float | None], class_gate=None,
-                 patch_size=None) -> RunDirectory:
+def _trained_run(root, strategies: dict[str, float | None], class_gate=None) -> RunDirectory:
     """A run directory holding segmenters (untrained weights) with given val mIoUs."""
     config = RunConfig(dataset=WSSS4LUAD.to_dict(), mpp=0.5)
     run = RunDirectory(root)
@@ -209,7 +208,7 @@ def _trained_run(root, strategies: dict[str, float | None], class_gate=None,
         save_checkpoint(run.segmenter_checkpoint(strategy), kind="segmenter",
                         state_dict=model.state_dict(), spec=WSSS4LUAD,
                         config=checkpoint_config(config, strategy, 64, "divide255",
-                                                 **DIVIDE255, patch_size=patch_size))
+                                                 **DIVIDE255))
         best = None if miou is None else {"miou": miou}
         (run.segmenter_dir(strategy) / "metrics.json").write_text(json.dumps({"best_val": best}))
     run.create(config)
@@ -234,7 +233,7 @@ def test_load_predictor_picks_the_best_strategy_and_explains_problems(tmp_path):
 
 
 def test_load_predictor_uses_the_runs_classifier_as_class_gate(tmp_path):
-    run = _trained_run(tmp_path / "run", {"multilayer_ce": 0.5}, class_gate=0.1, patch_size=48)
+    run = _trained_run(tmp_path / "run", {"multilayer_ce": 0.5}, class_gate=0.1)
     assert load_predictor(run.root, "cpu").gate is None  # no classifier in the run yet
     classifier = build_classifier(ClassifierConfig(weights="none"), 3, WSSS4LUAD)
     save_checkpoint(run.classifier_checkpoint, kind="classifier",
@@ -243,7 +242,6 @@ def test_load_predictor_uses_the_runs_classifier_as_class_gate(tmp_path):
                                      classifier=ClassifierConfig(weights="none")).to_dict())
     gated = load_predictor(run.root, "cpu")
     assert gated.gate is not None and gated.config["class_gate"] == 0.1
-    assert gated.gate.window == 48  # the classifier's patch side, not the 64-px crops
     assert load_predictor(run.root, "cpu", use_class_gate=False).gate is None
     probabilities = gated.predict_batch(np.full((1, 64, 64, 3), 200, np.uint8))
     assert probabilities.shape == (1, 3, 64, 64)

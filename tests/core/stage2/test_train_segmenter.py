@@ -129,7 +129,6 @@ def test_training_events_files_and_best_checkpoint(tmp_path, patches, layout, va
     model, payload = load_segmenter(done.result)
     assert payload["training"]["best_epoch"] == best_epoch
     assert payload["config"]["input_size"] == 160  # the patches' own side
-    assert payload["config"]["patch_size"] == 160
     assert len((folder / "losses.csv").read_text().splitlines()) == 3
 
     # Resuming a finished strategy returns at once.
@@ -467,7 +466,7 @@ def test_context_trains_on_windows_cut_from_the_stitched_source_images(tmp_path,
     assert trainer.side == 160
     list(train_segmenter(run, config, overlapping, device="cpu"))
     _, payload = load_segmenter(run.segmenter_checkpoint("ce"))
-    assert payload["config"]["input_size"] == payload["config"]["patch_size"] == 160
+    assert payload["config"]["input_size"] == 160
     assert RunConfig.load(run.config_path).segmenter.context == 40
     # Without overlapping neighbours the windows are the patches: crops keep their side.
     alone = every.subset(i for i, p in enumerate(every.paths)

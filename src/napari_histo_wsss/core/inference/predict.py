@@ -323,8 +323,7 @@ def load_predictor(source: str | Path, device: torch.device | str | None = "auto
         from ..models.classifier import load_classifier
 
         classifier, _ = load_classifier(classifier_path, device)
-        gate = ClassGate(classifier, gate_threshold,
-                         window=saved.get("patch_size", saved["input_size"]))
+        gate = ClassGate(classifier, gate_threshold, window=saved["input_size"])
     spec = DatasetSpec.from_dict(payload["dataset"])
     mean, std = saved["normalisation"]["mean"], saved["normalisation"]["std"]
     from .engine_choice import build_engine

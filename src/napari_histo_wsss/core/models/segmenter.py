@@ -196,14 +196,10 @@ def normalise(images: torch.Tensor, mean, std) -> torch.Tensor:
 
 
 def checkpoint_config(run_config: RunConfig, strategy: str, input_size: int,
-                      normalisation: str, mean, std, patch_size: int | None = None
-                      ) -> dict[str, Any]:
-    """The ``config`` entry of a segmenter checkpoint: what prediction needs besides weights.
-    ``patch_size`` (the training patches' commonest side, the scale the stage-1 classifier
-    learnt) is the class gate's window; older checkpoints gate on ``input_size`` windows."""
+                      normalisation: str, mean, std) -> dict[str, Any]:
+    """The ``config`` entry of a segmenter checkpoint: what prediction needs besides weights."""
     return {
         "run": run_config.to_dict(), "strategy": strategy, "input_size": input_size,
-        "patch_size": patch_size or input_size,
         "normalisation": {"name": normalisation, "mean": list(mean), "std": list(std)},
     }
 

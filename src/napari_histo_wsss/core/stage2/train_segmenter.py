@@ -176,9 +176,8 @@ class SegmenterTrainer(EpochTrainer):
             payload = load_resume_checkpoint(self.last_path, kind=SEGMENTER_KIND)
             self.state = resume_state(payload, self.last_path, self.model, optimizer,
                                       RESUME_MISMATCH)
-        self.patch_side = input_side(None, patches, 1)
         self.saved_config = checkpoint_config(config, strategy, self.side, settings.normalise,
-                                              self.mean, self.std, self.patch_side)
+                                              self.mean, self.std)
         self.batch_size = min(settings.batch_size, len(patches))
         if self.batch_size < 2:
             raise ConfigError("the segmenter batch size must be at least 2 (BatchNorm)")
@@ -212,8 +211,7 @@ class SegmenterTrainer(EpochTrainer):
             self.mean = tuple(saved["normalisation"]["mean"])
             self.std = tuple(saved["normalisation"]["std"])
             self.saved_config = checkpoint_config(self.config, self.strategy, self.side,
-                                                  self.settings.normalise, self.mean, self.std,
-                                                  saved.get("patch_size", self.side))
+                                                  self.settings.normalise, self.mean, self.std)
             if self.state.step == 0:
                 resume_state({**payload, "optimizer_state": None}, init_from, self.model,
                              self.stepper.optimizer, INIT_MISMATCH)
