@@ -12,9 +12,6 @@ import torch
 from napari_histo_wsss.core.config.presets import preset
 from napari_histo_wsss.core.data.datasets import find_dataset, read_mask
 from napari_histo_wsss.core.data.stitching import Placement, StitchedImage, stitch_patches
-from napari_histo_wsss.core.models.classifier import build_classifier
-from napari_histo_wsss.core.runs.checkpoints import save_checkpoint
-from napari_histo_wsss.core.runs.run_dir import RunDirectory
 from napari_histo_wsss.core.stage1.overlap_fusion import OverlapFusion, fused_maps
 from napari_histo_wsss.core.stage1.pseudo_masks import generate_pseudo_masks
 
@@ -66,7 +63,7 @@ def test_fusion_hands_back_a_stitched_image_once_its_last_patch_arrives():
 
 
 @pytest.fixture(scope="module")
-def fused_run(tmp_path_factory, sample_dataset_dir):
+def fused_run(untrained_classifier_run, sample_dataset_dir):
     layout = find_dataset(sample_dataset_dir)
     patches = layout.patches()
     chosen = [i for i, p in enumerate(patches.paths) if p.name.startswith(("test01-", "test24-"))]
@@ -74,12 +71,7 @@ def fused_run(tmp_path_factory, sample_dataset_dir):
     config = preset("recommended", "fast", num_patches=len(patches))
     config.dataset = layout.spec.to_dict()
     assert config.pseudo_masks.fuse_overlaps
-    run = RunDirectory(tmp_path_factory.mktemp("fused-run"))
-    run.create(config)
-    torch.manual_seed(0)
-    model = build_classifier(config.classifier, layout.spec.num_classes, layout.spec)
-    save_checkpoint(run.classifier_checkpoint, kind="classifier", state_dict=model.state_dict(),
-                    config=config.to_dict(), spec=layout.spec)
+    run = untrained_classifier_run(config, layout.spec, "fused-run")
     list(generate_pseudo_masks(run, config, patches, device=torch.device("cpu")))
     return run, patches
 

@@ -15,9 +15,7 @@ from napari_histo_wsss.core.data.classes import WSSS4LUAD
 from napari_histo_wsss.core.data.datasets import find_dataset
 from napari_histo_wsss.core.errors import ConfigError
 from napari_histo_wsss.core.events import Done, StopToken
-from napari_histo_wsss.core.models.classifier import build_classifier, load_classifier
-from napari_histo_wsss.core.runs.checkpoints import save_checkpoint
-from napari_histo_wsss.core.runs.run_dir import RunDirectory
+from napari_histo_wsss.core.models.classifier import load_classifier
 from napari_histo_wsss.core.stage1.pseudo_masks import (
     GATINGS,
     combine_layer_maps,
@@ -157,18 +155,13 @@ def test_layer_folder_names():
 
 
 @pytest.fixture(scope="module")
-def untrained_run(tmp_path_factory, sample_dataset_dir):
+def untrained_run(untrained_classifier_run, sample_dataset_dir):
     layout = find_dataset(sample_dataset_dir)
     patches = layout.patches().subset(range(6))
     config = preset("mlps", "fast", num_patches=len(patches))
     config.dataset = layout.spec.to_dict()
     config.pseudo_masks.batch_size = 4
-    run = RunDirectory(tmp_path_factory.mktemp("pm-run"))
-    run.create(config)
-    torch.manual_seed(0)
-    model = build_classifier(config.classifier, layout.spec.num_classes, layout.spec)
-    save_checkpoint(run.classifier_checkpoint, kind="classifier", state_dict=model.state_dict(),
-                    config=config.to_dict(), spec=layout.spec)
+    run = untrained_classifier_run(config, layout.spec, "pm-run")
     return run, config, layout, patches
 
 
