@@ -515,7 +515,7 @@ def histo_augmentation(image: np.ndarray, masks: list[np.ndarray], side: int,
     if flip:
         image, masks = image[:, ::-1], [m[:, ::-1] for m in masks]
     generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
-    pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float()  # a writable copy
     image = hed_jitter(pixels, generator)[0].permute(1, 2, 0).round().to(torch.uint8).numpy()
     if rng.random() < 0.5:
         radius = rng.uniform(0.0, 1.0)
