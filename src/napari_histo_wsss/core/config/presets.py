@@ -87,10 +87,10 @@ def _recommended() -> RunConfig:
     offsets fitted on val (``core.inference.calibration``: +3.7 on held-out halves of val).
     Training patches that overlap in their source image are stitched (docs/algorithms.md 13):
     one fused pseudo-mask where they overlap, and segmenter inputs cut from windows 80 px
-    wider than the patch, 224-px crops at the patches' magnification (+2.6 val mIoU as
-    shipped over three seeds, a sixth of the spread). Those crops cost twice a 160-px one,
-    so ``fast`` gives the segmenter 5,000 images (9 epochs on 557 patches) to stay inside
-    20 minutes on two CPU cores."""
+    wider than the patch, 224-px crops at the patches' magnification. Those crops cost twice
+    a 160-px one, so ``fast`` gives the segmenter 5,000 images (9 epochs on 557 patches) to
+    stay inside 20 minutes on two CPU cores: +1.9 val mIoU as shipped over three seeds, a
+    quarter of the spread (docs/results.md)."""
     config = _esfan()
     config.classifier.warmup_epochs = 1.0
     config.pseudo_masks.scales = (1.0, 2.0)
