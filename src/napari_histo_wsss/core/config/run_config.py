@@ -73,10 +73,6 @@ class ClassifierConfig:
     #: Side of the square training inputs: larger patches are randomly cropped, smaller ones
     #: resized up. None: the patches' most common side, so typical patches are not resampled.
     input_size: int | None = 224
-    #: Pixels of the stitched source image around each training patch that its training
-    #: window takes in (0: the patch alone; data/stitching.py): more tissue per input at the
-    #: patches' magnification, from patches that overlap in their source image.
-    context: int = 0
     #: FEATURE_MODULES names (models/feature_modules.py): "pda", "coord_attention", "ars" act in
     #: training only (absent from the CAM network); "esf" is part of the network, CAM network
     #: included.

@@ -39,6 +39,10 @@ class Placement:
     def box(self) -> tuple[slice, slice]:
         return slice(self.top, self.top + self.height), slice(self.left, self.left + self.width)
 
+    def overlaps(self, rows: slice, columns: slice) -> bool:
+        return (self.top < rows.stop and rows.start < self.top + self.height
+                and self.left < columns.stop and columns.start < self.left + self.width)
+
 
 @dataclass
 class StitchedImage:
@@ -101,10 +105,7 @@ def _overlapping_groups(placements: list[Placement]) -> list[list[Placement]]:
 
     for i, first in enumerate(placements):
         for j in range(i + 1, len(placements)):
-            second = placements[j]
-            if (first.top < second.top + second.height and second.top < first.top + first.height
-                    and first.left < second.left + second.width
-                    and second.left < first.left + first.width):
+            if first.overlaps(*placements[j].box):
                 parent[root(i)] = root(j)
     groups: dict[int, list[Placement]] = defaultdict(list)
     for i, placement in enumerate(placements):
@@ -147,12 +148,10 @@ def windows_around_patches(patches: PatchSet, targets: list[list[np.ndarray]], m
         canvases = [stitched.paste([masks[p.index] for p in stitched.placements], fill)
                     for masks in targets]
         for placement in stitched.placements:
-            rows, columns = window = stitched.window(placement, margin)
+            window = stitched.window(placement, margin)
             images[placement.index] = stitched.pixels[window]
             for masks, canvas in zip(windowed, canvases, strict=True):
                 masks[placement.index] = canvas[window]
-            inside = [p.index for p in stitched.placements
-                      if p.top < rows.stop and rows.start < p.top + p.height
-                      and p.left < columns.stop and columns.start < p.left + p.width]
+            inside = [p.index for p in stitched.placements if p.overlaps(*window)]
             labels[placement.index] = patches.labels[inside].max(axis=0)
     return PatchSet(list(patches.paths), labels, patches.spec, images), windowed
