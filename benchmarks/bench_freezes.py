@@ -32,6 +32,8 @@ SAMPLE = ROOT / "src" / "napari_histo_wsss" / "sample_data"
 TIMER_MS = 10
 STALL_MS = 200
 TINY = {"epochs": 1, "batch_size": 8, "input_size": 64}
+#: The phases after the classifier's, in the order they run (``--only`` picks some).
+JOB_PHASES = ("pseudo-masks", "segmenter", "compare", "slide")
 
 
 class LatencyProbe:
@@ -224,6 +226,8 @@ def main() -> None:
                         help="write every thread's stack to FILE at each stall over 200 ms")
     parser.add_argument("--skip-slide", action="store_true",
                         help="leave out the Segment slide phase")
+    parser.add_argument("--only", nargs="+", choices=JOB_PHASES, metavar="PHASE",
+                        help=f"after the first widget, run only these of {', '.join(JOB_PHASES)}")
     args = parser.parse_args()
     faulthandler.enable()  # a crash in napari's drawing shows where it happened
     os.environ.setdefault("HISTO_WSSS_DEVICE", "cpu")
@@ -252,11 +256,17 @@ def main() -> None:
         viewer.close()
         return
     run_folder = make_run(scratch / "run")  # main thread, outside any phase
-    pseudo_mask_phases(phases, viewer, run_folder, args.browse_steps)
-    segmenter_phases(phases, viewer, scratch / "classifier-run")
-    compare_phases(phases, viewer, run_folder)
-    if not args.skip_slide:
-        slide_phases(phases, viewer, run_folder, scratch)
+    chosen = [name for name in JOB_PHASES if name in (args.only or JOB_PHASES)
+              and not (args.skip_slide and name == "slide")]
+    for name in chosen:
+        if name == "pseudo-masks":
+            pseudo_mask_phases(phases, viewer, run_folder, args.browse_steps)
+        elif name == "segmenter":
+            segmenter_phases(phases, viewer, scratch / "classifier-run")
+        elif name == "compare":
+            compare_phases(phases, viewer, run_folder)
+        else:
+            slide_phases(phases, viewer, run_folder, scratch)
     faulthandler.cancel_dump_traceback_later()
     viewer.close()
 

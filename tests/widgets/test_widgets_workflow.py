@@ -404,6 +404,9 @@ def test_segment_slide_fills_in_and_exports(make_napari_viewer, qtbot, two_strat
     label_extent = np.asarray(labels.data[0].shape) * labels.scale
     assert np.all(np.abs(label_extent - slide_extent) <= labels.scale)
     assert np.asarray(labels.data[-1]).max() > 0  # the overview holds tissue classes
+    for shown, stored in zip(labels.data, segmentation.labels, strict=True):
+        np.testing.assert_array_equal(np.asarray(shown), np.asarray(stored))
+    assert labels.metadata["path"] == str(tmp_path / "slide.zarr")
 
     widget.export_geojson(tmp_path / "slide.geojson")
     wait_for_job(qtbot, widget.export_runner)
@@ -605,4 +608,11 @@ def test_segment_slide_resumes_its_progress_where_it_stopped(
     # activity dock's moves at most twice a second, so it may trail the dock's.
     assert all(first < activity <= panel for panel, shown, activity in bars if shown)
     assert bars[-1] == (total, True, total)
-    assert open_segmentation(tmp_path / "slide.zarr").complete
+    segmentation = open_segmentation(tmp_path / "slide.zarr")
+    assert segmentation.complete
+    # The live layer is kept as the result: at every zoom it shows the finished pyramid,
+    # rows written before the stop included.
+    assert widget.live_layer.name.endswith(" labels")
+    assert len(widget.live_layer.data) == len(segmentation.labels) > 1
+    for shown, stored in zip(widget.live_layer.data, segmentation.labels, strict=True):
+        np.testing.assert_array_equal(np.asarray(shown), np.asarray(stored))

@@ -39,6 +39,9 @@ HEAVY_MODULES = (
     "pandas",
     # napari imports scipy.ndimage for an image layer's first thumbnail: 0.4 s, the same way.
     "scipy.ndimage",
+    # and scikit-image's colour conversions (with scipy.linalg) for the first labels layer's
+    # random colours: 0.05-0.1 s of the first pseudo-mask view.
+    "skimage.color.colorconv",
 )
 #: The import starts this long after the first widget asked, so the dock is drawn first.
 START_DELAY_MS = 300

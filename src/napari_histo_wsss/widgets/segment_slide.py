@@ -14,6 +14,7 @@ as OME-Zarr or as GeoJSON for QuPath.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,23 +50,35 @@ BEST = "best on validation"
 LIVE_LEVELS_BUDGET = 64 * 2**20
 #: How often the growing result is redrawn.
 REFRESH_MS = 500
+#: The job's Previews carrying the opened ``LiveSegmentation`` and, at the end, the layer data
+#: of the finished output.
+LIVE_OUTPUT = "live output"
+FINISHED_OUTPUT = "finished output"
+#: The longest the job waits for its live layer to be shown (a closed widget never shows it).
+LIVE_LAYER_WAIT_S = 3.0
 
 
 class LiveSegmentation:
     """The pyramid shown while a slide is segmented: zarr level 0, in-memory coarse levels.
 
     Level k of the core's label pyramid samples level 0 at every 2**k-th pixel, so painting
-    each finished row with the same stride reproduces the final pyramid exactly.
+    each finished row with the same stride reproduces the final pyramid exactly (rows a
+    resumed run wrote before are sampled from level 0 when it opens): the finished layer is
+    this one, renamed. Opened in the job's thread (zarr reads).
     """
 
     def __init__(self, path: Path):
         import zarr
 
-        from ..core.wsi.ome_zarr_labels import LABELS_PATH
+        from ..core.wsi.ome_zarr_labels import DONE_PATH, LABELS_PATH, open_segmentation
 
-        group = zarr.open_group(str(path), mode="r")[LABELS_PATH]
+        root = zarr.open_group(str(path), mode="r")
+        group = root[LABELS_PATH]
         datasets = group.attrs["multiscales"][0]["datasets"]
         self.path = path
+        self.segmentation = open_segmentation(path)
+        #: Set by the widget once the layer is in the viewer.
+        self.shown = threading.Event()
         self.stored = [group[dataset["path"]] for dataset in datasets]
         self.levels: list[Any] = [self.stored[0]]
         budget = LIVE_LEVELS_BUDGET
@@ -74,8 +87,16 @@ class LiveSegmentation:
             size = int(np.prod(array.shape))
             in_memory.append(size <= budget)
             budget -= size if size <= budget else 0
-        for array, painted in zip(self.stored[1:], reversed(in_memory), strict=True):
-            self.levels.append(np.zeros(array.shape, dtype=array.dtype) if painted else array)
+        resumed = bool(np.asarray(root[DONE_PATH][:]).any())
+        for level, (array, painted) in enumerate(
+                zip(self.stored[1:], reversed(in_memory), strict=True), start=1):
+            if not painted:
+                self.levels.append(array)
+            elif resumed:  # rows written before this run: sampled as the core will
+                step = 2**level
+                self.levels.append(np.asarray(self.stored[0][::step, ::step]))
+            else:
+                self.levels.append(np.zeros(array.shape, dtype=array.dtype))
 
     def paint(self, y: int, x: int, labels: np.ndarray) -> None:
         """Copy a finished block row (level-0 origin ``y, x``) into the in-memory levels."""
@@ -169,6 +190,7 @@ class SegmentSlideWidget(JobWidget):
         self.export_zarr_button.clicked.connect(self._ask_zarr_destination)
         self.export_geojson_button.clicked.connect(self._ask_geojson_destination)
         self._live: LiveSegmentation | None = None
+        self._finished_layers: list[tuple] = []
         self._live_layer = None
         self._slide_layer_at_start = None
         self._geometry: dict[str, tuple] = {}
@@ -245,49 +267,67 @@ class SegmentSlideWidget(JobWidget):
         self._slide_layer_at_start = layer
 
         def make_job(stop):
+            from .._reader import segmentation_layer_data
             from ..core.devices import resolve_device
+            from ..core.events import Done, Preview, Started
             from ..core.inference.predict import load_predictor
+            from ..core.wsi.ome_zarr_labels import open_segmentation
             from ..core.wsi.slide_inference import segment_slide
 
             predictor = load_predictor(run_folder, resolve_device(device_name),
                                        strategy=strategy, **engine)
             yield engine_message(STAGE, predictor.engine.record())
-            yield from segment_slide(predictor, slide_path, out, stop=stop, resume=True,
-                                     **options)
+            # Opening the output's zarr levels costs the main thread 0.2-1 s: it happens here.
+            for event in segment_slide(predictor, slide_path, out, stop=stop, resume=True,
+                                       **options):
+                if isinstance(event, Done) and event.stage == STAGE and not event.stopped:
+                    yield Preview(STAGE, FINISHED_OUTPUT,
+                                  segmentation_layer_data(open_segmentation(out)))
+                yield event
+                if isinstance(event, Started) and event.stage == STAGE:
+                    live = LiveSegmentation(out)
+                    yield Preview(STAGE, LIVE_OUTPUT, live)
+                    # napari builds the layer 3-5x slower while this thread computes beside
+                    # it (Python's lock): wait until it is shown.
+                    live.shown.wait(LIVE_LAYER_WAIT_S)
 
         return make_job, device_name
 
     def on_job_starting(self) -> None:
         self._set_result(None)
         self._live = None
+        self._finished_layers = []
 
     def on_job_event(self, event: Any) -> None:
-        from ..core.events import Done, Preview, Started
+        from ..core.events import Done, Preview
 
-        if isinstance(event, Started) and event.stage == STAGE:
-            self._start_live_layer()
+        if isinstance(event, Preview) and event.name == LIVE_OUTPUT:
+            self._start_live_layer(event.data)
+        elif isinstance(event, Preview) and event.name == FINISHED_OUTPUT:
+            self._finished_layers = event.data
         elif isinstance(event, Preview) and event.name == "labels" and self._live is not None:
             data = event.data
             self._live.paint(int(data["y"]), int(data["x"]), np.asarray(data["labels"]))
             self._dirty = True
         elif isinstance(event, Done) and event.stage == STAGE and not event.stopped:
-            self._show_result(Path(event.result))
+            self._show_result(Path(event.result), self._finished_layers)
 
     def on_job_finished(self, state: JobState) -> None:
         self._refresh_timer.stop()
         self._refresh_live_layer()
 
-    def _start_live_layer(self) -> None:
-        """Show the output zarr as a multiscale labels layer that fills in."""
-        from ..core.wsi.ome_zarr_labels import open_segmentation
-
-        out = Path(self.output.value)
-        segmentation = open_segmentation(out)
-        self._live = LiveSegmentation(out)
+    def _start_live_layer(self, live: LiveSegmentation) -> None:
+        """Show the output zarr (opened in the job's thread) as a multiscale labels layer
+        that fills in."""
+        segmentation = live.segmentation
+        self._live = live
         self._geometry = self._geometry_for(segmentation)
-        self._live_layer = self._put_labels_layer(
-            f"{segmentation.attrs.get('slide', {}).get('name', out.stem)} (segmenting)",
-            self._live.levels, segmentation.spec)
+        try:
+            self._live_layer = self._put_labels_layer(
+                f"{segmentation.attrs.get('slide', {}).get('name', live.path.stem)} "
+                "(segmenting)", self._live.levels, segmentation.spec)
+        finally:
+            live.shown.set()
         self._refresh_timer.start()
         ensure_legend(self.viewer)
 
@@ -316,17 +356,14 @@ class SegmentSlideWidget(JobWidget):
             self._live_layer.refresh()
             ensure_legend(self.viewer).recount(self._live_layer)  # shares follow the rows
 
-    def _show_result(self, out: Path) -> None:
-        """The finished pyramid replaces the live one; probabilities come as hidden layers
-        (the layers napari's reader makes for this zarr, put over the slide layer), one per
-        event-loop pass (``LayerSteps``: 0.1-0.25 s each in napari)."""
-        from .._reader import segmentation_layer_data
-        from ..core.wsi.ome_zarr_labels import open_segmentation
-
+    def _show_result(self, out: Path, layer_data: list[tuple]) -> None:
+        """The live pyramid becomes the result; probabilities come as hidden layers (the
+        layers napari's reader makes for this zarr, read in the job's thread, put over the
+        slide layer), one per event-loop pass (``LayerSteps``: 0.1-0.25 s each in napari)."""
         self._refresh_timer.stop()
         steps = [lambda data=data, kwargs=kwargs, kind=kind: self._put_result_layer(data, kwargs,
                                                                                    kind)
-                 for data, kwargs, kind in segmentation_layer_data(open_segmentation(out))]
+                 for data, kwargs, kind in layer_data]
         steps.append(lambda: self._set_result(out))
         self._live = None
         self._layer_steps.run(steps)
@@ -340,12 +377,19 @@ class SegmentSlideWidget(JobWidget):
         from napari.layers import Layer
 
         kwargs = {**kwargs, **self._geometry}
+        live = self._live_layer
+        if kind == "labels" and live is not None and live in self.viewer.layers:
+            # The live pyramid already holds the finished labels (its coarse levels were
+            # painted as the core samples them): renaming it spares napari a layer removal
+            # and a multiscale layer build, 0.2-0.5 s each on the main thread.
+            live.metadata = kwargs["metadata"]
+            live.name = kwargs["name"]
+            live.refresh()  # levels kept in the zarr are written when the slide is done
+            return
         if kwargs["name"] in self.viewer.layers:
             self.viewer.layers.remove(kwargs["name"])
         layer = Layer.create(data, kwargs, kind)
         if kind == "labels":
-            if self._live_layer is not None and self._live_layer in self.viewer.layers:
-                self.viewer.layers.remove(self._live_layer)
             self._live_layer = layer
         self.viewer.add_layer(layer)
 
