@@ -464,6 +464,15 @@ def test_context_trains_on_windows_cut_from_the_stitched_source_images(tmp_path,
         assert max(window.shape[:2]) == 200
     # These windows are 160 x 200 (the sample's crops are sparse): a 192 crop would enlarge them.
     assert trainer.side == 160
+    # A sample of the patches (a fine-tune's replay) keeps the windows cut from all of them,
+    # though the sample alone has no overlapping neighbours.
+    sample = trainer.__class__(run, config, overlapping, "ce", torch.device("cpu"), False,
+                               None, only=grown[:2])
+    assert len(sample.patches) == 2 and sample.batch_size == 2
+    for position, index in enumerate(grown[:2]):
+        assert np.array_equal(sample.patches.image(position), trainer.patches.image(index))
+        assert np.array_equal(sample.targets[0][position], trainer.targets[0][index])
+    assert sample.side == 160
     list(train_segmenter(run, config, overlapping, device="cpu"))
     _, payload = load_segmenter(run.segmenter_checkpoint("ce"))
     assert payload["config"]["input_size"] == 160

@@ -64,7 +64,7 @@ def finetune_with_corrections(
     settings = replace(config.segmenter, epochs=epochs,
                        lr=config.segmenter.lr * FINETUNE_LR_SCALE)
     config = replace(config, segmenter=settings)
-    yield from train_segmenter(run, config, patches.subset(chosen),
+    yield from train_segmenter(run, config, patches, only=chosen,
                                strategy=corrected_strategy(base), device=device, stop=stop,
                                resume=resume, val=val, corrections=sparse, init_from=start,
                                preview=preview)

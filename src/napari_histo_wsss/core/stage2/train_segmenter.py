@@ -99,6 +99,7 @@ def train_segmenter(
     init_from: Path | None = None,
     preview: np.ndarray | None = None,
     more_epochs: int = 0,
+    only: Sequence[int] | None = None,
 ) -> Generator[Event, None, None]:
     """Train ``config.segmenter`` on ``pseudo_masks/<targets>``; ends with ``Done(model.pt)``.
 
@@ -111,6 +112,8 @@ def train_segmenter(
     ``more_epochs`` trains the finished ``strategy`` that many epochs longer
     (core/training/extension.py: the lr schedule's new tail, the weight average continues;
     with ``val``, ``model.pt`` stays the best epoch on validation, old or new).
+    ``only`` trains on those patches alone, their context windows cut from all of them (a
+    fine-tune's replay sample: a sample of patches rarely overlaps itself).
     """
     settings = config.segmenter
     device = device if isinstance(device, torch.device) else resolve_device(device or config.device)
@@ -132,7 +135,7 @@ def train_segmenter(
         config = extend_stage(run, config, segmenter_stage(strategy),
                               run.segmenter_dir(strategy) / "last.pt", SEGMENTER_KIND,
                               more_epochs)
-    trainer = SegmenterTrainer(run, config, patches, strategy, device, resume, val)
+    trainer = SegmenterTrainer(run, config, patches, strategy, device, resume, val, only)
     trainer.add_corrections(corrections, init_from, preview)
     yield from run_epochs(trainer, stop or StopToken())
 
@@ -142,7 +145,8 @@ class SegmenterTrainer(EpochTrainer):
     pseudo-masks, the strategy's loss, validation mIoU deciding ``model.pt``."""
 
     def __init__(self, run: RunDirectory, config: RunConfig, patches: PatchSet, strategy: str,
-                 device: torch.device, resume: bool, val: EvalSet | None):
+                 device: torch.device, resume: bool, val: EvalSet | None,
+                 only: Sequence[int] | None = None):
         self.run, self.config, self.patches, self.val = run, config, patches, val
         self.settings = settings = config.segmenter
         self.strategy, self.device, self.spec = strategy, device, patches.spec
@@ -154,6 +158,9 @@ class SegmenterTrainer(EpochTrainer):
         if settings.context:
             self.patches, self.targets = windows_around_patches(
                 patches, self.targets, settings.context, IGNORE_INDEX)
+        if only is not None:
+            self.patches = self.patches.subset(only)
+            self.targets = [[masks[i] for i in only] for masks in self.targets]
         self.folder = run.segmenter_dir(strategy)
         self.last_path, self.model_path = self.folder / "last.pt", self.folder / "model.pt"
         if distributed.is_main_process():
@@ -178,10 +185,10 @@ class SegmenterTrainer(EpochTrainer):
                                       RESUME_MISMATCH)
         self.saved_config = checkpoint_config(config, strategy, self.side, settings.normalise,
                                               self.mean, self.std)
-        self.batch_size = min(settings.batch_size, len(patches))
+        self.batch_size = min(settings.batch_size, len(self.patches))
         if self.batch_size < 2:
             raise ConfigError("the segmenter batch size must be at least 2 (BatchNorm)")
-        self.batches_per_epoch = len(patches) // self.batch_size
+        self.batches_per_epoch = len(self.patches) // self.batch_size
         part_names = [*self.loss_fn.part_names,
                       *(["aux"] if self.model.aux_head is not None else [])]
         self.log = LossLog(self.folder / "losses.csv",
