@@ -113,6 +113,27 @@ class LiveSegmentation:
                 array[top:top + height, left:left + width] = sampled[:height, :width]
 
 
+def segment_with_layer_data(predictor, slide_path: Path, out: Path, stop, options: dict):
+    """The core's ``segment_slide`` events, plus what the widget shows read here, in the job's
+    thread (opening the output's zarr levels costs the main thread 0.2-1 s): the live pyramid
+    after ``Started``, and the finished output's layer data before ``Done``."""
+    from .._reader import segmentation_layer_data
+    from ..core.events import Done, Preview, Started
+    from ..core.wsi.ome_zarr_labels import open_segmentation
+    from ..core.wsi.slide_inference import segment_slide
+
+    for event in segment_slide(predictor, slide_path, out, stop=stop, resume=True, **options):
+        if isinstance(event, Done) and event.stage == STAGE and not event.stopped:
+            yield Preview(STAGE, FINISHED_OUTPUT, segmentation_layer_data(open_segmentation(out)))
+        yield event
+        if isinstance(event, Started) and event.stage == STAGE:
+            live = LiveSegmentation(out)
+            yield Preview(STAGE, LIVE_OUTPUT, live)
+            # napari builds the layer 3-5x slower while this thread computes beside it
+            # (Python's lock): wait until it is shown.
+            live.shown.wait(LIVE_LAYER_WAIT_S)
+
+
 def segmentation_geometry(slide_layer, level0_downsample: float) -> dict[str, tuple]:
     """Scale, translate and units that put output pixels over the slide pixels they cover."""
     scale = np.asarray(slide_layer.scale[-2:], dtype=float)
@@ -267,29 +288,13 @@ class SegmentSlideWidget(JobWidget):
         self._slide_layer_at_start = layer
 
         def make_job(stop):
-            from .._reader import segmentation_layer_data
             from ..core.devices import resolve_device
-            from ..core.events import Done, Preview, Started
             from ..core.inference.predict import load_predictor
-            from ..core.wsi.ome_zarr_labels import open_segmentation
-            from ..core.wsi.slide_inference import segment_slide
 
             predictor = load_predictor(run_folder, resolve_device(device_name),
                                        strategy=strategy, **engine)
             yield engine_message(STAGE, predictor.engine.record())
-            # Opening the output's zarr levels costs the main thread 0.2-1 s: it happens here.
-            for event in segment_slide(predictor, slide_path, out, stop=stop, resume=True,
-                                       **options):
-                if isinstance(event, Done) and event.stage == STAGE and not event.stopped:
-                    yield Preview(STAGE, FINISHED_OUTPUT,
-                                  segmentation_layer_data(open_segmentation(out)))
-                yield event
-                if isinstance(event, Started) and event.stage == STAGE:
-                    live = LiveSegmentation(out)
-                    yield Preview(STAGE, LIVE_OUTPUT, live)
-                    # napari builds the layer 3-5x slower while this thread computes beside
-                    # it (Python's lock): wait until it is shown.
-                    live.shown.wait(LIVE_LAYER_WAIT_S)
+            yield from segment_with_layer_data(predictor, slide_path, out, stop, options)
 
         return make_job, device_name
 
