@@ -4,11 +4,11 @@ The job starts from ``segmenter/<strategy>/model.pt`` and writes ``segmenter/<st
 corrections/`` (the original stays as it was, so the two can be compared). It trains on the
 corrected images and a seeded replay sample of ordinary training patches (``replay`` patches
 per corrected image, as the run trained on them: a recipe's context windows are cut from all
-patches before the sample is drawn), so a handful of corrections takes a minute on a CPU instead of a full
-epoch over every patch, while the replay keeps the model from forgetting the rest. Painted
-pixels override the pseudo-mask and add a partial cross-entropy (``stage2/sparse_labels.py``);
-an image that is no training patch trains its unpainted pixels towards the starting model's
-own prediction. It is resumable like any stage: same folder, ``last.pt``.
+patches before the sample is drawn), so a handful of corrections takes a minute on a CPU
+instead of a full epoch over every patch, while the replay keeps the model from forgetting the
+rest. Painted pixels override the pseudo-mask and add a partial cross-entropy
+(``stage2/sparse_labels.py``); an image that is no training patch trains its unpainted pixels
+towards the starting model's own prediction. It is resumable like any stage: same folder, ``last.pt``.
 """
 
 from __future__ import annotations
