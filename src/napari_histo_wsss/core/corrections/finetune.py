@@ -8,7 +8,8 @@ patches before the sample is drawn), so a handful of corrections takes a minute 
 instead of a full epoch over every patch, while the replay keeps the model from forgetting the
 rest. Painted pixels override the pseudo-mask and add a partial cross-entropy
 (``stage2/sparse_labels.py``); an image that is no training patch trains its unpainted pixels
-towards the starting model's own prediction. It is resumable like any stage: same folder, ``last.pt``.
+towards the starting model's own prediction. It is resumable like any stage: same folder,
+``last.pt``.
 """
 
 from __future__ import annotations
