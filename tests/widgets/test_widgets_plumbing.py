@@ -262,7 +262,8 @@ def test_building_every_dock_widget_leaves_torch_to_the_background_import(tmp_pa
 
 def test_background_warmup_loads_what_the_first_job_and_layer_would(tmp_path):
     """timm (the first model), scipy.ndimage and pint's unit registry (napari's first layer)
-    are loaded by the warm-up thread, and the registry it built serves napari's layers."""
+    and vispy's dash patterns (its first labels layer) are loaded by the warm-up thread, and
+    the registry it built serves napari's layers."""
     code = (
         "import json, sys, time, napari, numpy as np, pint\n"
         "from pint.registry import LazyRegistry\n"
@@ -277,15 +278,18 @@ def test_background_warmup_loads_what_the_first_job_and_layer_would(tmp_path):
         "    QApplication.processEvents(); time.sleep(0.01)\n"
         "built = pint.get_application_registry().get()\n"
         "layer = viewer.add_image(np.zeros((8, 8), np.uint8))\n"
+        "from vispy.visuals.line.dash_atlas import _make_pattern\n"
+        "patterns = _make_pattern.cache_info().currsize\n"
         "print(json.dumps([lazy_before, isinstance(built, LazyRegistry),\n"
         "                  all(m in sys.modules for m in ('timm', 'scipy.ndimage')),\n"
-        "                  str(layer.units[0])]), flush=True)\n"
+        "                  str(layer.units[0]), patterns]), flush=True)\n"
         "viewer.close()\n"
         "import os; os._exit(0)  # Qt and torch can crash in their exit-time teardown\n"
     )
-    lazy_before, lazy_after, imported, unit = last_json_line_of(code, tmp_path)
+    lazy_before, lazy_after, imported, unit, patterns = last_json_line_of(code, tmp_path)
     assert lazy_before and not lazy_after and imported
     assert unit == "pixel"
+    assert patterns > 0  # built before any labels layer exists
 
 
 def test_progress_bar_paints_its_new_value_asynchronously(qtbot):
