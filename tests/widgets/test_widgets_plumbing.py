@@ -292,6 +292,37 @@ def test_background_warmup_loads_what_the_first_job_and_layer_would(tmp_path):
     assert patterns > 0  # built before any labels layer exists
 
 
+def test_native_loads_without_the_gil_load_and_fail_as_python_does(tmp_path):
+    """Inside the warm-up's loader, extension modules import and ctypes libraries load as
+    before (a missing one raises the same OSError), and both hooks are put back after."""
+    code = (
+        "import ctypes, ctypes.util, importlib, importlib.machinery, importlib.util, json, sys\n"
+        "from napari_histo_wsss.widgets._warmup import native_loads_without_the_gil\n"
+        "plain = (ctypes._dlopen, importlib.machinery.ExtensionFileLoader.create_module)\n"
+        "names = ('_sqlite3', 'audioop', '_curses', '_dbm', 'xxlimited', '_lzma', '_bz2')\n"
+        "fresh = [m for m in names if m not in sys.modules and importlib.util.find_spec(m)]\n"
+        "with native_loads_without_the_gil():\n"
+        "    loaded = [importlib.import_module(m).__name__ for m in fresh]\n"
+        "    import lzma, bz2\n"
+        "    libm = ctypes.CDLL(ctypes.util.find_library('m'))\n"
+        "    libm.cos.restype = ctypes.c_double; libm.cos.argtypes = [ctypes.c_double]\n"
+        "    try:\n"
+        "        ctypes.CDLL('libno-such-library-here.so')\n"
+        "        error = ''\n"
+        "    except OSError as e:\n"
+        "        error = str(e)\n"
+        "back = plain == (ctypes._dlopen, importlib.machinery.ExtensionFileLoader.create_module)\n"
+        "print(json.dumps([loaded, lzma.decompress(lzma.compress(b'he')).decode(),\n"
+        "                  bz2.decompress(bz2.compress(b'he')).decode(), libm.cos(0.0),\n"
+        "                  error, back]))\n"
+    )
+    loaded, lz, bz, cosine, error, back = last_json_line_of(code, tmp_path)
+    assert loaded  # extension modules not loaded before were imported inside
+    assert lz == bz == "he" and cosine == 1.0
+    assert "libno-such-library-here.so" in error
+    assert back
+
+
 def test_progress_bar_paints_its_new_value_asynchronously(qtbot):
     """A plain QProgressBar paints inside setValue (a whole-window flush next to napari's
     canvas); the panel's bars paint with the next event-loop pass instead."""

@@ -8,17 +8,23 @@ open with what is known without them ("auto" and "cpu", no plot yet) and fill th
 the background import ends. Where torch is already loaded (a script, the tests, a second
 widget) everything happens at once.
 
-The import still holds Python's lock in long native stretches (loading half a gigabyte of
-libraries), so the viewer stutters a few times while it runs (docs/widgets.md has figures);
-doing it right after the first widget opens keeps those stutters out of the jobs.
+The import loads half a gigabyte of native libraries, and Python holds its lock while it
+loads one (an extension module's import, ``ctypes.CDLL``: torch preloads its CUDA libraries
+that way even on a CPU), so the viewer stood still up to 0.4 s at a time. The warm-up first
+loads each such library with the lock released (``native_loads_without_the_gil``); Python's
+own load then finds it loaded. What remains runs Python code, which lets the main thread in
+every few milliseconds (docs/widgets.md has figures).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import importlib.machinery
 import logging
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 _log = logging.getLogger(__name__)
 
@@ -106,10 +112,61 @@ def _import_heavy() -> None:
         importlib.import_module(name)
 
 
+@contextlib.contextmanager
+def native_loads_without_the_gil() -> Iterator[None]:
+    """While inside, native libraries load with Python's lock released.
+
+    CPython holds the lock through ``dlopen`` in ``ctypes.CDLL`` and in an extension module's
+    import, and ``dlopen`` of a large library (its relocations and static constructors: libtorch
+    registers thousands of operators there) takes up to half a second. Each load first calls
+    libc's ``dlopen`` through a ctypes function, which releases the lock, with the same flags;
+    Python's own load, unchanged, then only takes another reference to the loaded library and
+    reports errors as before. Process-wide while inside, so only for the warm-up thread's
+    imports, and harmless to other threads' loads meanwhile (they take the same path).
+    """
+    dlopen = _libc_dlopen()
+    if dlopen is None:  # Windows: no dlopen, nothing to change
+        yield
+        return
+    plain_dlopen = ctypes._dlopen
+    plain_create_module = importlib.machinery.ExtensionFileLoader.create_module
+
+    def ctypes_dlopen(name, mode=ctypes.DEFAULT_MODE):
+        if name:
+            dlopen(os.fsencode(name), mode | os.RTLD_NOW)  # as ctypes' own dlopen
+        return plain_dlopen(name, mode)
+
+    def create_module(loader, spec):
+        dlopen(os.fsencode(spec.origin), sys.getdlopenflags())  # as the import's
+        return plain_create_module(loader, spec)
+
+    ctypes._dlopen = ctypes_dlopen
+    importlib.machinery.ExtensionFileLoader.create_module = create_module
+    try:
+        yield
+    finally:
+        ctypes._dlopen = plain_dlopen
+        importlib.machinery.ExtensionFileLoader.create_module = plain_create_module
+
+
+def _libc_dlopen():
+    """libc's ``dlopen`` as a ctypes function (which releases Python's lock), or None."""
+    if not hasattr(os, "RTLD_NOW"):
+        return None
+    try:
+        dlopen = ctypes.CDLL(None).dlopen
+    except (AttributeError, OSError, TypeError):
+        return None
+    dlopen.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    dlopen.restype = ctypes.c_void_p
+    return dlopen
+
+
 def _background_warmup():
     """The worker's job: the imports, vispy's dash patterns, and a built pint unit registry
     while napari's is not built yet (installed on the main thread when the worker returns)."""
-    _import_heavy()
+    with native_loads_without_the_gil():
+        _import_heavy()
     _build_dash_patterns()
     if _unit_registry_is_lazy():
         import pint
