@@ -99,8 +99,10 @@ class Phases:
         self.rows.append((name, seconds, late))
         ordered = sorted(late) or [0.0]
         p99 = ordered[min(len(ordered) - 1, int(0.99 * (len(ordered) - 1)))]
-        stalls = sum(value > STALL_MS for value in late)
-        print(f"{name:<38} {seconds:6.2f} {max(ordered):7.0f} {p99:7.0f} {stalls:7d}", flush=True)
+        stalls = [round(value) for value in late if value > STALL_MS]
+        listed = f"  ({', '.join(map(str, stalls))} ms)" if stalls else ""
+        print(f"{name:<38} {seconds:6.2f} {max(ordered):7.0f} {p99:7.0f} {len(stalls):7d}{listed}",
+              flush=True)
 
 
 def make_run(folder: Path) -> Path:

@@ -386,3 +386,23 @@ def test_layer_steps_yield_to_the_event_loop_and_a_new_run_replaces_the_old(qtbo
     assert done == ["old 1", "new 1", "new 2"] and not steps.busy
     qtbot.wait(50)
     assert done == ["old 1", "new 1", "new 2"]  # the old run's last step never ran
+
+
+def test_layers_shown_lets_a_job_wait_for_its_layers_or_a_stop():
+    """The job's side of the handshake: it waits until the widget says the layers are in,
+    and gives up at once on a stop request (and after its timeout otherwise)."""
+    import threading
+
+    from napari_histo_wsss.core.events import StopToken
+    from napari_histo_wsss.widgets._layers import LayersShown
+
+    shown, stop = LayersShown(timeout_s=30.0), StopToken()
+    shown.expect()
+    threading.Timer(0.1, shown.shown).start()
+    assert shown.wait(stop) is True
+
+    shown.expect()
+    threading.Timer(0.1, stop.request).start()
+    assert shown.wait(stop) is False  # long before the 30 s timeout: the test would hang
+
+    assert LayersShown(timeout_s=0.1).wait(StopToken()) is False  # nobody shows anything

@@ -16,6 +16,7 @@ import numpy as np
 from ._layers import (
     OVERLAY_STYLE,
     TRUTH_STYLE,
+    LayersShown,
     LayerSteps,
     put_class_labels,
     put_layer,
@@ -62,6 +63,8 @@ class ComparisonLayers:
         self._show_info = show_info
         self._on_predictions = on_predictions
         self._steps = LayerSteps(owner)
+        #: The job waits on it after each preview it sends (``LayersShown``).
+        self.shown = LayersShown()
         self._shown: set[str] = set()
         self._anchor = None  # the layer the next new layer goes above
         self._image: ComparedImage | None = None
@@ -90,6 +93,7 @@ class ComparisonLayers:
                 steps.append(lambda name=name, mask=mask, style=style:
                              self._put_mask(compared, name, mask, style, names))
         steps.append(lambda: self._finish_image(compared, names))
+        steps.append(self.shown.shown)
         self._steps.run(steps)
 
     def show_result(self, result: StrategyComparison, first: bool) -> None:
@@ -100,6 +104,7 @@ class ComparisonLayers:
         if result.trust is not None:
             steps.append(lambda: self._put_trust(result))
         steps.append(self._link_predictions)
+        steps.append(self.shown.shown)
         self._steps.then(steps)
 
     def _put_image(self, compared: ComparedImage, names: list[str]) -> None:

@@ -8,6 +8,7 @@ class name. Call these from the main thread only.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -171,13 +172,14 @@ class LayerSteps:
 
     napari takes 0.1-0.6 s to create a layer on the 2-core machine (docs/widgets.md), so
     showing one result's six layers in one call froze the window for a second. ``run`` does
-    steps until SLICE_MS have passed, then lets the event loop run before the next ones;
+    steps until SLICE_MS have passed (short, so a quick step and a new layer do not add up
+    in one pass), then lets the event loop run before the next ones;
     updating existing layers in place is fast and usually finishes in one pass. A new
     ``run`` drops the steps of the previous one that have not run yet; ``then`` queues
     behind them. The timer is a child of ``owner`` (the widget), so steps stop with it.
     """
 
-    SLICE_MS = 60
+    SLICE_MS = 25
 
     def __init__(self, owner) -> None:
         from qtpy.QtCore import QTimer
@@ -212,3 +214,32 @@ class LayerSteps:
             if self._steps and (time.perf_counter() - began) * 1000 > self.SLICE_MS:
                 self._timer.start()
                 return
+
+
+class LayersShown:
+    """Lets a job's thread wait until the main thread has put a preview's layers in.
+
+    napari builds a layer 3-5 times slower while a job computes beside it (the two threads
+    share Python's lock; docs/widgets.md), so a job that sends layers pauses until they are
+    in: ``expect`` before sending, ``wait`` after (on the job's thread); the widget calls
+    ``shown`` once its steps for that preview have run. The wait ends on a stop request or
+    after ``timeout_s`` (a closed widget never shows anything).
+    """
+
+    def __init__(self, timeout_s: float = 3.0):
+        self.timeout_s = timeout_s
+        self._event = threading.Event()
+
+    def expect(self) -> None:
+        self._event.clear()
+
+    def shown(self) -> None:
+        self._event.set()
+
+    def wait(self, stop=None) -> bool:
+        """True when the layers are in; False on a stop request or the timeout."""
+        end = time.monotonic() + self.timeout_s
+        while not self._event.wait(0.05):
+            if (stop is not None and stop.requested) or time.monotonic() > end:
+                return False
+        return True

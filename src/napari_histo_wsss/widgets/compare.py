@@ -187,21 +187,26 @@ class CompareWidget(JobWidget):
         load = self._image_loader(layout)
         models, device_name = self._models, self.device.value
         engine = engine_options(self.engine, self.precision)
+        layers_shown = self._layers.shown
 
         def make_job(stop):
             from ..core.events import Batch, Done, Preview, Started
             from ..core.stage2.compare import iter_comparisons
 
             compared, patch = load()
+            layers_shown.expect()
             yield Preview(STAGE, "image", compared)
             yield Started(STAGE, total_epochs=1, batches_per_epoch=len(strategies))
+            layers_shown.wait(stop)  # napari builds layers slower while this thread works
             shown = 0
             for shown, result in enumerate(iter_comparisons(
                     run, compared.image, strategies, truth=compared.truth, patch=patch,
                     device=device_name, models=models, stop=stop, **engine), start=1):
                 yield engine_message(STAGE, result.engine, result.strategy)
+                layers_shown.expect()
                 yield Preview(STAGE, result.strategy, result)
                 yield Batch(STAGE, epoch=0, index=shown - 1, total=len(strategies))
+                layers_shown.wait(stop)
             if shown < len(strategies):
                 yield Done(STAGE, None, stopped=True)
             else:

@@ -14,7 +14,6 @@ as OME-Zarr or as GeoJSON for QuPath.
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +34,7 @@ from ._base import (
     set_info,
 )
 from ._jobs import JobState
-from ._layers import LayerSteps
+from ._layers import LayersShown, LayerSteps
 from ._runs import describe_run, given_path
 from ._shared_run import shared_run_folder
 from ._tooltips import TOOLTIPS
@@ -78,7 +77,7 @@ class LiveSegmentation:
         self.path = path
         self.segmentation = open_segmentation(path)
         #: Set by the widget once the layer is in the viewer.
-        self.shown = threading.Event()
+        self.shown = LayersShown(LIVE_LAYER_WAIT_S)
         self.stored = [group[dataset["path"]] for dataset in datasets]
         self.levels: list[Any] = [self.stored[0]]
         budget = LIVE_LEVELS_BUDGET
@@ -130,8 +129,8 @@ def segment_with_layer_data(predictor, slide_path: Path, out: Path, stop, option
             live = LiveSegmentation(out)
             yield Preview(STAGE, LIVE_OUTPUT, live)
             # napari builds the layer 3-5x slower while this thread computes beside it
-            # (Python's lock): wait until it is shown.
-            live.shown.wait(LIVE_LAYER_WAIT_S)
+            # (Python's lock): wait until it is shown (or a stop).
+            live.shown.wait(stop)
 
 
 def segmentation_geometry(slide_layer, level0_downsample: float) -> dict[str, tuple]:
@@ -332,7 +331,7 @@ class SegmentSlideWidget(JobWidget):
                 f"{segmentation.attrs.get('slide', {}).get('name', live.path.stem)} "
                 "(segmenting)", self._live.levels, segmentation.spec)
         finally:
-            live.shown.set()
+            live.shown.shown()
         self._refresh_timer.start()
         ensure_legend(self.viewer)
 
