@@ -29,7 +29,8 @@ from napari_histo_wsss.core.runs.run_dir import RunDirectory
 from napari_histo_wsss.core.stage2.losses import IGNORE_INDEX, LossContext, LossTargets, build_loss
 from napari_histo_wsss.core.stage2.sparse_labels import (
     SparseLabels,
-    with_corrections,
+    override_targets,
+    painted_on_patches,
     with_partial_cross_entropy,
 )
 from napari_histo_wsss.core.stage2.train_segmenter import train_segmenter
@@ -43,9 +44,10 @@ def test_painted_pixels_override_the_pseudo_mask_and_add_full_weight():
     patches = PatchSet([Path(__file__)], np.array([[1, 0, 0]], np.uint8), WSSS4LUAD, {0: pixels})
     pseudo = np.zeros((1, 2), np.uint8)
     painted = np.array([[IGNORE_INDEX, 1]], np.uint8)
-    extended, targets, painted_per_patch = with_corrections(
-        patches, [[pseudo]], [SparseLabels(patches.paths[0], pixels, painted)])
-    assert len(extended) == 1  # the patch itself, not a new sample
+    painted_per_patch, others = painted_on_patches(
+        patches, [SparseLabels(patches.paths[0], pixels, painted)])
+    assert others == []  # the patch itself, not a new sample
+    targets = override_targets([[pseudo]], painted_per_patch)
     assert targets[0][0].tolist() == [[0, 1]]
     assert painted_per_patch[0].tolist() == painted.tolist()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -484,6 +485,53 @@ def test_context_trains_on_windows_cut_from_the_stitched_source_images(tmp_path,
                            input_size=192, batch_size=2)
     trainer = SegmenterTrainer(run, config, alone, "ce", torch.device("cpu"), False, None)
     assert trainer.side == 160
+
+
+def test_a_corrected_patch_is_corrected_in_every_context_window_that_shows_it(tmp_path,
+                                                                              layout):
+    """Strokes on a training patch land in its own window and in its stitched neighbours'
+    (which show those pixels too), overriding the pseudo-masks there; a val image's stroke
+    becomes one more sample."""
+    from napari_histo_wsss.core.data.stitching import stitch_patches
+    from napari_histo_wsss.core.stage2.sparse_labels import SparseLabels
+
+    every = layout.patches()
+    overlapping = every.subset(i for i, p in enumerate(every.paths)
+                               if p.name.startswith(("test03-", "test15-", "test39-")))
+    run, config = make_run(tmp_path / "run", overlapping, layout, epochs=1, context=40,
+                           input_size=192)
+    trainer = SegmenterTrainer(run, config, overlapping, "ce", torch.device("cpu"), False, None)
+    stitched, first, second = next(
+        (image, a, b) for image in stitch_patches(overlapping) for a in image.placements
+        for b in image.placements if a is not b and a.overlaps(*b.box))
+    # Paint the pixels the two patches share, as seen from the first patch.
+    rows = slice(max(first.top, second.top), min(first.top + first.height,
+                                                 second.top + second.height))
+    columns = slice(max(first.left, second.left), min(first.left + first.width,
+                                                      second.left + second.width))
+    painted = np.full((first.height, first.width), IGNORE_INDEX, np.uint8)
+    painted[rows.start - first.top:rows.stop - first.top,
+            columns.start - first.left:columns.stop - first.left] = 2  # "normal"
+    val_image, _ = layout.eval_set("val").pair(0)
+    val_painted = np.full(val_image.shape[:2], IGNORE_INDEX, np.uint8)
+    val_painted[:5, :5] = 1
+    samples_before = len(trainer.patches)
+    trainer.add_corrections([
+        SparseLabels(overlapping.paths[first.index], overlapping.image(first.index), painted),
+        SparseLabels(Path("val-0.png"), val_image, val_painted)], None, None)
+    assert len(trainer.patches) == samples_before + 1  # only the val image is new
+    assert trainer.painted[-1] is val_painted
+    assert trainer.patches.image(len(trainer.patches) - 1) is val_image
+    for placement in (first, second):
+        window_rows, window_columns = stitched.window(placement, 40)
+        expected = np.zeros(stitched.covered.shape, bool)
+        expected[rows, columns] = True
+        expected = expected[window_rows, window_columns]
+        window_painted = trainer.painted[placement.index]
+        assert window_painted.shape == trainer.patches.image(placement.index).shape[:2]
+        assert np.array_equal(window_painted != IGNORE_INDEX, expected)
+        assert (window_painted[expected] == 2).all()
+        assert (trainer.targets[0][placement.index][expected] == 2).all()
 
 
 def test_a_negative_context_is_refused():

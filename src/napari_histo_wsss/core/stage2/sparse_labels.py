@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.datasets import PatchSet
+from ..data.stitching import stitch_patches
 from ..errors import DatasetError
 from .losses import IGNORE_INDEX, LossResult, with_background_channel
 
@@ -62,19 +63,18 @@ def with_partial_cross_entropy(result: LossResult, logits: torch.Tensor, painted
                       {**result.parts, CORRECTION_PART: float(extra.detach())})
 
 
-def with_corrections(patches: PatchSet, targets: list[list[np.ndarray]],
-                     corrections: Sequence[SparseLabels]
-                     ) -> tuple[PatchSet, list[list[np.ndarray]], list[np.ndarray]]:
-    """(patches, pseudo-masks per target, painted labels per patch) with the corrections in.
+def painted_on_patches(patches: PatchSet, corrections: Sequence[SparseLabels], *,
+                       spread: bool = False) -> tuple[list[np.ndarray], list[SparseLabels]]:
+    """(painted labels per training patch, ``IGNORE_INDEX`` where nothing was painted; the
+    corrections of other images).
 
-    A correction of a training patch overrides that patch's pseudo-masks; any other image is
-    appended as a new sample whose patch-level label is the classes of its targets."""
+    With ``spread``, a pixel painted on one patch is painted on every stitched neighbour that
+    covers it too (``data.stitching``), so the context windows cut from the stitched image
+    all carry the correction instead of the later neighbour's unpainted pixels."""
     index_of = {path.resolve(): index for index, path in enumerate(patches.paths)}
     painted = [np.full(patches.image(i).shape[:2], IGNORE_INDEX, np.uint8)
                for i in range(len(patches))]
-    targets = [list(masks) for masks in targets]
-    paths, labels = list(patches.paths), [*patches.labels]
-    cache = {i: patches.image(i) for i in range(len(patches))}
+    others = []
     for correction in corrections:
         if correction.labels.shape != correction.image.shape[:2]:
             raise DatasetError(f"painted labels are {correction.labels.shape[::-1]} pixels but "
@@ -82,19 +82,54 @@ def with_corrections(patches: PatchSet, targets: list[list[np.ndarray]],
         index = index_of.get(Path(correction.path).resolve())
         if index is not None and correction.image.shape[:2] == painted[index].shape:
             painted[index] = correction.labels
-            for masks in targets:
-                masks[index] = override_pseudo_mask(masks[index], correction.labels)
+        else:
+            others.append(correction)
+    return (_spread_over_overlaps(patches, painted) if spread else painted), others
+
+
+def _spread_over_overlaps(patches: PatchSet, painted: list[np.ndarray]) -> list[np.ndarray]:
+    painted = list(painted)
+    touched = {i for i, labels in enumerate(painted) if (labels != IGNORE_INDEX).any()}
+    for image in stitch_patches(patches) if touched else []:
+        if not touched & {placement.index for placement in image.placements}:
             continue
+        canvas = np.full(image.covered.shape, IGNORE_INDEX, np.uint8)
+        for placement in image.placements:
+            own = painted[placement.index]
+            canvas[placement.box] = np.where(own != IGNORE_INDEX, own, canvas[placement.box])
+        for placement in image.placements:
+            painted[placement.index] = canvas[placement.box].copy()
+    return painted
+
+
+def override_targets(targets: list[list[np.ndarray]], painted: Sequence[np.ndarray]
+                     ) -> list[list[np.ndarray]]:
+    """Each target's pseudo-masks with the painted pixels' classes in."""
+    return [[override_pseudo_mask(mask, labels) for mask, labels in zip(masks, painted,
+                                                                        strict=True)]
+            for masks in targets]
+
+
+def append_corrections(samples: PatchSet, targets: list[list[np.ndarray]],
+                       painted: list[np.ndarray], others: Sequence[SparseLabels]
+                       ) -> tuple[PatchSet, list[list[np.ndarray]], list[np.ndarray]]:
+    """The training samples with each correction of another image (a val image, a slide
+    region) appended as a new sample: its painted pixels, elsewhere its ``pseudo_mask`` (or
+    nothing), and as patch-level label the classes of that target."""
+    targets = [list(masks) for masks in targets]
+    painted = list(painted)
+    paths, labels = list(samples.paths), [*samples.labels]
+    cache = {i: samples.image(i) for i in range(len(samples))}
+    for correction in others:
         base = correction.pseudo_mask if correction.pseudo_mask is not None \
             else np.full(correction.labels.shape, IGNORE_INDEX, np.uint8)
         target = override_pseudo_mask(base, correction.labels)
         for masks in targets:
             masks.append(target)
         painted.append(correction.labels)
-        present = np.zeros(patches.spec.num_classes, np.uint8)
-        present[np.unique(target[target < patches.spec.num_classes])] = 1
+        present = np.zeros(samples.spec.num_classes, np.uint8)
+        present[np.unique(target[target < samples.spec.num_classes])] = 1
         cache[len(paths)] = correction.image
         paths.append(Path(correction.path))
         labels.append(present)
-    extended = PatchSet(paths, np.stack(labels), patches.spec, cache)
-    return extended, targets, painted
+    return PatchSet(paths, np.stack(labels), samples.spec, cache), targets, painted

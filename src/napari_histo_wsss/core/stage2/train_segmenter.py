@@ -63,7 +63,9 @@ from .losses import IGNORE_INDEX, LossContext, LossTargets, build_loss
 from .sparse_labels import (
     CORRECTION_PART,
     SparseLabels,
-    with_corrections,
+    append_corrections,
+    override_targets,
+    painted_on_patches,
     with_partial_cross_entropy,
 )
 
@@ -154,13 +156,12 @@ class SegmenterTrainer(EpochTrainer):
         self.epochs = config.stage_epochs(self.stage, settings.epochs)
         self.loss_fn = build_loss(settings)
         patches.decode_all()
-        self.targets = read_pseudo_masks(run, settings.targets, patches)
-        if settings.context:
-            self.patches, self.targets = windows_around_patches(
-                patches, self.targets, settings.context, IGNORE_INDEX)
-        if only is not None:
-            self.patches = self.patches.subset(only)
-            self.targets = [[masks[i] for i in only] for masks in self.targets]
+        self.only = only
+        #: The training patches and their masks per target, what the samples are cut from
+        #: (corrections are painted here first).
+        self.source_patches = patches
+        self.patch_targets = read_pseudo_masks(run, settings.targets, patches)
+        self.patches, self.targets = self._samples(patches, self.patch_targets)
         self.folder = run.segmenter_dir(strategy)
         self.last_path, self.model_path = self.folder / "last.pt", self.folder / "model.pt"
         if distributed.is_main_process():
@@ -207,6 +208,18 @@ class SegmenterTrainer(EpochTrainer):
         self.painted: list[np.ndarray] | None = None
         self.preview: np.ndarray | None = None
 
+    def _samples(self, patches: PatchSet, targets: list[list[np.ndarray]]
+                 ) -> tuple[PatchSet, list[list[np.ndarray]]]:
+        """What the loop cuts crops from: each patch (or, with ``context``, the window around
+        it in its stitched image) with its masks per target, the ``only`` ones if given."""
+        if self.settings.context:
+            patches, targets = windows_around_patches(patches, targets, self.settings.context,
+                                                      IGNORE_INDEX)
+        if self.only is not None:
+            patches = patches.subset(self.only)
+            targets = [[masks[i] for i in self.only] for masks in targets]
+        return patches, targets
+
     def add_corrections(self, corrections: Sequence[SparseLabels], init_from: Path | None,
                         preview: np.ndarray | None) -> None:
         """Train on painted pixels too, from ``init_from``'s weights unless resuming."""
@@ -224,8 +237,13 @@ class SegmenterTrainer(EpochTrainer):
                              self.stepper.optimizer, INIT_MISMATCH)
                 self.state = TrainingState()
         if corrections:
-            self.patches, self.targets, self.painted = with_corrections(
-                self.patches, self.targets, corrections)
+            patches = self.source_patches
+            painted, others = painted_on_patches(patches, corrections,
+                                                 spread=bool(self.settings.context))
+            samples, (*targets, painted) = self._samples(
+                patches, [*override_targets(self.patch_targets, painted), painted])
+            self.patches, self.targets, self.painted = append_corrections(
+                samples, targets, painted, others)
             self.batch_size = min(self.settings.batch_size, len(self.patches))
             self.batches_per_epoch = len(self.patches) // self.batch_size
             if self.log is not None and not self.log.rows():  # a new log: add the column
