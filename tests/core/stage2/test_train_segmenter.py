@@ -449,13 +449,19 @@ def test_unknown_encoder_init_is_refused():
         SegmenterConfig(encoder_init="imagenet21k").validate()
 
 
-def test_context_trains_on_windows_cut_from_the_stitched_source_images(tmp_path, layout):
+def context_trainer(root, layout):
+    """(patches, run, config, trainer): context 40 on the sample's patches of three source
+    images whose crops overlap."""
     every = layout.patches()
     overlapping = every.subset(i for i, p in enumerate(every.paths)
                                if p.name.startswith(("test03-", "test15-", "test39-")))
-    run, config = make_run(tmp_path / "run", overlapping, layout, epochs=1, context=40,
-                           input_size=192)
+    run, config = make_run(root, overlapping, layout, epochs=1, context=40, input_size=192)
     trainer = SegmenterTrainer(run, config, overlapping, "ce", torch.device("cpu"), False, None)
+    return overlapping, run, config, trainer
+
+
+def test_context_trains_on_windows_cut_from_the_stitched_source_images(tmp_path, layout):
+    overlapping, run, config, trainer = context_trainer(tmp_path / "run", layout)
     grown = [i for i in range(len(overlapping))
              if trainer.patches.image(i).shape != overlapping.image(i).shape]
     assert grown
@@ -479,6 +485,7 @@ def test_context_trains_on_windows_cut_from_the_stitched_source_images(tmp_path,
     assert payload["config"]["input_size"] == 160
     assert RunConfig.load(run.config_path).segmenter.context == 40
     # Without overlapping neighbours the windows are the patches: crops keep their side.
+    every = layout.patches()
     alone = every.subset(i for i, p in enumerate(every.paths)
                          if p.name.startswith(("test24-80-0-", "test24-283-0-")))
     run, config = make_run(tmp_path / "alone", alone, layout, epochs=1, context=40,
@@ -495,12 +502,7 @@ def test_a_corrected_patch_is_corrected_in_every_context_window_that_shows_it(tm
     from napari_histo_wsss.core.data.stitching import stitch_patches
     from napari_histo_wsss.core.stage2.sparse_labels import SparseLabels
 
-    every = layout.patches()
-    overlapping = every.subset(i for i, p in enumerate(every.paths)
-                               if p.name.startswith(("test03-", "test15-", "test39-")))
-    run, config = make_run(tmp_path / "run", overlapping, layout, epochs=1, context=40,
-                           input_size=192)
-    trainer = SegmenterTrainer(run, config, overlapping, "ce", torch.device("cpu"), False, None)
+    overlapping, _, _, trainer = context_trainer(tmp_path / "run", layout)
     stitched, first, second = next(
         (image, a, b) for image in stitch_patches(overlapping) for a in image.placements
         for b in image.placements if a is not b and a.overlaps(*b.box))
