@@ -12,8 +12,9 @@ The import loads half a gigabyte of native libraries, and Python holds its lock 
 loads one (an extension module's import, ``ctypes.CDLL``: torch preloads its CUDA libraries
 that way even on a CPU), so the viewer stood still up to 0.4 s at a time. The warm-up first
 loads each such library with the lock released (``native_loads_without_the_gil``); Python's
-own load then finds it loaded. What remains runs Python code, which lets the main thread in
-every few milliseconds (docs/widgets.md has figures).
+own load then finds it loaded. What remains is mostly Python code, which hands the lock over
+every few milliseconds, but a few single calls (unmarshalling a large module, torch's
+operator registration) still hold it for a few hundred milliseconds (docs/widgets.md).
 """
 
 from __future__ import annotations
