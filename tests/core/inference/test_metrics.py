@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from napari_histo_wsss.core.inference.metrics import ConfusionMatrix
+from napari_histo_wsss.core.inference.metrics import ConfusionMatrix, per_image_spread
 
 
 def test_hand_computed_two_images():
@@ -62,3 +62,13 @@ def test_absent_class_is_left_out_of_the_mean():
 def test_shape_mismatch_is_rejected():
     with pytest.raises(ValueError):
         ConfusionMatrix(2).update(np.zeros((2, 2)), np.zeros((2, 3)))
+
+
+def test_per_image_spread_leaves_out_undefined_images_and_keeps_their_place():
+    spread = per_image_spread([0.5, float("nan"), 0.9, 0.1, 0.7])
+    assert spread["mean"] == pytest.approx(0.55)
+    assert spread["median"] == pytest.approx(0.6)
+    assert spread["min"] == pytest.approx(0.1)
+    assert spread["p10"] == pytest.approx(np.percentile([0.5, 0.9, 0.1, 0.7], 10))
+    assert spread["miou"] == [0.5, None, 0.9, 0.1, 0.7]  # valid JSON, in image order
+    assert per_image_spread([float("nan")])["mean"] is None

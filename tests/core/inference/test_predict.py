@@ -16,6 +16,7 @@ from napari_histo_wsss.core.config.run_config import ClassifierConfig, RunConfig
 from napari_histo_wsss.core.data.classes import WSSS4LUAD
 from napari_histo_wsss.core.data.datasets import find_dataset, load_eval_set, read_mask
 from napari_histo_wsss.core.errors import CheckpointError
+from napari_histo_wsss.core.inference.metrics import ConfusionMatrix
 from napari_histo_wsss.core.inference.predict import (
     ClassGate,
     SegmentationPredictor,
@@ -182,6 +183,15 @@ def test_evaluate_saves_masks_that_score_the_same_as_a_mask_folder(tmp_path, val
     assert saved == sorted(p.with_suffix(".png").name for p in val.image_paths)
     again = evaluate_mask_folder(tmp_path / "pred", val)
     assert again["miou"] == pytest.approx(scores["miou"])
+    # Each image's own mIoU, from its saved mask against its truth.
+    spread = scores["per_image"]
+    assert len(spread["miou"]) == len(val)
+    for index, expected in enumerate(spread["miou"]):
+        one = ConfusionMatrix(WSSS4LUAD.num_classes)
+        saved = tmp_path / "pred" / val.image_paths[index].with_suffix(".png").name
+        one.update(read_mask(saved, WSSS4LUAD), read_mask(val.mask_paths[index], WSSS4LUAD))
+        assert one.scores()["miou"] == pytest.approx(expected)
+    assert spread["min"] <= spread["p10"] <= spread["median"]
 
 
 def test_evaluate_mask_folder_against_ground_truth(tmp_path, val):

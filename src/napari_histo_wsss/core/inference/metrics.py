@@ -76,6 +76,20 @@ class ConfusionMatrix:
         }
 
 
+def per_image_spread(mious: list[float]) -> dict:
+    """How the set's score spreads over its images: mean, median, 10th percentile and worst
+    per-image mIoU, and the values themselves (images whose mIoU is undefined left out).
+
+    The set's mIoU comes from one matrix over all pixels, so a few large images can hide many
+    small ones scored badly; this tells a user how far one image of theirs may fall."""
+    values = np.array([v for v in mious if v is not None and np.isfinite(v)], dtype=np.float64)
+    if not values.size:
+        return {"mean": None, "median": None, "p10": None, "min": None, "miou": []}
+    return {"mean": float(values.mean()), "median": float(np.median(values)),
+            "p10": float(np.percentile(values, 10)), "min": float(values.min()),
+            "miou": [_float(float(v)) if v is not None else None for v in mious]}
+
+
 def _nanmean(values: np.ndarray) -> float:
     values = values[~np.isnan(values)]
     return float(values.mean()) if values.size else float("nan")
@@ -94,4 +108,9 @@ def format_scores(scores: dict) -> str:
     for name, values in scores["per_class"].items():
         iou = "  n/a" if values["iou"] is None else f"{100 * values['iou']:5.2f}"
         lines.append(f"  {name:<12} IoU {iou}  ({values['pixels']} px)")
+    spread = scores.get("per_image")
+    if spread and spread["mean"] is not None:
+        lines.append(f"  per image: mIoU mean {100 * spread['mean']:.2f}  median "
+                     f"{100 * spread['median']:.2f}  10th pct {100 * spread['p10']:.2f}  "
+                     f"worst {100 * spread['min']:.2f}  ({len(spread['miou'])} images)")
     return "\n".join(lines)

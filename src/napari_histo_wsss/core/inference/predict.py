@@ -27,7 +27,7 @@ from ..models.segmenter import Segmenter, load_segmenter, normalise
 from ..registry import Registry
 from ..runs.run_dir import RunDirectory
 from .engines import Engine, ExportCache, torch_engine
-from .metrics import ConfusionMatrix
+from .metrics import ConfusionMatrix, per_image_spread
 
 #: MSV's test scales (relative to the native patch size), softmax-averaged.
 MULTISCALE_RATIOS = (0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
@@ -247,14 +247,19 @@ def evaluate(predictor: SegmentationPredictor, eval_set: EvalSet, *,
             f"described as {list(eval_set.spec.class_names)}"
         )
     matrix = ConfusionMatrix(predictor.num_classes)
+    image_mious = []
     for index in range(len(eval_set)):
         image, truth = eval_set.pair(index)
         labels, _ = predict_image(predictor, image)
-        matrix.update(labels, truth)
+        one_image = ConfusionMatrix(predictor.num_classes)
+        one_image.update(labels, truth)
+        matrix.merge(one_image)
+        image_mious.append(one_image.scores()["miou"])
         if save_masks is not None:
             name = eval_set.image_paths[index].with_suffix(".png").name
             write_palette_mask(Path(save_masks) / name, labels, predictor.spec)
-    return {**matrix.scores(predictor.spec.class_names), "images": len(eval_set)}
+    return {**matrix.scores(predictor.spec.class_names), "images": len(eval_set),
+            "per_image": per_image_spread(image_mious)}
 
 
 def evaluate_mask_folder(folder: str | Path, eval_set: EvalSet) -> dict[str, Any]:
