@@ -42,16 +42,16 @@ STAGE = PSEUDO_MASKS
 STITCHED = "stitched"  # marks a loader's result as a stitched source image
 SOURCES = ("training patches", "stitched source images", "validation images", "viewer image")
 def _trained_classifier(checkpoint: Path, device):
-    """The run's stage-1 classifier with its BatchNorms folded for class maps (kept for the
-    whole browse), or one clear error when it has not been trained."""
+    """The run's stage-1 classifier prepared for class maps (``frozen_for_class_maps``, kept
+    for the whole browse), or one clear error when it has not been trained."""
     from ..core.errors import CheckpointError
     from ..core.models.classifier import load_classifier
-    from ..core.models.folding import fold_batchnorm
+    from ..core.stage1.cams import frozen_for_class_maps
 
     if not checkpoint.is_file():
         raise CheckpointError("no trained classifier yet: train one first", checkpoint)
     model, _ = load_classifier(checkpoint, device)
-    return fold_batchnorm(model.eval())
+    return frozen_for_class_maps(model)
 
 
 def _stitched_view(model, loaded, recipe, device) -> ClassMapView:

@@ -32,12 +32,11 @@ from ..errors import ConfigError, DatasetError
 from ..events import Batch, Done, Event, Preview, Started, StopToken
 from ..inference.metrics import ConfusionMatrix
 from ..models.classifier import CamClassifier, load_classifier
-from ..models.folding import fold_batchnorm
 from ..registry import Registry
 from ..runs.locks import writes_run
 from ..runs.run_dir import RunDirectory
 from ..runs.stages import PSEUDO_MASKS
-from .cams import class_activation_maps
+from .cams import class_activation_maps, frozen_for_class_maps
 from .overlap_fusion import OverlapFusion, fused_maps
 from .superpixels import batch_superpixels, smooth_maps
 
@@ -264,8 +263,8 @@ def pseudo_masks_for_images(model: CamClassifier, images: Sequence[np.ndarray],
                             spec: DatasetSpec, device: torch.device | str = "cpu"
                             ) -> list[PseudoMasks]:
     """The recipe on (H, W, 3) uint8 images of any sizes, in memory (widget, report).
-    Callers that keep a classifier for many calls fold its BatchNorms once
-    (``models.folding.fold_batchnorm``)."""
+    Callers that keep a classifier for many calls prepare it once
+    (``cams.frozen_for_class_maps``)."""
     device = torch.device(device)
     _check_recipe(model, config)
     model.to(device).eval()
@@ -309,7 +308,7 @@ def generate_pseudo_masks(run: RunDirectory, config: RunConfig, patches: PatchSe
     spec = patches.spec
     model, _ = load_classifier(run.classifier_checkpoint, device, spec=spec)
     _check_recipe(model, recipe)
-    model = fold_batchnorm(model.eval())
+    model = frozen_for_class_maps(model)
     if patches.labels.shape[1] != spec.num_classes:
         raise DatasetError(f"labels have {patches.labels.shape[1]} entries but the classifier "
                            f"knows {spec.num_classes} classes", patches.paths[0].parent)
@@ -437,7 +436,7 @@ def pseudo_mask_report(run: RunDirectory, config: RunConfig, eval_set: EvalSet,
     model, _ = load_classifier(run.classifier_checkpoint, device, spec=spec)
     recipe = config.pseudo_masks
     _check_recipe(model, recipe)
-    model = fold_batchnorm(model.eval())
+    model = frozen_for_class_maps(model)
     recipes = {"recipe": recipe}
     if recipe.gating != "label":
         recipes["label_gated"] = dataclasses.replace(recipe, gating="label")
