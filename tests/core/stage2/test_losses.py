@@ -279,6 +279,12 @@ def test_anm_terms_by_hand():
     vertical = sum(abs(q[1, x][c] - q[0, x][c]) for x in range(2) for c in range(3)) / 6
     horizontal = sum(abs(q[y, 1][c] - q[y, 0][c]) for y in range(2) for c in range(3)) / 6
     assert smoothness.item() == pytest.approx(vertical + horizontal, rel=1e-5)
+    # Averaged per pixel instead (N x H x W = 4 entries), the other terms unchanged.
+    per_pixel = anm_terms(extended, mask, tau=0.45, ce_reduction="pixel")
+    assert per_pixel[0].item() == pytest.approx(expected_ce * 12 / 4, rel=1e-5)
+    assert per_pixel[1].item() == pytest.approx(expected_unc, rel=1e-5)
+    with pytest.raises(ConfigError, match="ce_reduction"):
+        anm_terms(extended, mask, tau=0.45, ce_reduction="mean")
 
 
 def test_anm_loss_combines_terms_with_the_epoch_schedule():
@@ -403,4 +409,6 @@ def test_unknown_losses_and_settings_are_explained():
         build_loss(SegmenterConfig(loss="hisynseg"))
     # Settings of another strategy are accepted (a preset's params survive --loss changes).
     assert build_loss(SegmenterConfig(loss="anm", loss_params={"swv_weight": 0.8})).params == {
-        "schedule_epochs": None}
+        "schedule_epochs": None, "ce_reduction": "released"}
+    with pytest.raises(ConfigError, match="ce_reduction"):
+        build_loss(SegmenterConfig(loss="anm", loss_params={"ce_reduction": "sum"}))

@@ -157,12 +157,19 @@ def anm_schedule(epoch: int, total_epochs: int) -> dict[str, float]:
     }
 
 
-def anm_terms(extended_logits: torch.Tensor, mask: torch.Tensor,
-              tau: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+#: How ANM's gated CE is averaged (``anm_terms``).
+ANM_CE_REDUCTIONS = ("released", "pixel")
+
+
+def anm_terms(extended_logits: torch.Tensor, mask: torch.Tensor, tau: float,
+              ce_reduction: str = "released"
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(gated CE, uncertainty, smoothness, gate) of ESFAN's ANM on (C+1)-channel logits.
 
-    The CE is averaged over N x (C+1) x H x W as released (so it is 1/(C+1) of a pixel mean);
-    the gate ``conf > tau`` passes no gradient, ``conf`` itself does in the uncertainty term.
+    ``ce_reduction="released"`` averages the CE over N x (C+1) x H x W as released (so it is
+    1/(C+1) of a pixel mean, a smaller step than plain CE's at the same lr); "pixel" averages
+    it over N x H x W, as plain CE does. The gate ``conf > tau`` passes no gradient, ``conf``
+    itself does in the uncertainty term.
     """
     probs = torch.softmax(extended_logits, dim=1)
     confidence = probs.amax(dim=1)
@@ -172,6 +179,11 @@ def anm_terms(extended_logits: torch.Tensor, mask: torch.Tensor,
     one_hot = F.one_hot(torch.where(valid, mask, 0), channels).permute(0, 3, 1, 2)
     one_hot = one_hot.to(probs.dtype) * valid.unsqueeze(1)
     gated_ce = -(gate.unsqueeze(1) * one_hot * torch.log(probs + 1e-6)).mean()
+    if ce_reduction not in ANM_CE_REDUCTIONS:
+        raise ConfigError(f"ANM's ce_reduction is one of {', '.join(ANM_CE_REDUCTIONS)}, "
+                          f"not {ce_reduction!r}")
+    if ce_reduction == "pixel":
+        gated_ce = gated_ce * channels
     uncertainty = -((1 - confidence) * torch.log(1 - confidence + 1e-6)).mean()
     smoothness = (probs[:, :, 1:, :] - probs[:, :, :-1, :]).abs().mean() \
         + (probs[:, :, :, 1:] - probs[:, :, :, :-1]).abs().mean()
@@ -341,18 +353,25 @@ class AdaptiveNoiseAware(SegmentationLoss):
 
     alpha, beta, gamma and tau ramp linearly over ``schedule_epochs`` (the released 20 for a
     20-epoch run); None ramps over the run's own epochs, so a shorter schedule keeps the shape.
-    The trust map is the confidence gate.
+    ``ce_reduction`` ("released" or "pixel", ``anm_terms``) separates the loss from its step
+    size. The trust map is the confidence gate.
     """
 
-    defaults = {"schedule_epochs": None}
+    defaults = {"schedule_epochs": None, "ce_reduction": "released"}
     part_names = ("gated_ce", "uncertainty", "smoothness")
+
+    def __init__(self, config: SegmenterConfig):
+        super().__init__(config)
+        if self.params["ce_reduction"] not in ANM_CE_REDUCTIONS:
+            raise ConfigError(f"ANM's ce_reduction is one of {', '.join(ANM_CE_REDUCTIONS)}, "
+                              f"not {self.params['ce_reduction']!r}")
 
     def head_loss(self, logits, targets, context):
         span = self.params["schedule_epochs"] or context.total_epochs
         schedule = anm_schedule(context.epoch, span)
         extended = with_background_channel(logits[0], targets.masks[0], context.num_classes)
-        gated_ce, uncertainty, smoothness, gate = anm_terms(extended, targets.masks[0],
-                                                            schedule["tau"])
+        gated_ce, uncertainty, smoothness, gate = anm_terms(
+            extended, targets.masks[0], schedule["tau"], self.params["ce_reduction"])
         loss = schedule["alpha"] * gated_ce + schedule["beta"] * uncertainty \
             + schedule["gamma"] * smoothness
         parts = {"gated_ce": float(gated_ce.detach()), "uncertainty": float(uncertainty.detach()),
