@@ -15,6 +15,7 @@ their throughput on the same model and patches, and the ratios.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from pathlib import Path
 
@@ -74,6 +75,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--patches", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
     device = resolve_device(args.device)
@@ -88,22 +90,31 @@ def main() -> None:
 
     timed(batched, model, images[:2], 2)  # warm-up
     timed(prepared_then_batched, model, images[:2], 2)
-    unfolded_seconds = timed(batched, model, images, args.batch_size)
-    folded_seconds = timed(folded_then_batched, model, images, args.batch_size)
-    batched_seconds = timed(prepared_then_batched, model, images, args.batch_size)
-    loop_seconds = timed(released_loop, model, images)
+    paths = {"loop": (released_loop, ()), "as trained": (batched, (args.batch_size,)),
+             "folded": (folded_then_batched, (args.batch_size,)),
+             "prepared": (prepared_then_batched, (args.batch_size,))}
+    # Interleaved repeats, median per path: one pass of each varies by 10-20 % on a VM.
+    runs = {name: [] for name in paths}
+    for _ in range(args.repeats):
+        for name, (function, extra) in paths.items():
+            runs[name].append(timed(function, model, images, *extra))
+    seconds = {name: statistics.median(times) for name, times in runs.items()}
     count = len(images)
     print(f"{count} patches {size[1]}x{size[0]}, {patches.spec.num_classes} classes, layers "
           f"{', '.join(model.backbone.resolve_layer(n) for n in LAYERS)}, device {device}, "
-          f"{torch.get_num_threads()} threads")
-    print(f"released loop (image x class x layer): {count / loop_seconds:8.2f} patches/s")
+          f"{torch.get_num_threads()} threads, median of {args.repeats} interleaved runs")
+    print(f"released loop (image x class x layer): {count / seconds['loop']:8.2f} patches/s")
     print(f"batched, as trained (batch {args.batch_size}, one backward per class): "
-          f"{count / unfolded_seconds:8.2f} patches/s ({loop_seconds / unfolded_seconds:.1f}x)")
-    print(f"batched, BatchNorm folded only: "
-          f"{count / folded_seconds:8.2f} patches/s ({loop_seconds / folded_seconds:.1f}x)")
+          f"{count / seconds['as trained']:8.2f} patches/s "
+          f"({seconds['loop'] / seconds['as trained']:.1f}x)")
+    print(f"batched, BatchNorm folded only: {count / seconds['folded']:8.2f} patches/s "
+          f"({seconds['loop'] / seconds['folded']:.1f}x)")
     print(f"batched, prepared as the pseudo-mask job (folded, fast depthwise gradients): "
-          f"{count / batched_seconds:8.2f} patches/s")
-    print(f"speed-up: {loop_seconds / batched_seconds:.1f}x")
+          f"{count / seconds['prepared']:8.2f} patches/s")
+    per_run = [loop / prepared for loop, prepared in
+               zip(runs["loop"], runs["prepared"], strict=True)]
+    print(f"speed-up: {seconds['loop'] / seconds['prepared']:.1f}x "
+          f"(per run: {', '.join(f'{ratio:.1f}x' for ratio in per_run)})")
 
 
 if __name__ == "__main__":

@@ -65,6 +65,19 @@ def test_batched_maps_equal_the_per_image_per_class_loop(model, images, method):
                               rtol=tolerance), (layer, method)
 
 
+def test_the_graph_starts_at_the_shallowest_layer_and_its_hook_is_removed(model, images,
+                                                                         monkeypatch):
+    shallowest = model.backbone.layer_module("-3")
+    assert shallowest is not None and not shallowest._forward_hooks
+    recorded = class_activation_maps(model, images, LAYERS, "gradcam").maps
+    assert not shallowest._forward_hooks
+    # A backbone that cannot name the layer's module: the input carries the graph instead.
+    monkeypatch.setattr(type(model.backbone), "layer_module", lambda self, name: None)
+    from_the_input = class_activation_maps(model, images, LAYERS, "gradcam").maps
+    for layer, maps in from_the_input.items():
+        assert torch.allclose(recorded[layer], maps, atol=1e-5 * maps.abs().max()), layer
+
+
 @pytest.mark.parametrize("method", CAM_METHODS.names())
 def test_every_method_maps_every_class_at_the_layer_resolution(model, images, method):
     # "-3" has a side head, so even plain CAMs have a classifier there.

@@ -60,6 +60,14 @@ class Backbone(nn.Module):
     def channels_of(self, name: str) -> int:
         return self.channels[self.layer_names.index(self.resolve_layer(name))]
 
+    def layer_module(self, name: str) -> nn.Module | None:
+        """The module whose output is layer ``name`` (or becomes it without passing another
+        layer), for a forward hook; None where this backbone cannot say."""
+        try:
+            return self.get_submodule(self.resolve_layer(name))
+        except AttributeError:
+            return None
+
 
 # --------------------------------------------------------------------------------------------
 # timm backbones
@@ -98,6 +106,13 @@ class TimmBackbone(Backbone):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return dict(zip(self.layer_names, self.body(x), strict=True))
+
+    def layer_module(self, name: str) -> nn.Module | None:
+        # Models timm wraps in a feature net register their modules under flattened names.
+        try:
+            return self.body.get_submodule(self.resolve_layer(name))
+        except AttributeError:
+            return None
 
     def load_weights(self, state: Mapping[str, torch.Tensor], source) -> None:
         """Load by key names; failing that, by position onto the full timm model's keys."""

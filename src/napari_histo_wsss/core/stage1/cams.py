@@ -95,10 +95,8 @@ def gradient_weighted_maps(
 ) -> ClassMaps:
     """Maps from activations and class gradients (``gradcam``, ``gradcampp``): one backward
     per class gives its gradient at every layer; analytic at the classifier input."""
-    with torch.enable_grad(), _frozen(model):
-        # The parameters are frozen, so the input carries the graph to the activations.
-        inputs = _channels_last(images).detach().requires_grad_(True)
-        logits, activations = model.cam_forward(inputs, layers)
+    with torch.enable_grad(), _frozen(model), _graph_from_shallowest(model, layers) as inputs:
+        logits, activations = model.cam_forward(inputs(images), layers)
         analytic = {name: a for name, a in activations.items() if name == model.feature_layer}
         traced = {name: a for name, a in activations.items() if name not in analytic}
         classes = logits.shape[1]
@@ -149,6 +147,29 @@ def _frozen(model: torch.nn.Module) -> Iterator[None]:
     finally:
         for parameter, flag in flags:
             parameter.requires_grad_(flag)
+
+
+@contextmanager
+def _graph_from_shallowest(model: CamClassifier, layers: tuple[str, ...] | list[str]
+                           ) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+    """Record the graph only from the shallowest requested layer on: a forward hook makes its
+    activation a leaf that needs a gradient, so the layers below it run as in inference
+    (recording them cost a sixth of Grad-CAM's time and no gradient is wanted there). Yields
+    how to prepare the network input; where the backbone cannot name the layer's module, the
+    input itself carries the graph (parameters are frozen)."""
+    backbone = model.backbone
+    shallowest = min((backbone.resolve_layer(name) for name in layers),
+                     key=backbone.layer_names.index)
+    module = backbone.layer_module(shallowest)
+    if module is None:
+        yield lambda images: _channels_last(images).detach().requires_grad_(True)
+        return
+    handle = module.register_forward_hook(
+        lambda _module, _inputs, output: output.detach().requires_grad_(True))
+    try:
+        yield lambda images: _channels_last(images).detach()
+    finally:
+        handle.remove()
 
 
 def _channels_last(images: torch.Tensor) -> torch.Tensor:
