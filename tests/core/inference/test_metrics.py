@@ -7,7 +7,11 @@ import math
 import numpy as np
 import pytest
 
-from napari_histo_wsss.core.inference.metrics import ConfusionMatrix, per_image_spread
+from napari_histo_wsss.core.inference.metrics import (
+    ConfusionMatrix,
+    format_scores,
+    per_image_spread,
+)
 
 
 def test_hand_computed_two_images():
@@ -71,4 +75,10 @@ def test_per_image_spread_leaves_out_undefined_images_and_keeps_their_place():
     assert spread["min"] == pytest.approx(0.1)
     assert spread["p10"] == pytest.approx(np.percentile([0.5, 0.9, 0.1, 0.7], 10))
     assert spread["miou"] == [0.5, None, 0.9, 0.1, 0.7]  # valid JSON, in image order
+    assert spread["worst"] is None  # no names given
     assert per_image_spread([float("nan")])["mean"] is None
+    named = per_image_spread([0.5, float("nan"), 0.1], ["a.png", "b.png", "c.png"])
+    assert named["worst"] == "c.png" and named["names"] == ["a.png", "b.png", "c.png"]
+    assert "worst 10.00 (c.png)" in format_scores(
+        {"miou": 0.3, "fwiou": 0.3, "dice": 0.3, "pixel_accuracy": 0.3, "per_class": {},
+         "per_image": named})

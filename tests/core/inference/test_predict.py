@@ -192,6 +192,8 @@ def test_evaluate_saves_masks_that_score_the_same_as_a_mask_folder(tmp_path, val
         one.update(read_mask(saved, WSSS4LUAD), read_mask(val.mask_paths[index], WSSS4LUAD))
         assert one.scores()["miou"] == pytest.approx(expected)
     assert spread["min"] <= spread["p10"] <= spread["median"]
+    assert spread["names"] == [path.name for path in val.image_paths]
+    assert spread["miou"][spread["names"].index(spread["worst"])] == spread["min"]
 
 
 def test_evaluate_mask_folder_against_ground_truth(tmp_path, val):

@@ -76,18 +76,27 @@ class ConfusionMatrix:
         }
 
 
-def per_image_spread(mious: list[float]) -> dict:
+def per_image_spread(mious: list[float], names: list[str] | None = None) -> dict:
     """How the set's score spreads over its images: mean, median, 10th percentile and worst
-    per-image mIoU, and the values themselves (images whose mIoU is undefined left out).
+    per-image mIoU (images whose mIoU is undefined left out), the values themselves in image
+    order, with the images' ``names`` and the worst one's where given.
 
     The set's mIoU comes from one matrix over all pixels, so a few large images can hide many
     small ones scored badly; this tells a user how far one image of theirs may fall."""
-    values = np.array([v for v in mious if v is not None and np.isfinite(v)], dtype=np.float64)
-    if not values.size:
-        return {"mean": None, "median": None, "p10": None, "min": None, "miou": []}
-    return {"mean": float(values.mean()), "median": float(np.median(values)),
-            "p10": float(np.percentile(values, 10)), "min": float(values.min()),
-            "miou": [_float(float(v)) if v is not None else None for v in mious]}
+    defined = [v is not None and np.isfinite(v) for v in mious]
+    values = np.array([v for v, ok in zip(mious, defined, strict=True) if ok], dtype=np.float64)
+    spread = {"mean": None, "median": None, "p10": None, "min": None, "worst": None,
+              "miou": [float(v) if ok else None for v, ok in zip(mious, defined, strict=True)]}
+    if names is not None:
+        spread["names"] = list(names)
+    if values.size:
+        spread.update(mean=float(values.mean()), median=float(np.median(values)),
+                      p10=float(np.percentile(values, 10)), min=float(values.min()))
+        if names is not None:
+            worst = min((v, i) for i, (v, ok) in enumerate(zip(mious, defined, strict=True))
+                        if ok)[1]
+            spread["worst"] = names[worst]
+    return spread
 
 
 def _nanmean(values: np.ndarray) -> float:
@@ -112,5 +121,7 @@ def format_scores(scores: dict) -> str:
     if spread and spread["mean"] is not None:
         lines.append(f"  per image: mIoU mean {100 * spread['mean']:.2f}  median "
                      f"{100 * spread['median']:.2f}  10th pct {100 * spread['p10']:.2f}  "
-                     f"worst {100 * spread['min']:.2f}  ({len(spread['miou'])} images)")
+                     f"worst {100 * spread['min']:.2f}"
+                     + (f" ({spread['worst']})" if spread.get("worst") else "")
+                     + f"  ({len(spread['miou'])} images)")
     return "\n".join(lines)

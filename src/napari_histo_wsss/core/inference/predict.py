@@ -259,7 +259,8 @@ def evaluate(predictor: SegmentationPredictor, eval_set: EvalSet, *,
             name = eval_set.image_paths[index].with_suffix(".png").name
             write_palette_mask(Path(save_masks) / name, labels, predictor.spec)
     return {**matrix.scores(predictor.spec.class_names), "images": len(eval_set),
-            "per_image": per_image_spread(image_mious)}
+            "per_image": per_image_spread(image_mious,
+                                          [path.name for path in eval_set.image_paths])}
 
 
 def evaluate_mask_folder(folder: str | Path, eval_set: EvalSet) -> dict[str, Any]:
