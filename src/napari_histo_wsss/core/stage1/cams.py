@@ -127,7 +127,7 @@ def frozen_for_class_maps(model: CamClassifier) -> CamClassifier:
     """An eval-mode working copy of ``model`` for making many class maps: BatchNorms folded
     into their convolutions (``models.folding``) and depthwise convolutions' input gradients
     on the forward kernel (``models.depthwise_gradient``); the same maps up to rounding, about
-    three times faster on a CPU. ``model`` itself is not changed."""
+    twice as fast on a CPU. ``model`` itself is not changed."""
     prepared = fold_batchnorm(model.eval())
     if prepared is model:
         prepared = copy.deepcopy(model)

@@ -161,6 +161,12 @@ def anm_schedule(epoch: int, total_epochs: int) -> dict[str, float]:
 ANM_CE_REDUCTIONS = ("released", "pixel")
 
 
+def _check_anm_ce_reduction(ce_reduction: str) -> None:
+    if ce_reduction not in ANM_CE_REDUCTIONS:
+        raise ConfigError(f"ANM's ce_reduction is one of {', '.join(ANM_CE_REDUCTIONS)}, "
+                          f"not {ce_reduction!r}")
+
+
 def anm_terms(extended_logits: torch.Tensor, mask: torch.Tensor, tau: float,
               ce_reduction: str = "released"
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -179,9 +185,7 @@ def anm_terms(extended_logits: torch.Tensor, mask: torch.Tensor, tau: float,
     one_hot = F.one_hot(torch.where(valid, mask, 0), channels).permute(0, 3, 1, 2)
     one_hot = one_hot.to(probs.dtype) * valid.unsqueeze(1)
     gated_ce = -(gate.unsqueeze(1) * one_hot * torch.log(probs + 1e-6)).mean()
-    if ce_reduction not in ANM_CE_REDUCTIONS:
-        raise ConfigError(f"ANM's ce_reduction is one of {', '.join(ANM_CE_REDUCTIONS)}, "
-                          f"not {ce_reduction!r}")
+    _check_anm_ce_reduction(ce_reduction)
     if ce_reduction == "pixel":
         gated_ce = gated_ce * channels
     uncertainty = -((1 - confidence) * torch.log(1 - confidence + 1e-6)).mean()
@@ -362,9 +366,7 @@ class AdaptiveNoiseAware(SegmentationLoss):
 
     def __init__(self, config: SegmenterConfig):
         super().__init__(config)
-        if self.params["ce_reduction"] not in ANM_CE_REDUCTIONS:
-            raise ConfigError(f"ANM's ce_reduction is one of {', '.join(ANM_CE_REDUCTIONS)}, "
-                              f"not {self.params['ce_reduction']!r}")
+        _check_anm_ce_reduction(self.params["ce_reduction"])  # at build, not at the first step
 
     def head_loss(self, logits, targets, context):
         span = self.params["schedule_epochs"] or context.total_epochs
