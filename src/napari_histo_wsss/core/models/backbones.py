@@ -64,9 +64,13 @@ class Backbone(nn.Module):
         """The module whose output is layer ``name`` (or becomes it without passing another
         layer), for a forward hook; None where this backbone cannot say."""
         try:
-            return self.get_submodule(self.resolve_layer(name))
-        except AttributeError:
+            return self.layer_root().get_submodule(self.resolve_layer(name))
+        except AttributeError:  # e.g. timm feature nets that flatten module names
             return None
+
+    def layer_root(self) -> nn.Module:
+        """The module that layer names are paths in."""
+        return self
 
 
 # --------------------------------------------------------------------------------------------
@@ -107,12 +111,8 @@ class TimmBackbone(Backbone):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return dict(zip(self.layer_names, self.body(x), strict=True))
 
-    def layer_module(self, name: str) -> nn.Module | None:
-        # Models timm wraps in a feature net register their modules under flattened names.
-        try:
-            return self.body.get_submodule(self.resolve_layer(name))
-        except AttributeError:
-            return None
+    def layer_root(self) -> nn.Module:
+        return self.body
 
     def load_weights(self, state: Mapping[str, torch.Tensor], source) -> None:
         """Load by key names; failing that, by position onto the full timm model's keys."""
