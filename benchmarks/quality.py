@@ -118,9 +118,9 @@ def seed_summary_table(rows: list[dict], class_names: list[str]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for (method, strategy), group in groups.items():
         cells = [method, strategy, ",".join(str(row["seed"]) for row in group)]
+        figures = [row_values(row, class_names) for row in group]
         for column in columns:
-            values = [row_values(row, class_names)[column] for row in group]
-            values = [100 * v for v in values if v is not None]
+            values = [100 * row[column] for row in figures if row[column] is not None]
             if not values:
                 cells.append("n/a")
             elif len(values) == 1:

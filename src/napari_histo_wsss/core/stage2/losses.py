@@ -177,6 +177,7 @@ def anm_terms(extended_logits: torch.Tensor, mask: torch.Tensor, tau: float,
     it over N x H x W, as plain CE does. The gate ``conf > tau`` passes no gradient, ``conf``
     itself does in the uncertainty term.
     """
+    _check_anm_ce_reduction(ce_reduction)
     probs = torch.softmax(extended_logits, dim=1)
     confidence = probs.amax(dim=1)
     gate = (confidence > tau).to(probs.dtype)
@@ -185,7 +186,6 @@ def anm_terms(extended_logits: torch.Tensor, mask: torch.Tensor, tau: float,
     one_hot = F.one_hot(torch.where(valid, mask, 0), channels).permute(0, 3, 1, 2)
     one_hot = one_hot.to(probs.dtype) * valid.unsqueeze(1)
     gated_ce = -(gate.unsqueeze(1) * one_hot * torch.log(probs + 1e-6)).mean()
-    _check_anm_ce_reduction(ce_reduction)
     if ce_reduction == "pixel":
         gated_ce = gated_ce * channels
     uncertainty = -((1 - confidence) * torch.log(1 - confidence + 1e-6)).mean()
