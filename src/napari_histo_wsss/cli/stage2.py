@@ -152,8 +152,11 @@ def cmd_train_segmenter(args) -> int:
     metrics_path = run.segmenter_dir(strategy) / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     if metrics.get("best_val"):
+        paired = "; this network alone, before its companion joins it" \
+            if config.segmenter.companion else ""
         print(f"best on val (epoch {metrics.get('best_epoch')} of {metrics.get('epochs')}, "
-              f"kept as model.pt):\n{format_scores(metrics['best_val'])}", file=sys.stderr)
+              f"kept as model.pt{paired}):\n{format_scores(metrics['best_val'])}",
+              file=sys.stderr)
     if val is not None and (config.segmenter.class_gate is not None
                             or config.segmenter.fit_class_offsets):
         from ..core.inference.calibration import make_val_choices

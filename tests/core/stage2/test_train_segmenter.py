@@ -1,4 +1,5 @@
-"""Stage-2 training on the bundled real patches with pseudo-masks written here."""
+"""Stage-2 training on the bundled real patches with pseudo-masks written here, and the companion
+network a recipe trains beside the strategy's own (averaged by every predictor)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+from napari_histo_wsss.core.config.presets import preset
 from napari_histo_wsss.core.config.run_config import RunConfig, SegmenterConfig
+from napari_histo_wsss.core.corrections.finetune import keep_companion
 from napari_histo_wsss.core.data.datasets import EvalSet, find_dataset, write_palette_mask
 from napari_histo_wsss.core.errors import ConfigError, DatasetError
 from napari_histo_wsss.core.events import (
@@ -22,8 +25,10 @@ from napari_histo_wsss.core.events import (
     Started,
     StopToken,
 )
+from napari_histo_wsss.core.inference.predict import load_predictor
 from napari_histo_wsss.core.models.classifier import build_classifier
-from napari_histo_wsss.core.models.segmenter import load_segmenter
+from napari_histo_wsss.core.models.ensemble import COMPANION_FOLDER, SegmenterEnsemble
+from napari_histo_wsss.core.models.segmenter import load_segmenter, normalise
 from napari_histo_wsss.core.runs.checkpoints import load_checkpoint, save_checkpoint
 from napari_histo_wsss.core.runs.run_dir import RunDirectory
 from napari_histo_wsss.core.stage2.losses import IGNORE_INDEX
@@ -539,3 +544,99 @@ def test_a_corrected_patch_is_corrected_in_every_context_window_that_shows_it(tm
 def test_a_negative_context_is_refused():
     with pytest.raises(ConfigError, match="context"):
         SegmenterConfig(context=-1).validate()
+
+
+# --------------------------------------------------------------------------------------------
+# The companion network (SegmenterConfig.companion)
+
+#: The recipe's pair, small: a DeepLabV3+ (which exports at any size) with a PSPNet companion.
+PAIR = {"arch": "deeplabv3plus", "encoder_depth": None, "epochs": 1,
+        "companion": {"arch": "pspnet", "encoder_depth": 3}}
+
+
+def test_the_companion_trains_first_and_the_predictor_averages_both(tmp_path, patches,
+                                                                     layout, monkeypatch):
+    run, config = make_run(tmp_path / "run", patches, layout, **PAIR)
+    events = list(train_segmenter(run, config, patches, device="cpu"))
+    started = [e.stage for e in events if isinstance(e, Started)]
+    assert started == ["segmenter:ce companion", "segmenter:ce"]
+    dones = [e for e in events if isinstance(e, Done)]
+    assert len(dones) == 1 and dones[0] is events[-1] and dones[0].stage == "segmenter:ce"
+    assert run.is_complete("segmenter:ce")
+    assert run.segmenter_strategies() == ["ce"]  # the companion is no strategy of its own
+
+    companion_path = run.segmenter_dir("ce") / COMPANION_FOLDER / "model.pt"
+    partner, payload = load_segmenter(companion_path)
+    assert payload["config"]["run"]["segmenter"]["arch"] == "pspnet"
+    own, _ = load_segmenter(run.segmenter_checkpoint("ce"))
+    predictor = load_predictor(run.root, "cpu", "ce", use_class_gate=False)
+    assert isinstance(predictor.model, SegmenterEnsemble)
+    assert predictor.config["companion"] == str(companion_path)
+
+    image = patches.image(0)[:150, :140]  # a side no encoder stride divides
+    probabilities = predictor.predict_batch(image[None])[0]
+    x = normalise(torch.from_numpy(image[None].copy()), predictor.mean, predictor.std)
+    x = torch.nn.functional.pad(x, (0, 4, 0, 10), mode="reflect")  # to 16's multiples
+    with torch.no_grad():
+        expected = (torch.softmax(own(x).logits, 1) + torch.softmax(partner(x).logits, 1)) / 2
+    np.testing.assert_allclose(probabilities, expected[0, :, :150, :140].numpy(), atol=1e-5)
+
+    # An exported engine runs the strategy's network; the companion joins it in torch.
+    monkeypatch.delenv("HISTO_WSSS_ENGINE", raising=False)  # the suite forces torch
+    exported = load_predictor(run.root, "cpu", "ce", use_class_gate=False,
+                              engine="onnxruntime")
+    assert exported.engine.name == "onnxruntime" and "companion" in exported.engine.note
+    np.testing.assert_allclose(exported.predict_batch(image[None])[0], probabilities,
+                               atol=1e-4)
+
+
+def test_a_stop_in_the_companion_stops_the_job_and_resume_finishes_both(tmp_path, patches,
+                                                                        layout):
+    run, config = make_run(tmp_path / "run", patches, layout, **PAIR)
+    stop = StopToken()
+    first = []
+    for event in train_segmenter(run, config, patches, device="cpu", stop=stop):
+        first.append(event)
+        if isinstance(event, Batch):
+            stop.request()
+    assert isinstance(first[-1], Done) and first[-1].stopped
+    assert first[-1].stage == "segmenter:ce"
+    assert not run.segmenter_checkpoint("ce").exists() and not run.is_complete("segmenter:ce")
+
+    second = list(train_segmenter(run, config, patches, device="cpu"))
+    resumed = [(e.stage, e.epoch, e.index) for e in second if isinstance(e, Batch)]
+    assert resumed[0] == ("segmenter:ce companion", 0, 1)
+    assert not second[-1].stopped and run.is_complete("segmenter:ce")
+    assert isinstance(load_predictor(run.root, "cpu", "ce").model, SegmenterEnsemble)
+
+
+def test_companion_settings_are_checked():
+    assert SegmenterConfig().companion_settings() is None
+    settings = SegmenterConfig(companion={"arch": "pspnet", "encoder_depth": 3,
+                                          "targets": ["final"]}).companion_settings()
+    assert (settings.arch, settings.encoder_depth, settings.targets) == ("pspnet", 3, ("final",))
+    assert settings.companion == {}
+    with pytest.raises(ConfigError, match="cannot change tta"):
+        SegmenterConfig(companion={"tta": "d4"}).validate()
+    with pytest.raises(ConfigError, match="unknown settings \\['depth'\\]"):
+        SegmenterConfig(companion={"depth": 3}).validate()
+    with pytest.raises(ConfigError, match="epochs"):
+        SegmenterConfig(companion={"epochs": 0}).validate()
+
+
+def test_the_recipe_companion_gets_esfans_image_budget():
+    for schedule, epochs in (("fast", 4), ("long", 9), ("paper", 20)):
+        companion = preset("recommended", schedule, num_patches=557).segmenter.companion
+        assert companion["arch"] == "pspnet" and companion["epochs"] == epochs
+    assert not preset("esfan", "fast", num_patches=557).segmenter.companion
+
+
+def test_a_fine_tune_keeps_the_companion(tmp_path):
+    folder = tmp_path / "segmenter" / "ce"
+    (folder / COMPANION_FOLDER).mkdir(parents=True)
+    (folder / COMPANION_FOLDER / "model.pt").write_bytes(b"companion weights")
+    corrected = tmp_path / "segmenter" / "ce-corrections"
+    keep_companion(folder / "model.pt", corrected)
+    assert (corrected / COMPANION_FOLDER / "model.pt").read_bytes() == b"companion weights"
+    keep_companion(tmp_path / "bare" / "model.pt", tmp_path / "nothing")  # none to copy
+    assert not (tmp_path / "nothing").exists()

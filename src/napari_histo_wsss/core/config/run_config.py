@@ -151,6 +151,11 @@ class PseudoMaskConfig:
                 fuse_weights=self.fuse_weights)
 
 
+#: Settings the companion segmenter shares with its strategy's network (prediction-level).
+COMPANION_SHARED = frozenset({"companion", "normalise", "class_gate", "fit_class_offsets",
+                              "tta"})
+
+
 @dataclass
 class SegmenterConfig:
     """Stage 2: the segmenter and its noise-suppression strategy."""
@@ -207,6 +212,27 @@ class SegmenterConfig:
     #: the raw weights (None: off). 0.99 averages over about the last 100 steps; short runs
     #: average over at most their last quarter (``train_segmenter.average_decay``).
     weight_average: float | None = None
+    #: A second network trained after this one on the same pseudo-masks, given as the
+    #: settings it changes (e.g. ``{"arch": "pspnet", "encoder_depth": 3}``); prediction
+    #: averages the two networks' class probabilities (docs/algorithms.md 14). Empty: none.
+    companion: dict[str, Any] = field(default_factory=dict)
+
+    def companion_settings(self) -> SegmenterConfig | None:
+        """The companion network's full settings, or None where there is none."""
+        if not self.companion:
+            return None
+        fixed = sorted(set(self.companion) & COMPANION_SHARED)
+        if fixed:
+            raise ConfigError(f"segmenter.companion cannot change {', '.join(fixed)}: the two "
+                              "networks are one predictor, with one normalisation, gate, "
+                              "offsets and test-time augmentation")
+        changes = {**self.companion, "companion": {}}
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ConfigError(f"unknown settings {unknown} in segmenter.companion")
+        return dataclasses.replace(self, **{
+            key: tuple(value) if isinstance(value, list) else value
+            for key, value in changes.items()})
 
     def validate(self) -> None:
         if self.encoder_init not in ENCODER_INITS:
@@ -228,6 +254,9 @@ class SegmenterConfig:
         require("segmenter", _is_non_negative, momentum=self.momentum, min_lr=self.min_lr,
                 weight_decay=self.weight_decay, target_weights=self.target_weights,
                 class_gate=self.class_gate)
+        companion = self.companion_settings()
+        if companion is not None:
+            companion.validate()
 
 
 @dataclass

@@ -14,6 +14,7 @@ towards the starting model's own prediction. It is resumable like any stage: sam
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Generator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -26,6 +27,7 @@ from ..data.datasets import EvalSet, PatchSet, read_rgb
 from ..errors import CheckpointError, DatasetError
 from ..events import Event, StopToken
 from ..inference.predict import SegmentationPredictor, load_predictor, predict_image
+from ..models.ensemble import COMPANION_FOLDER, companion_checkpoint
 from ..runs.run_dir import RunDirectory
 from ..stage2.losses import IGNORE_INDEX
 from ..stage2.sparse_labels import SparseLabels
@@ -66,10 +68,20 @@ def finetune_with_corrections(
     settings = replace(config.segmenter, epochs=epochs,
                        lr=config.segmenter.lr * FINETUNE_LR_SCALE)
     config = replace(config, segmenter=settings)
+    keep_companion(start, run.segmenter_dir(corrected_strategy(base)))
     yield from train_segmenter(run, config, patches, only=chosen,
                                strategy=corrected_strategy(base), device=device, stop=stop,
                                resume=resume, val=val, corrections=sparse, init_from=start,
                                preview=preview)
+
+
+def keep_companion(start: Path, folder: Path) -> None:
+    """The fine-tune moves the strategy's own network; its companion network (where the
+    recipe has one) is copied unchanged, so the corrected strategy predicts as a pair too."""
+    companion = companion_checkpoint(start)
+    if companion is not None:
+        (folder / COMPANION_FOLDER).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(companion, folder / COMPANION_FOLDER / "model.pt")
 
 
 def replay_patches(patches: PatchSet, sparse: Sequence[SparseLabels], per_image: int,

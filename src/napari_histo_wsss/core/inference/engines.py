@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import math
 import os
 import sys
 import tempfile
@@ -106,6 +107,22 @@ def torch_engine(model: nn.Module, precision: str, device: torch.device) -> Engi
             return model(x).logits.float()
 
     return Engine("torch", precision if dtype is not None else "fp32", forward)
+
+
+def averaged_with(engine: Engine, companions: list[nn.Module]) -> Engine:
+    """``engine``'s network averaged with companion networks run in torch (``core.models.
+    ensemble``): log of the mean softmax. The strategy's network is the one worth exporting;
+    a companion can be a network that exports only at fixed sizes (PSPNet), which would need
+    one export per image size."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            logits = [engine(x), *(companion(x).logits.float() for companion in companions)]
+        log_probabilities = torch.stack([torch.log_softmax(value, dim=1) for value in logits])
+        return torch.logsumexp(log_probabilities, dim=0) - math.log(len(logits))
+
+    note = "; ".join(filter(None, [engine.note, "its companion network runs in torch"]))
+    return Engine(engine.name, engine.precision, forward, note)
 
 
 class LogitsOnly(nn.Module):

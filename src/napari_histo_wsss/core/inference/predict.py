@@ -23,10 +23,11 @@ from ..data.classes import DatasetSpec
 from ..data.datasets import EvalSet, read_mask, write_palette_mask
 from ..devices import autocast_dtype, resolve_device
 from ..errors import CheckpointError, ConfigError, DatasetError
-from ..models.segmenter import Segmenter, load_segmenter, normalise
+from ..models.ensemble import SegmenterEnsemble, companion_checkpoint, load_with_companion
+from ..models.segmenter import Segmenter, normalise
 from ..registry import Registry
 from ..runs.run_dir import RunDirectory
-from .engines import Engine, ExportCache, torch_engine
+from .engines import Engine, ExportCache, averaged_with, torch_engine
 from .metrics import ConfusionMatrix, per_image_spread
 
 #: MSV's test scales (relative to the native patch size), softmax-averaged.
@@ -100,10 +101,10 @@ def window_origins(height: int, width: int, win_h: int, win_w: int,
 class SegmentationPredictor:
     """A segmenter with its normalisation, TTA and optional class gate, ready for images."""
 
-    def __init__(self, model: Segmenter, spec: DatasetSpec, *, mean, std, input_size: int,
-                 mpp: float | None = None, tta: str = "none", gate: ClassGate | None = None,
-                 config: dict[str, Any] | None = None, engine: Engine | None = None,
-                 class_offsets: np.ndarray | None = None):
+    def __init__(self, model: Segmenter | SegmenterEnsemble, spec: DatasetSpec, *, mean, std,
+                 input_size: int, mpp: float | None = None, tta: str = "none",
+                 gate: ClassGate | None = None, config: dict[str, Any] | None = None,
+                 engine: Engine | None = None, class_offsets: np.ndarray | None = None):
         TTA_MODES.check(tta)
         self.model = model.eval()
         self.spec = spec
@@ -316,7 +317,7 @@ def load_predictor(source: str | Path, device: torch.device | str | None = "auto
     """
     device = device if isinstance(device, torch.device) else resolve_device(device)
     checkpoint, run_root = _find_checkpoint(Path(source).expanduser(), strategy)
-    model, payload = load_segmenter(checkpoint, device)
+    model, payload = load_with_companion(checkpoint, device)
     saved = payload["config"]
     config = RunConfig.from_dict(saved["run"])
     gate = None
@@ -335,8 +336,11 @@ def load_predictor(source: str | Path, device: torch.device | str | None = "auto
     from .engine_choice import build_engine
 
     exports = device.type == "cpu" and engine != "torch"
-    runner = build_engine(model, engine, precision, device=device, mean=mean, std=std,
+    own = model.members[0] if exports and isinstance(model, SegmenterEnsemble) else model
+    runner = build_engine(own, engine, precision, device=device, mean=mean, std=std,
                           cache=ExportCache.beside(checkpoint) if exports else None)
+    if own is not model:  # the strategy's network exported, its companion in torch
+        runner = averaged_with(runner, list(model.members[1:]))
     return SegmentationPredictor(
         model, spec, mean=mean, std=std,
         input_size=saved["input_size"], mpp=config.mpp, tta=tta or config.segmenter.tta,
@@ -344,6 +348,7 @@ def load_predictor(source: str | Path, device: torch.device | str | None = "auto
         class_offsets=_class_offsets(checkpoint.parent / CLASS_OFFSETS_FILE, spec)
         if use_class_offsets else None,
         config={"checkpoint": str(checkpoint), "strategy": saved["strategy"],
+                "companion": str(companion_checkpoint(checkpoint) or "") or None,
                 "arch": config.segmenter.arch, "encoder": config.segmenter.encoder,
                 "method": config.method},
     )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Generator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from ..inference.predict import (
     json_ready,
     predict_image,
 )
+from ..models.ensemble import COMPANION_FOLDER
 from ..models.segmenter import (
     SEGMENTER_KIND,
     Segmenter,
@@ -137,9 +139,22 @@ def train_segmenter(
         config = extend_stage(run, config, segmenter_stage(strategy),
                               run.segmenter_dir(strategy) / "last.pt", SEGMENTER_KIND,
                               more_epochs)
+    stop = stop or StopToken()
+    companion = settings.companion_settings()
+    if companion is not None and not (more_epochs or corrections or init_from or only):
+        partner = SegmenterTrainer(run, replace(config, segmenter=companion), patches, strategy,
+                                   device, resume, val, folder=companion_dir(run, strategy))
+        if not (yield from run_epochs(partner, stop)):
+            return
+        del partner  # its network and samples, before the next network's are built
     trainer = SegmenterTrainer(run, config, patches, strategy, device, resume, val, only)
     trainer.add_corrections(corrections, init_from, preview)
-    yield from run_epochs(trainer, stop or StopToken())
+    yield from run_epochs(trainer, stop)
+
+
+def companion_dir(run: RunDirectory, strategy: str) -> Path:
+    """Where ``strategy``'s companion network is trained (``SegmenterConfig.companion``)."""
+    return run.segmenter_dir(strategy) / COMPANION_FOLDER
 
 
 class SegmenterTrainer(EpochTrainer):
@@ -148,11 +163,13 @@ class SegmenterTrainer(EpochTrainer):
 
     def __init__(self, run: RunDirectory, config: RunConfig, patches: PatchSet, strategy: str,
                  device: torch.device, resume: bool, val: EvalSet | None,
-                 only: Sequence[int] | None = None):
+                 only: Sequence[int] | None = None, folder: Path | None = None):
         self.run, self.config, self.patches, self.val = run, config, patches, val
         self.settings = settings = config.segmenter
         self.strategy, self.device, self.spec = strategy, device, patches.spec
         self.stage = self.done_stage = segmenter_stage(strategy)
+        if folder is not None:  # the companion: the first part of the strategy's job
+            self.stage, self.final = f"{self.stage} {COMPANION_FOLDER}", False
         self.epochs = config.stage_epochs(self.stage, settings.epochs)
         self.loss_fn = build_loss(settings)
         patches.decode_all()
@@ -162,7 +179,7 @@ class SegmenterTrainer(EpochTrainer):
         self.source_patches = patches
         self.patch_targets = read_pseudo_masks(run, settings.targets, patches)
         self.patches, self.targets = self._samples(patches, self.patch_targets)
-        self.folder = run.segmenter_dir(strategy)
+        self.folder = folder or run.segmenter_dir(strategy)
         self.last_path, self.model_path = self.folder / "last.pt", self.folder / "model.pt"
         if distributed.is_main_process():
             self._clear_outputs(resume)
