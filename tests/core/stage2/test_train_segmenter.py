@@ -16,7 +16,7 @@ from napari_histo_wsss.core.config.presets import preset
 from napari_histo_wsss.core.config.run_config import RunConfig, SegmenterConfig
 from napari_histo_wsss.core.corrections.finetune import keep_companion
 from napari_histo_wsss.core.data.datasets import EvalSet, find_dataset, write_palette_mask
-from napari_histo_wsss.core.errors import ConfigError, DatasetError
+from napari_histo_wsss.core.errors import CheckpointError, ConfigError, DatasetError
 from napari_histo_wsss.core.events import (
     Batch,
     CheckpointSaved,
@@ -588,6 +588,16 @@ def test_the_companion_trains_first_and_the_predictor_averages_both(tmp_path, pa
     assert exported.engine.name == "onnxruntime" and "companion" in exported.engine.note
     np.testing.assert_allclose(exported.predict_batch(image[None])[0], probabilities,
                                atol=1e-4)
+
+
+def test_a_damaged_companion_is_named_when_the_predictor_loads(tmp_path, patches, layout):
+    run, config = make_run(tmp_path / "run", patches, layout, **PAIR)
+    list(train_segmenter(run, config, patches, device="cpu"))
+    companion = run.segmenter_dir("ce") / COMPANION_FOLDER / "model.pt"
+    companion.write_bytes(companion.read_bytes()[:1000])  # a copy cut short
+    with pytest.raises(CheckpointError) as error:
+        load_predictor(run.root, "cpu", "ce")
+    assert str(companion) in str(error.value)
 
 
 def test_a_stop_in_the_companion_stops_the_job_and_resume_finishes_both(tmp_path, patches,
