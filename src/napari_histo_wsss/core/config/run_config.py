@@ -212,9 +212,10 @@ class SegmenterConfig:
     #: the raw weights (None: off). 0.99 averages over about the last 100 steps; short runs
     #: average over at most their last quarter (``train_segmenter.average_decay``).
     weight_average: float | None = None
-    #: A second network trained after this one on the same pseudo-masks, given as the
-    #: settings it changes (e.g. ``{"arch": "pspnet", "encoder_depth": 3}``); prediction
-    #: averages the two networks' class probabilities (docs/algorithms.md 14). Empty: none.
+    #: A second network trained on the same pseudo-masks (before this one, in the same job),
+    #: given as the settings it changes (e.g. ``{"arch": "pspnet", "encoder_depth": 3}``);
+    #: prediction averages the two networks' class probabilities (docs/algorithms.md 14).
+    #: Empty: none.
     companion: dict[str, Any] = field(default_factory=dict)
 
     def companion_settings(self) -> SegmenterConfig | None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import math
 import os
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from torch import nn
 
 from ..devices import autocast_dtype
 from ..errors import ConfigError
+from ..models.ensemble import log_mean_softmax
 from .engine_names import ENGINE_CHOICES, EXPORT_ENGINES, PRECISIONS
 
 #: Input layout of the exported model; part of the cache key (a new layout re-exports).
@@ -117,9 +117,8 @@ def averaged_with(engine: Engine, companions: list[nn.Module]) -> Engine:
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            logits = [engine(x), *(companion(x).logits.float() for companion in companions)]
-        log_probabilities = torch.stack([torch.log_softmax(value, dim=1) for value in logits])
-        return torch.logsumexp(log_probabilities, dim=0) - math.log(len(logits))
+            return log_mean_softmax([engine(x), *(companion(x).logits
+                                                  for companion in companions)])
 
     note = "; ".join(filter(None, [engine.note, "its companion network runs in torch"]))
     return Engine(engine.name, engine.precision, forward, note)

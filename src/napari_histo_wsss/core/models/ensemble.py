@@ -39,10 +39,14 @@ class SegmenterEnsemble(nn.Module):
         return math.lcm(*(member.input_multiple for member in self.members))
 
     def forward(self, x: torch.Tensor) -> SegmenterOutput:
-        log_probabilities = torch.stack([torch.log_softmax(member(x).logits.float(), dim=1)
-                                         for member in self.members])
-        return SegmenterOutput(torch.logsumexp(log_probabilities, dim=0)
-                               - math.log(len(self.members)))
+        return SegmenterOutput(log_mean_softmax([member(x).logits for member in self.members]))
+
+
+def log_mean_softmax(logits: list[torch.Tensor]) -> torch.Tensor:
+    """log of the mean of the networks' class probabilities, (N, C, H, W) each: logits whose
+    softmax is the average (the gate's -inf and the offsets then apply as to one network)."""
+    log_probabilities = torch.stack([torch.log_softmax(value.float(), dim=1) for value in logits])
+    return torch.logsumexp(log_probabilities, dim=0) - math.log(len(logits))
 
 
 def companion_checkpoint(checkpoint: Path) -> Path | None:
