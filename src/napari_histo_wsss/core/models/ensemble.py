@@ -30,8 +30,6 @@ class SegmenterEnsemble(nn.Module):
     def __init__(self, members: list[Segmenter]):
         super().__init__()
         self.members = nn.ModuleList(members)
-        self.num_classes = members[0].num_classes
-        self.aux_head = self.cam_head = None
 
     @property
     def input_multiple(self) -> int:

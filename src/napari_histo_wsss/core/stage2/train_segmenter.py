@@ -143,18 +143,14 @@ def train_segmenter(
     companion = settings.companion_settings()
     if companion is not None and not (more_epochs or corrections or init_from or only):
         partner = SegmenterTrainer(run, replace(config, segmenter=companion), patches, strategy,
-                                   device, resume, val, folder=companion_dir(run, strategy))
+                                   device, resume, val,
+                                   folder=run.segmenter_dir(strategy) / COMPANION_FOLDER)
         if not (yield from run_epochs(partner, stop)):
             return
         del partner  # its network and samples, before the next network's are built
     trainer = SegmenterTrainer(run, config, patches, strategy, device, resume, val, only)
     trainer.add_corrections(corrections, init_from, preview)
     yield from run_epochs(trainer, stop)
-
-
-def companion_dir(run: RunDirectory, strategy: str) -> Path:
-    """Where ``strategy``'s companion network is trained (``SegmenterConfig.companion``)."""
-    return run.segmenter_dir(strategy) / COMPANION_FOLDER
 
 
 class SegmenterTrainer(EpochTrainer):
