@@ -318,6 +318,7 @@ def load_predictor(source: str | Path, device: torch.device | str | None = "auto
     device = device if isinstance(device, torch.device) else resolve_device(device)
     checkpoint, run_root = _find_checkpoint(Path(source).expanduser(), strategy)
     model, payload = load_with_companion(checkpoint, device)
+    companion = companion_checkpoint(checkpoint) if isinstance(model, SegmenterEnsemble) else None
     saved = payload["config"]
     config = RunConfig.from_dict(saved["run"])
     gate = None
@@ -348,7 +349,7 @@ def load_predictor(source: str | Path, device: torch.device | str | None = "auto
         class_offsets=_class_offsets(checkpoint.parent / CLASS_OFFSETS_FILE, spec)
         if use_class_offsets else None,
         config={"checkpoint": str(checkpoint), "strategy": saved["strategy"],
-                "companion": str(companion_checkpoint(checkpoint) or "") or None,
+                "companion": str(companion) if companion else None,
                 "arch": config.segmenter.arch, "encoder": config.segmenter.encoder,
                 "method": config.method},
     )

@@ -5,7 +5,8 @@ A recipe may train a second, different network on the same pseudo-masks
 different depth and input regime make different mistakes on new images, so their averaged
 class probabilities score above either (docs/results.md). The pair is one ``nn.Module`` whose
 logits are the log of the mean softmax, so everything downstream (the class gate, offsets,
-TTA, tiling, exported CPU engines) treats it as a single segmenter.
+TTA, tiling) treats it as a single segmenter; exported CPU engines run the strategy's network
+and average the companion in torch (``inference.engines.averaged_with``).
 """
 
 from __future__ import annotations
