@@ -35,6 +35,11 @@ def positive_float(text: str) -> float:
     return _number(float, text, 0.0, False, "a number above 0")
 
 
+def non_negative_float(text: str) -> float:
+    """argparse type of weights that 0 turns off: a finite number of at least 0."""
+    return _number(float, text, 0.0, True, "a number of at least 0")
+
+
 def add_device_flag(parser: argparse.ArgumentParser, default: str = "auto") -> None:
     """``--device``; ``default`` only names what an absent flag means (the run's, or auto)."""
     parser.add_argument("--device", help=f"auto, cpu, cuda, cuda:N or mps (default: {default})")
@@ -152,6 +157,14 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=PRECISIONS,
                         help="fp32 or bf16 (default: auto picks; bf16 only where its labels "
                              "agree with fp32 on 99.5 %% of a real tile's pixels)")
+
+
+def add_appearance_flag(parser: argparse.ArgumentParser) -> None:
+    """``--appearance-weight``: each image's own colour/texture model on the boundaries."""
+    parser.add_argument("--appearance-weight", metavar="W", type=non_negative_float,
+                        help="weight of each image's (or tile's) own colour/texture model on "
+                             "the predicted boundaries; 0 turns it off (default: the "
+                             "method's; docs/algorithms.md 15)")
 
 
 def print_engine_note(predictor) -> None:

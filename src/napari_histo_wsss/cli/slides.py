@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..core.inference.tiling import BLEND_MODES
 from .flags import (
+    add_appearance_flag,
     add_batch_size_flag,
     add_device_flag,
     add_engine_flags,
@@ -56,6 +57,7 @@ def add_slides_parsers(commands) -> None:
     add_batch_size_flag(parser, "tiles per batch (default 8)")
     add_device_flag(parser)
     add_engine_flags(parser)
+    add_appearance_flag(parser)
     parser.add_argument("--no-tissue-mask", action="store_true",
                         help="predict every tile, background included")
     parser.add_argument("--no-resume", action="store_true",
@@ -81,7 +83,8 @@ def cmd_segment_slide(args) -> int:
         "blend": args.blend, "batch_size": args.batch_size,
         "tissue_mask": not args.no_tissue_mask, "resume": not args.no_resume,
     }
-    engine = {"engine": args.engine, "precision": args.precision}
+    engine = {"engine": args.engine, "precision": args.precision,
+              "appearance_weight": args.appearance_weight}
     if args.scheduler:
         predictor = partial(load_predictor, args.run_dir, args.device, **engine)
     else:

@@ -17,6 +17,7 @@ from pathlib import Path
 from ..core.registry import RegistryNames
 from ..core.training.sampling import SAMPLINGS
 from .flags import (
+    add_appearance_flag,
     add_batch_size_flag,
     add_dataset_flags,
     add_device_flag,
@@ -91,6 +92,7 @@ def add_stage2_parsers(commands) -> None:
     evaluate.add_argument("--no-class-offsets", action="store_true",
                           help="leave out the per-class offsets the pipeline fitted on val "
                                "(recommended recipe); by default they are applied")
+    add_appearance_flag(evaluate)
     evaluate.add_argument("--save-masks", metavar="DIR",
                           help="also write the predicted palette masks into DIR: a new or empty "
                                "folder, or one an earlier --save-masks wrote (never an input "
@@ -180,6 +182,7 @@ def cmd_evaluate(args) -> int:
         predictor = load_predictor(source, args.device, args.strategy, tta=args.tta,
                                    use_class_gate=False if args.no_class_gate else None,
                                    use_class_offsets=not args.no_class_offsets,
+                                   appearance_weight=args.appearance_weight,
                                    engine=args.engine, precision=args.precision)
         print_engine_note(predictor)
         print_offsets_note(predictor)
@@ -188,9 +191,10 @@ def cmd_evaluate(args) -> int:
             claim_output_folder(args.save_masks, SAVE_MASKS_COMMAND)
         scores = evaluate(predictor, eval_set, save_masks=args.save_masks)
     else:
-        if args.save_masks or args.strategy or args.tta:
-            raise ConfigError("--save-masks, --strategy and --tta need a run directory or a "
-                              "checkpoint as SOURCE, not a folder of masks", source)
+        if args.save_masks or args.strategy or args.tta or args.appearance_weight is not None:
+            raise ConfigError("--save-masks, --strategy, --tta and --appearance-weight need a "
+                              "run directory or a checkpoint as SOURCE, not a folder of masks",
+                              source)
         spec = spec_from_args(args) or mask_spec(Path(args.masks_dir))
         eval_set = load_eval_set(args.images_dir, args.masks_dir, spec)
         scores = evaluate_mask_folder(source, eval_set)

@@ -10,12 +10,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from napari_histo_wsss.cli.stage2 import add_stage2_parsers
 from napari_histo_wsss.core.config.run_config import ClassifierConfig, RunConfig, SegmenterConfig
 from napari_histo_wsss.core.data.classes import WSSS4LUAD
 from napari_histo_wsss.core.data.datasets import find_dataset, load_eval_set, read_mask
-from napari_histo_wsss.core.errors import CheckpointError
+from napari_histo_wsss.core.errors import CheckpointError, ConfigError
+from napari_histo_wsss.core.inference.appearance import refine_by_appearance
 from napari_histo_wsss.core.inference.metrics import ConfusionMatrix
 from napari_histo_wsss.core.inference.predict import (
     ClassGate,
@@ -89,6 +91,23 @@ class BrightnessClassifier(torch.nn.Module):
         probabilities = torch.stack([0.9 - 0.89 * bright, torch.full_like(bright, 0.05),
                                      0.01 + 0.89 * bright], dim=1)
         return SimpleNamespace(logits=torch.logit(probabilities))
+
+
+class BlobModel(torch.nn.Module):
+    """A coarse, confident 'segmenter': tumour where a 31-px neighbourhood is darker than
+    the image's mean, stroma elsewhere (blobs, as a network trained on CAMs draws them)."""
+
+    input_multiple = 1
+
+    def __init__(self):
+        super().__init__()
+        self.sharpness = torch.nn.Parameter(torch.tensor(20.0))
+
+    def forward(self, x):
+        local = F.avg_pool2d(x.mean(dim=1, keepdim=True), 31, stride=1, padding=15,
+                             count_include_pad=False)
+        dark = self.sharpness * (local.mean(dim=(2, 3), keepdim=True) - local)
+        return SegmenterOutput(torch.cat([dark, -dark, torch.full_like(dark, -30)], dim=1))
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +193,22 @@ def test_overlapping_gate_windows_keep_what_every_covering_window_keeps():
     assert overlapping[:, 64:96].all()
 
 
+def test_appearance_refinement_runs_on_each_image_after_the_network(val):
+    images = np.stack([val.pair(0)[0][:200, :200], val.pair(3)[0][:200, :200]])
+    plain = SegmentationPredictor(BlobModel(), WSSS4LUAD, input_size=64, **DIVIDE255)
+    refined = SegmentationPredictor(BlobModel(), WSSS4LUAD, input_size=64,
+                                    appearance_weight=0.5, **DIVIDE255)
+    assert refined.config["appearance_weight"] == 0.5
+    networks, outputs = plain.predict_batch(images), refined.predict_batch(images)
+    for network, output, image in zip(networks, outputs, images, strict=True):
+        expected = refine_by_appearance(network, image, 0.5, WSSS4LUAD.white_threshold)
+        np.testing.assert_allclose(output, expected, atol=1e-6)
+        assert (output.argmax(axis=0) != network.argmax(axis=0)).mean() > 0.01
+    with pytest.raises(ConfigError, match="appearance weight"):
+        SegmentationPredictor(BlobModel(), WSSS4LUAD, input_size=64, appearance_weight=-1,
+                              **DIVIDE255)
+
+
 def test_evaluate_saves_masks_that_score_the_same_as_a_mask_folder(tmp_path, val):
     model, _ = small_segmenter()
     scores = evaluate(predictor_of(model), val, save_masks=tmp_path / "pred")
@@ -242,6 +277,25 @@ def test_load_predictor_picks_the_best_strategy_and_explains_problems(tmp_path):
     assert load_predictor(checkpoint, "cpu").config["strategy"] == "ce"
     with pytest.raises(CheckpointError, match="no trained segmenter 'arml'"):
         load_predictor(run.root, "cpu", strategy="arml")
+
+
+def test_load_predictor_follows_the_recipes_appearance_weight_unless_told(tmp_path, val,
+                                                                         capsys):
+    run = _trained_run(tmp_path / "run", {"ce": 0.5})
+    assert load_predictor(run.root, "cpu").appearance_weight == 0.0
+    config = run.config()
+    config.segmenter.appearance_weight = 0.5
+    payload = torch.load(run.segmenter_checkpoint("ce"), weights_only=True)
+    payload["config"]["run"] = config.to_dict()
+    torch.save(payload, run.segmenter_checkpoint("ce"))
+    assert load_predictor(run.root, "cpu").appearance_weight == 0.5
+    assert load_predictor(run.root, "cpu", appearance_weight=0).appearance_weight == 0.0
+    images, masks = str(val.image_paths[0].parent), str(val.mask_paths[0].parent)
+    with pytest.raises(SystemExit):
+        run_cli(["evaluate", str(run.root), images, masks, "--appearance-weight", "-1"])
+    assert "expected a number of at least 0" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="--appearance-weight need a run directory"):
+        run_cli(["evaluate", masks, images, masks, "--appearance-weight", "0"])
 
 
 def test_load_predictor_uses_the_runs_classifier_as_class_gate(tmp_path):

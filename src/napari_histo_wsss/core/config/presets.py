@@ -101,7 +101,9 @@ def _recommended() -> RunConfig:
     a 160-px one, so ``fast`` gives the segmenter 5,000 images (9 epochs on 557 patches) to
     stay inside 20 minutes on two CPU cores: +1.9 val mIoU as shipped over three seeds, a
     quarter of the spread (docs/results.md). A companion network, ESFAN's PSPNet trained on the
-    same pseudo-masks, is averaged with the DeepLabV3+ at prediction (docs/algorithms.md 14)."""
+    same pseudo-masks, is averaged with the DeepLabV3+ at prediction (docs/algorithms.md 14),
+    and each image's own colour/texture model moves the pair's boundaries onto its stain edges
+    (docs/algorithms.md 15)."""
     config = _esfan()
     config.classifier.warmup_epochs = 1.0
     config.pseudo_masks.scales = (1.0, 2.0)
@@ -111,6 +113,7 @@ def _recommended() -> RunConfig:
         arch="deeplabv3plus", loss="ce", lr=0.01, head_lr_mult=10.0, augment="histo",
         weight_average=0.99, class_gate=0.1, fit_class_offsets=True,
         context=80, input_size=224, companion=dict(ESFAN_SEGMENTER_NETWORK, epochs=20),
+        appearance_weight=0.5,
     )
     return config
 

@@ -136,6 +136,10 @@ class PseudoMaskConfig:
     #: (stage1/overlap_fusion.py).
     fuse_overlaps: bool = False
     gate_threshold: float = 0.31
+    #: Weight of each image's own appearance model on its final mask (0: off): the kept
+    #: classes' maps as probabilities plus ``weight`` times the log-probabilities of a
+    #: colour/texture model fitted to their confident pixels (``core.inference.appearance``).
+    appearance_weight: float = 0.0
     #: None follows the dataset description.
     white_plane: bool | None = None
     batch_size: int = 16
@@ -148,12 +152,13 @@ class PseudoMaskConfig:
             raise ConfigError(f"pseudo_masks.scale_fusion must be one of {list(SCALE_FUSIONS)}, "
                               f"not {self.scale_fusion!r}")
         require("pseudo_masks", _is_non_negative, gate_threshold=self.gate_threshold,
+                appearance_weight=self.appearance_weight,
                 fuse_weights=self.fuse_weights)
 
 
 #: Settings the companion segmenter shares with its strategy's network (prediction-level).
 COMPANION_SHARED = frozenset({"companion", "normalise", "class_gate", "fit_class_offsets",
-                              "tta"})
+                              "tta", "appearance_weight"})
 
 
 @dataclass
@@ -208,6 +213,9 @@ class SegmenterConfig:
     #: raises val mIoU (``core.inference.calibration``).
     fit_class_offsets: bool = False
     tta: str = "none"  # a TTA_MODES name (inference/predict.py)
+    #: Weight of each image's own appearance model in prediction (``log p + weight * log q``,
+    #: ``core.inference.appearance``): region boundaries moved onto stain edges. 0: off.
+    appearance_weight: float = 0.0
     #: Decay of an exponential moving average of the weights, validated and saved instead of
     #: the raw weights (None: off). 0.99 averages over about the last 100 steps; short runs
     #: average over at most their last quarter (``train_segmenter.average_decay``).
@@ -254,7 +262,7 @@ class SegmenterConfig:
                               f"{self.mosaic!r}")
         require("segmenter", _is_non_negative, momentum=self.momentum, min_lr=self.min_lr,
                 weight_decay=self.weight_decay, target_weights=self.target_weights,
-                class_gate=self.class_gate)
+                class_gate=self.class_gate, appearance_weight=self.appearance_weight)
         companion = self.companion_settings()
         if companion is not None:
             companion.validate()

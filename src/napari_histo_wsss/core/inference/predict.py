@@ -27,6 +27,7 @@ from ..models.ensemble import SegmenterEnsemble, companion_checkpoint, load_with
 from ..models.segmenter import Segmenter, normalise
 from ..registry import Registry
 from ..runs.run_dir import RunDirectory
+from .appearance import refine_by_appearance
 from .engines import Engine, ExportCache, averaged_with, torch_engine
 from .metrics import ConfusionMatrix, per_image_spread
 
@@ -104,7 +105,8 @@ class SegmentationPredictor:
     def __init__(self, model: Segmenter | SegmenterEnsemble, spec: DatasetSpec, *, mean, std,
                  input_size: int, mpp: float | None = None, tta: str = "none",
                  gate: ClassGate | None = None, config: dict[str, Any] | None = None,
-                 engine: Engine | None = None, class_offsets: np.ndarray | None = None):
+                 engine: Engine | None = None, class_offsets: np.ndarray | None = None,
+                 appearance_weight: float = 0.0):
         TTA_MODES.check(tta)
         self.model = model.eval()
         self.spec = spec
@@ -121,9 +123,15 @@ class SegmentationPredictor:
         #: Log-probability offset per class (``core.calibration``), or None.
         self.class_offsets = None if class_offsets is None else np.asarray(class_offsets,
                                                                             np.float32)
+        if not appearance_weight >= 0:
+            raise ConfigError(f"the appearance weight must be 0 (off) or more, not "
+                              f"{appearance_weight!r}")
+        #: Weight of each image's own appearance model (``core.inference.appearance``); 0: off.
+        self.appearance_weight = float(appearance_weight)
         self.config = {"tta": tta, "class_gate": gate.threshold if gate else None,
                        "class_offsets": None if class_offsets is None else
                        [float(v) for v in class_offsets],
+                       "appearance_weight": self.appearance_weight,
                        "mean": list(self.mean), "std": list(self.std), **(config or {})}
 
     @property
@@ -140,6 +148,11 @@ class SegmentationPredictor:
         if self.class_offsets is not None:  # log p + offset, renormalised
             probabilities = probabilities * np.exp(self.class_offsets)[None, :, None, None]
             probabilities /= probabilities.sum(axis=1, keepdims=True)
+        if self.appearance_weight > 0:
+            white = self.spec.white_threshold if self.spec.white_plane else 255
+            probabilities = np.stack([
+                refine_by_appearance(image_probabilities, image, self.appearance_weight, white)
+                for image_probabilities, image in zip(probabilities, images, strict=True)])
         return probabilities
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -303,7 +316,8 @@ def load_predictor(source: str | Path, device: torch.device | str | None = "auto
                    strategy: str | None = None, *, tta: str | None = None,
                    use_class_gate: bool | None = None, engine: str = "torch",
                    precision: str | None = None,
-                   use_class_offsets: bool = True) -> SegmentationPredictor:
+                   use_class_offsets: bool = True,
+                   appearance_weight: float | None = None) -> SegmentationPredictor:
     """A predictor from a run directory or a segmenter checkpoint file.
 
     In a run directory ``strategy`` picks the segmenter (``segmenter/<strategy>/``); without it,
@@ -313,7 +327,8 @@ def load_predictor(source: str | Path, device: torch.device | str | None = "auto
     fitted on val (``core.calibration``) are applied unless ``use_class_offsets`` is False.
     ``engine`` (``auto``, ``torch``, ``onnxruntime``, ``openvino``) and ``precision`` (``fp32``,
     ``bf16``, None for the engine's default) choose what runs the network (``engine_choice``);
-    exports are cached beside the checkpoint.
+    exports are cached beside the checkpoint. ``appearance_weight`` None keeps the recipe's
+    (``core.inference.appearance``; 0 turns it off).
     """
     device = device if isinstance(device, torch.device) else resolve_device(device)
     checkpoint, run_root = _find_checkpoint(Path(source).expanduser(), strategy)
@@ -348,6 +363,8 @@ def load_predictor(source: str | Path, device: torch.device | str | None = "auto
         gate=gate, engine=runner,
         class_offsets=_class_offsets(checkpoint.parent / CLASS_OFFSETS_FILE, spec)
         if use_class_offsets else None,
+        appearance_weight=config.segmenter.appearance_weight if appearance_weight is None
+        else appearance_weight,
         config={"checkpoint": str(checkpoint), "strategy": saved["strategy"],
                 "companion": str(companion) if companion else None,
                 "arch": config.segmenter.arch, "encoder": config.segmenter.encoder,

@@ -1,0 +1,94 @@
+"""The per-image appearance refinement, on the bundled real val images and their masks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from napari_histo_wsss.core.data.classes import WSSS4LUAD
+from napari_histo_wsss.core.data.datasets import find_dataset
+from napari_histo_wsss.core.inference.appearance import (
+    appearance_features,
+    fit_logistic,
+    refine_by_appearance,
+)
+from napari_histo_wsss.core.inference.metrics import ConfusionMatrix
+
+CLASSES = WSSS4LUAD.num_classes
+
+
+@pytest.fixture(scope="module")
+def val(sample_dataset_dir):
+    return find_dataset(sample_dataset_dir, WSSS4LUAD).eval_set("val")
+
+
+def pair(val, name: str):
+    index = [path.name for path in val.image_paths].index(name)
+    return val.pair(index)
+
+
+def coarse_prediction(truth: np.ndarray, blur: float = 12.0, sharpness: float = 10.0):
+    """What a segmenter trained on CAM pseudo-masks gives: the true regions as confident
+    blobs whose boundaries miss the thin structures (blurred one-hot, sharpened softmax)."""
+    one_hot = np.stack([(truth == c).astype(np.float32) for c in range(CLASSES)])
+    scores = np.stack([ndi.gaussian_filter(plane, blur) for plane in one_hot]) * sharpness
+    probabilities = np.exp(scores - scores.max(axis=0))
+    return probabilities / probabilities.sum(axis=0, keepdims=True)
+
+
+def miou(probabilities: np.ndarray, truth: np.ndarray) -> float:
+    matrix = ConfusionMatrix(CLASSES)
+    matrix.update(probabilities.argmax(axis=0).astype(np.uint8), truth)
+    return matrix.scores()["miou"]
+
+
+@pytest.mark.parametrize("name", ["00.png", "21.png"])
+def test_refinement_moves_coarse_boundaries_towards_the_true_ones(val, name):
+    image, truth = pair(val, name)
+    coarse = coarse_prediction(truth)
+    refined = refine_by_appearance(coarse, image, 0.5, WSSS4LUAD.white_threshold)
+    assert refined.shape == coarse.shape and refined.dtype == np.float32
+    np.testing.assert_allclose(refined.sum(axis=0), 1.0, atol=1e-5)
+    assert miou(refined, truth) > miou(coarse, truth) + 0.01
+
+
+def test_one_class_images_and_weight_zero_are_left_as_they_are(val):
+    image, truth = pair(val, "02.png")  # normal tissue only
+    coarse = coarse_prediction(truth)
+    assert refine_by_appearance(coarse, image, 0.5) is coarse
+    image, truth = pair(val, "00.png")
+    coarse = coarse_prediction(truth)
+    assert refine_by_appearance(coarse, image, 0.0) is coarse
+
+
+def test_a_class_the_model_does_not_know_never_wins_a_pixel_it_did_not_have(val):
+    image, truth = pair(val, "00.png")  # tumour and stroma
+    coarse = coarse_prediction(truth)
+    # "normal" nearly tied everywhere and first where tumour and stroma are close: no
+    # confident pixel teaches the appearance model what it looks like.
+    coarse[2] = coarse.max(axis=0) * np.where(np.abs(coarse[0] - coarse[1]) < 0.2, 1.01, 0.9)
+    coarse /= coarse.sum(axis=0, keepdims=True)
+    refined = refine_by_appearance(coarse, image, 2.0)
+    before, after = coarse.argmax(axis=0), refined.argmax(axis=0)
+    assert (before == 2).any()
+    assert not ((after == 2) & (before != 2)).any()
+
+
+def test_features_are_standardised_per_image(val):
+    image, _ = pair(val, "03.png")
+    features = appearance_features(image)
+    assert features.shape[0] == image.shape[0] * image.shape[1]
+    np.testing.assert_allclose(features.mean(axis=0), 0, atol=1e-3)
+    np.testing.assert_allclose(features.std(axis=0), 1, atol=1e-3)
+
+
+def test_the_regression_weighs_each_class_equally():
+    """A rare class separable on one feature still gets its own side of the boundary."""
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(1000, 2)).astype(np.float32)
+    labels = (features[:, 0] > 1.8).astype(np.int64)  # about 4 % of the samples
+    weights = fit_logistic(features, labels, 2)
+    predicted = (np.concatenate([features, np.ones((1000, 1))], 1) @ weights).argmax(axis=1)
+    rare = labels == 1
+    assert rare.sum() > 10 and predicted[rare].mean() > 0.9 and predicted[~rare].mean() < 0.1
