@@ -136,10 +136,6 @@ class PseudoMaskConfig:
     #: (stage1/overlap_fusion.py).
     fuse_overlaps: bool = False
     gate_threshold: float = 0.31
-    #: Weight of each image's own appearance model on its final mask (0: off): the kept
-    #: classes' maps as probabilities plus ``weight`` times the log-probabilities of a
-    #: colour/texture model fitted to their confident pixels (``core.inference.appearance``).
-    appearance_weight: float = 0.0
     #: None follows the dataset description.
     white_plane: bool | None = None
     batch_size: int = 16
@@ -152,7 +148,6 @@ class PseudoMaskConfig:
             raise ConfigError(f"pseudo_masks.scale_fusion must be one of {list(SCALE_FUSIONS)}, "
                               f"not {self.scale_fusion!r}")
         require("pseudo_masks", _is_non_negative, gate_threshold=self.gate_threshold,
-                appearance_weight=self.appearance_weight,
                 fuse_weights=self.fuse_weights)
 
 
@@ -234,7 +229,7 @@ class SegmenterConfig:
         if fixed:
             raise ConfigError(f"segmenter.companion cannot change {', '.join(fixed)}: the two "
                               "networks are one predictor, with one normalisation, gate, "
-                              "offsets and test-time augmentation")
+                              "offsets, appearance model and test-time augmentation")
         changes = {**self.companion, "companion": {}}
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
         if unknown:

@@ -72,9 +72,7 @@ def select_class_offsets(run: RunDirectory, strategy: str, eval_set: EvalSet,
                          device: torch.device | str = "auto") -> dict[str, Any]:
     """Fit the offsets of ``strategy``'s segmenter on ``eval_set`` (with the class-gate choice
     already made) and save them, or a record that none helped. Returns what was saved."""
-    # Offsets act on the networks' probabilities, before the appearance refinement.
-    predictor = load_predictor(run.root, device, strategy=strategy, use_class_offsets=False,
-                               appearance_weight=0.0)
+    predictor = load_predictor(run.root, device, strategy=strategy, use_class_offsets=False)
     classes = predictor.num_classes
     per_image = MAX_PIXELS // max(len(eval_set), 1)
     pixels, truths, seen = [], [], np.zeros(classes, np.int64)

@@ -145,14 +145,14 @@ class SegmentationPredictor:
         present = self.gate.present(batch.permute(0, 3, 1, 2)) if self.gate else None
         x = normalise(batch, self.mean, self.std)
         probabilities = TTA_MODES.get(self.tta)(self, x, present).float().cpu().numpy()
-        if self.class_offsets is not None:  # log p + offset, renormalised
-            probabilities = probabilities * np.exp(self.class_offsets)[None, :, None, None]
-            probabilities /= probabilities.sum(axis=1, keepdims=True)
         if self.appearance_weight > 0:
             white = self.spec.white_threshold if self.spec.white_plane else 255
             probabilities = np.stack([
                 refine_by_appearance(image_probabilities, image, self.appearance_weight, white)
                 for image_probabilities, image in zip(probabilities, images, strict=True)])
+        if self.class_offsets is not None:  # log p + offset, renormalised
+            probabilities = probabilities * np.exp(self.class_offsets)[None, :, None, None]
+            probabilities /= probabilities.sum(axis=1, keepdims=True)
         return probabilities
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:

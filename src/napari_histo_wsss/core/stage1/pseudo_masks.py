@@ -30,7 +30,6 @@ from ..data.datasets import EvalSet, PatchSet, write_palette_mask
 from ..data.stitching import StitchedImage, stitch_patches
 from ..errors import ConfigError, DatasetError
 from ..events import Batch, Done, Event, Preview, Started, StopToken
-from ..inference.appearance import refine_by_appearance
 from ..inference.metrics import ConfusionMatrix
 from ..models.classifier import CamClassifier, load_classifier
 from ..registry import Registry
@@ -47,9 +46,6 @@ FINAL = "final"
 FUSED = "fused"
 #: Class maps are stored at 1/4 of the patch size: they come from feature maps of stride >= 8.
 CAMS_DOWNSAMPLE = 4
-#: Normalised maps (0-1) -> probabilities for the appearance model: softmax(10 * maps), so a
-#: class whose map is 0.1 higher is e times likelier.
-MAP_SHARPNESS = 10.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -103,20 +99,6 @@ def labels_from_maps(normalised: torch.Tensor, kept: torch.Tensor,
         plane = torch.where(white, WHITE_SCORE, 0.0).to(scores.dtype)
         scores = torch.cat([scores, plane[:, None]], dim=1)
     return scores.argmax(dim=1)
-
-
-def appearance_refined(maps: torch.Tensor, kept: torch.Tensor, images: np.ndarray,
-                       weight: float, white_threshold: int) -> torch.Tensor:
-    """Normalised maps (N, C, H, W) of ``images`` (N, H, W, 3) -> the kept classes'
-    probabilities (a softmax of ``MAP_SHARPNESS`` times the maps) refined by each image's own
-    appearance model (``core.inference.appearance``), ready for ``labels_from_maps``."""
-    gate = kept if kept.dim() == 4 else kept[:, :, None, None]
-    probabilities = torch.softmax(torch.where(gate, maps * MAP_SHARPNESS,
-                                              torch.full_like(maps, -torch.inf)), dim=1)
-    return torch.from_numpy(np.stack([
-        refine_by_appearance(image_probabilities.cpu().numpy(), image, weight, white_threshold)
-        for image_probabilities, image in zip(probabilities, images, strict=True)
-    ])).to(maps.device)
 
 
 def vote(label_maps: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -259,12 +241,7 @@ def _recipe_batch(model: CamClassifier, images: np.ndarray, labels: np.ndarray |
     names = _map_names(config)
     masks, normalised = combine_layer_maps(per_scale, names, config.fuse_weights, kept, white,
                                            config.scale_fusion)
-    final_map = final_map_name(model, config)
-    masks[FINAL] = masks[final_map]
-    if config.appearance_weight:
-        masks[FINAL] = labels_from_maps(
-            appearance_refined(normalised[final_map], kept, images, config.appearance_weight,
-                               spec.white_threshold), kept, white)
+    masks[FINAL] = masks[final_map_name(model, config)]
     return [
         PseudoMasks(
             masks={name: mask[i].to(torch.uint8).cpu().numpy() for name, mask in masks.items()
@@ -366,8 +343,7 @@ def generate_pseudo_masks(run: RunDirectory, config: RunConfig, patches: PatchSe
             _store_maps(cams, index, output, names)
             if fusion.holds(index):
                 for stitched, members in fusion.add(index, output):
-                    _write_fused_masks(run, patches, stitched, members, final_map, white_plane,
-                                       recipe.appearance_weight)
+                    _write_fused_masks(run, patches, stitched, members, final_map, white_plane)
         yield Batch(STAGE, epoch=0, index=number, total=len(batches))
         yield Preview(STAGE, patches.paths[group[0]].name, outputs[0].masks[FINAL])
     stitched = {"stitched_images": len(fusion.stitched),
@@ -377,22 +353,17 @@ def generate_pseudo_masks(run: RunDirectory, config: RunConfig, patches: PatchSe
 
 
 def fuse_stitched(stitched: StitchedImage, outputs: Sequence[PseudoMasks], map_name: str,
-                  spec: DatasetSpec, white_plane: bool, appearance_weight: float = 0.0
-                  ) -> PseudoMasks:
+                  spec: DatasetSpec, white_plane: bool) -> PseudoMasks:
     """The recipe's result on a stitched image from its patches' results (placement order):
-    the fused ``map_name`` maps, the final mask with the per-pixel gate, the appearance
-    refinement where weighted and the white plane, the patches' mean probabilities and the
-    classes any of them kept."""
+    the fused ``map_name`` maps, the final mask with the per-pixel gate and the white plane,
+    the patches' mean probabilities and the classes any of them kept."""
     maps, allowed = fused_maps(stitched, outputs, map_name)
     white = None
     if white_plane:
         white = torch.from_numpy(white_background(stitched.pixels, spec.white_threshold,
                                                   spec.white_min_size)[None])
-    scores, kept = torch.from_numpy(maps)[None], torch.from_numpy(allowed)[None]
-    if appearance_weight:
-        scores = appearance_refined(scores, kept, stitched.pixels[None], appearance_weight,
-                                    spec.white_threshold)
-    labels = labels_from_maps(scores, kept, white)[0].to(torch.uint8).numpy()
+    labels = labels_from_maps(torch.from_numpy(maps)[None], torch.from_numpy(allowed)[None],
+                              white)[0].to(torch.uint8).numpy()
     return PseudoMasks(masks={FINAL: labels}, maps={map_name: maps},
                        probabilities=np.mean([o.probabilities for o in outputs], axis=0),
                        kept=np.any([o.kept for o in outputs], axis=0))
@@ -407,15 +378,13 @@ def fused_pseudo_masks(model: CamClassifier, stitched: StitchedImage, patches: P
     outputs = pseudo_masks_for_images(model, [patches.image(i) for i in members],
                                       patches.labels[members], config, patches.spec, device)
     return fuse_stitched(stitched, outputs, final_map_name(model, config), patches.spec,
-                         _uses_white_plane(config, patches.spec), config.appearance_weight)
+                         _uses_white_plane(config, patches.spec))
 
 
 def _write_fused_masks(run: RunDirectory, patches: PatchSet, stitched: StitchedImage,
-                       outputs: Sequence[PseudoMasks], map_name: str, white_plane: bool,
-                       appearance_weight: float) -> None:
+                       outputs: Sequence[PseudoMasks], map_name: str, white_plane: bool) -> None:
     """The final masks of a stitched image's patches, cut from its fused label map."""
-    labels = fuse_stitched(stitched, outputs, map_name, patches.spec, white_plane,
-                           appearance_weight).masks[FINAL]
+    labels = fuse_stitched(stitched, outputs, map_name, patches.spec, white_plane).masks[FINAL]
     for placement in stitched.placements:
         name = patches.paths[placement.index].with_suffix(".png").name
         write_palette_mask(run.pseudo_mask_dir(FINAL) / name, labels[placement.box],
