@@ -22,7 +22,7 @@ CONFIDENT = 0.6
 #: A class is modelled where at least this share of the image's pixels are confidently its.
 MIN_CLASS_SHARE = 0.01
 #: Teaching pixels per image, at most (an even random sample beyond it).
-MAX_SAMPLES = 20_000
+MAX_SAMPLES = 5_000
 #: L2 penalty on the regression weights (features are standardised per image).
 WEIGHT_DECAY = 1e-3
 
@@ -42,8 +42,15 @@ def appearance_features(image: np.ndarray) -> np.ndarray:
             for c in range(2):
                 square = ndi.gaussian_filter(hed[..., c] ** 2, sigma)
                 channels.append(np.sqrt(np.maximum(square - smooth[c] ** 2, 0)))
-    features = np.stack(channels, axis=-1).reshape(-1, len(channels))
-    return (features - features.mean(0)) / (features.std(0) + 1e-6)
+    planes = np.stack(channels).reshape(len(channels), -1)  # one contiguous row per feature
+    mean, std = planes.mean(axis=1, keepdims=True), planes.std(axis=1, keepdims=True)
+    return ((planes - mean) / (std + 1e-6)).T
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax of (P, K) logits, stable for any scale."""
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
 def fit_logistic(features: np.ndarray, labels: np.ndarray, classes: int) -> np.ndarray:
@@ -59,9 +66,7 @@ def fit_logistic(features: np.ndarray, labels: np.ndarray, classes: int) -> np.n
 
     def loss_and_gradient(flat: np.ndarray) -> tuple[float, np.ndarray]:
         weights = flat.reshape(x.shape[1], classes)
-        logits = x @ weights
-        logits -= logits.max(axis=1, keepdims=True)
-        log_q = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        log_q = log_softmax(x @ weights)
         penalty = WEIGHT_DECAY * (weights[:-1] ** 2).sum()
         loss = -(sample_weight * (target * log_q).sum(axis=1)).sum() + penalty
         gradient = x.T @ (sample_weight[:, None] * (np.exp(log_q) - target))
@@ -100,9 +105,7 @@ def refine_by_appearance(probabilities: np.ndarray, image: np.ndarray, weight: f
     position = np.full(classes, -1)
     position[modelled] = np.arange(len(modelled))
     weights = fit_logistic(features[sample], position[best[sample]], len(modelled))
-    logits = features @ weights[:-1] + weights[-1]
-    logits -= logits.max(axis=1, keepdims=True)
-    log_q = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    log_q = log_softmax(features @ weights[:-1] + weights[-1])
     scores = np.log(np.clip(flat, 1e-8, None))
     scores[modelled] += weight * log_q.T
     others = np.setdiff1d(np.arange(classes), modelled)
