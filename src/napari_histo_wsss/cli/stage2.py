@@ -156,6 +156,8 @@ def cmd_train_segmenter(args) -> int:
     if metrics.get("best_val"):
         paired = "; this network alone, before its companion joins it" \
             if config.segmenter.companion else ""
+        if config.segmenter.appearance_weight:
+            paired += "; before the appearance model refines it"
         print(f"best on val (epoch {metrics.get('best_epoch')} of {metrics.get('epochs')}, "
               f"kept as model.pt{paired}):\n{format_scores(metrics['best_val'])}",
               file=sys.stderr)
