@@ -89,13 +89,15 @@ def refine_by_appearance(probabilities: np.ndarray, image: np.ndarray, weight: f
     classes' the least of those (the model does not know them, so it lifts none of them over a
     modelled class). An image with fewer than two such classes is returned as it is.
     """
+    if weight <= 0:
+        return probabilities
     classes, height, width = probabilities.shape
     flat = probabilities.reshape(classes, -1)
     best, confidence = flat.argmax(axis=0), flat.max(axis=0)
     teaching = (confidence > CONFIDENT) & (image.reshape(-1, 3).min(axis=1) <= white_threshold)
     counts = np.bincount(best[teaching], minlength=classes)
     modelled = np.flatnonzero(counts >= MIN_CLASS_SHARE * height * width)
-    if weight <= 0 or len(modelled) < 2:
+    if len(modelled) < 2:
         return probabilities
     teaching &= np.isin(best, modelled)
     sample = np.flatnonzero(teaching)
@@ -110,7 +112,5 @@ def refine_by_appearance(probabilities: np.ndarray, image: np.ndarray, weight: f
     scores[modelled] += weight * log_q.T
     others = np.setdiff1d(np.arange(classes), modelled)
     scores[others] += weight * log_q.min(axis=1)  # unvouched for: never a gain over the rest
-    scores -= scores.max(axis=0, keepdims=True)
-    refined = np.exp(scores)
-    refined /= refined.sum(axis=0, keepdims=True)
+    refined = np.exp(log_softmax(scores.T)).T
     return refined.reshape(classes, height, width).astype(np.float32)
