@@ -92,3 +92,54 @@ def test_the_regression_weighs_each_class_equally():
     predicted = (np.concatenate([features, np.ones((1000, 1))], 1) @ weights).argmax(axis=1)
     rare = labels == 1
     assert rare.sum() > 10 and predicted[rare].mean() > 0.9 and predicted[~rare].mean() < 0.1
+
+
+def mislabelled_region(truth: np.ndarray, true_class: int, wrong_class: int):
+    """The largest connected region of ``true_class``, and a coarse prediction that calls
+    it ``wrong_class`` (what a user would paint over)."""
+    components, count = ndi.label(truth == true_class)
+    sizes = ndi.sum(np.ones_like(truth), components, range(1, count + 1))
+    region = components == 1 + int(np.argmax(sizes))
+    wrong = truth.copy()
+    wrong[region] = wrong_class
+    return region, coarse_prediction(wrong)
+
+
+def stroke_inside(region: np.ndarray, value: int, radius: int = 4) -> np.ndarray:
+    """A short horizontal brush path through the region's most interior pixel."""
+    painted = np.zeros(region.shape, np.uint8)
+    y, x = np.unravel_index(np.argmax(ndi.distance_transform_edt(region)), region.shape)
+    painted[max(y - radius, 0):y + radius, max(x - 20, 0):x + 20] = value
+    painted[~region] = 0
+    return painted
+
+
+def test_a_stroke_teaches_its_image_beyond_the_painted_pixels(val):
+    image, truth = pair(val, "00.png")  # tumour and stroma
+    region, coarse = mislabelled_region(truth, 1, 0)  # a stroma region called tumour
+    painted = stroke_inside(region, value=2)  # painted "stroma" (class 1, stored as 2)
+    without = refine_by_appearance(coarse, image, 1.0, WSSS4LUAD.white_threshold)
+    refined = refine_by_appearance(coarse, image, 1.0, WSSS4LUAD.white_threshold, painted)
+    unpainted = truth.copy()
+    unpainted[painted > 0] = 255  # scored where nobody painted
+    assert (refined.argmax(axis=0)[painted > 0] == 1).all()
+    np.testing.assert_allclose(refined.sum(axis=0), 1.0, atol=1e-5)
+    assert miou(refined, unpainted) > miou(without, unpainted) + 0.02
+    right_in_region = (refined.argmax(axis=0) == 1)[region & (painted == 0)].mean()
+    assert right_in_region > (without.argmax(axis=0) == 1)[region].mean() + 0.1
+
+
+def test_strokes_without_appearance_weight_set_only_the_painted_pixels(val):
+    image, truth = pair(val, "02.png")  # normal tissue only: nothing to model on its own
+    coarse = coarse_prediction(truth)
+    painted = np.zeros(truth.shape, np.uint8)
+    painted[10:20, 10:30] = 1  # tumour
+    painted[30:40, 10:30] = CLASSES + 1  # glass: no class plane to set
+    for weight in (0.0, 0.5):
+        refined = refine_by_appearance(coarse, image, weight, painted=painted)
+        changed = refined.argmax(axis=0) != coarse.argmax(axis=0)
+        assert (refined.argmax(axis=0)[painted == 1] == 0).all()
+        if weight == 0:
+            assert not changed[painted != 1].any()
+    with pytest.raises(ValueError, match="strokes of shape"):
+        refine_by_appearance(coarse, image, 0.5, painted=painted[:-1])

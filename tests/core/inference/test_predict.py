@@ -17,7 +17,7 @@ from napari_histo_wsss.core.config.run_config import ClassifierConfig, RunConfig
 from napari_histo_wsss.core.data.classes import WSSS4LUAD
 from napari_histo_wsss.core.data.datasets import find_dataset, load_eval_set, read_mask
 from napari_histo_wsss.core.errors import CheckpointError, ConfigError
-from napari_histo_wsss.core.inference.appearance import refine_by_appearance
+from napari_histo_wsss.core.inference.appearance import STROKE_WEIGHT, refine_by_appearance
 from napari_histo_wsss.core.inference.metrics import ConfusionMatrix
 from napari_histo_wsss.core.inference.predict import (
     ClassGate,
@@ -207,6 +207,29 @@ def test_appearance_refinement_runs_on_each_image_after_the_network(val):
     with pytest.raises(ConfigError, match="appearance weight"):
         SegmentationPredictor(BlobModel(), WSSS4LUAD, input_size=64, appearance_weight=-1,
                               **DIVIDE255)
+
+
+def test_strokes_refine_their_image_without_retraining(val):
+    """A predictor without an appearance model of its own still learns from a user's strokes
+    (at ``STROKE_WEIGHT``), after the network and before the class offsets."""
+    image = val.pair(0)[0][:200, :200]
+    offsets = np.array([0.2, -0.1, 0.0], np.float32)
+    predictor = SegmentationPredictor(BlobModel(), WSSS4LUAD, input_size=64,
+                                      class_offsets=offsets, **DIVIDE255)
+    network = predictor.network_probabilities(image[None])[0]
+    painted = np.zeros(image.shape[:2], np.uint8)
+    painted[90:110, 60:140] = 1 + (1 - network[:, 100, 100].argmax())  # the other class
+    labels, probabilities = predict_image(predictor, image, painted=painted)
+    expected = refine_by_appearance(network, image, STROKE_WEIGHT, WSSS4LUAD.white_threshold,
+                                    painted) * np.exp(offsets)[:, None, None]
+    np.testing.assert_allclose(probabilities, expected / expected.sum(axis=0), atol=1e-6)
+    assert (labels[painted > 0] == painted[painted > 0] - 1).all()
+    untouched = predict_image(predictor, image)[0]
+    assert ((labels != untouched) & (painted == 0)).any()  # beyond the painted pixels
+    with pytest.raises(ConfigError, match="do not match the image"):
+        predict_image(predictor, image, painted=painted[:100])
+    with pytest.raises(ConfigError, match="fine-tune with them"):
+        predict_image(predictor, image, painted=painted, whole_image_limit=128)
 
 
 def test_evaluate_saves_masks_that_score_the_same_as_a_mask_folder(tmp_path, val):

@@ -27,7 +27,7 @@ from ..models.ensemble import SegmenterEnsemble, companion_checkpoint, load_with
 from ..models.segmenter import Segmenter, normalise
 from ..registry import Registry
 from ..runs.run_dir import RunDirectory
-from .appearance import refine_by_appearance
+from .appearance import STROKE_WEIGHT, refine_by_appearance
 from .engines import Engine, ExportCache, averaged_with, torch_engine
 from .metrics import ConfusionMatrix, per_image_spread
 
@@ -138,21 +138,41 @@ class SegmentationPredictor:
     def num_classes(self) -> int:
         return self.spec.num_classes
 
+    def predict_batch(self, images: np.ndarray, painted: np.ndarray | None = None
+                      ) -> np.ndarray:
+        """uint8 (N, H, W, 3) -> float32 (N, C, H, W) class probabilities; ``painted``
+        (N, H, W): a user's strokes on these images (see ``finish``)."""
+        network = self.network_probabilities(images)
+        strokes = [None] * len(network) if painted is None else painted
+        return np.stack([self.finish(probabilities, image, image_strokes)
+                         for probabilities, image, image_strokes in zip(network, images, strokes,
+                                                                       strict=True)])
+
     @torch.inference_mode()
-    def predict_batch(self, images: np.ndarray) -> np.ndarray:
-        """uint8 (N, H, W, 3) -> float32 (N, C, H, W) class probabilities."""
+    def network_probabilities(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N, H, W, 3) -> float32 (N, C, H, W): the network's test-time-augmented and
+        gated probabilities, before each image's appearance model and the class offsets."""
         batch = torch.from_numpy(np.array(images, dtype=np.uint8)).to(self.device)
         present = self.gate.present(batch.permute(0, 3, 1, 2)) if self.gate else None
         x = normalise(batch, self.mean, self.std)
-        probabilities = TTA_MODES.get(self.tta)(self, x, present).float().cpu().numpy()
-        if self.appearance_weight > 0:
+        return TTA_MODES.get(self.tta)(self, x, present).float().cpu().numpy()
+
+    def finish(self, probabilities: np.ndarray, image: np.ndarray,
+               painted: np.ndarray | None = None) -> np.ndarray:
+        """One image's (C, H, W) network probabilities -> the predictor's: its appearance
+        model, then the class offsets. ``painted`` (H, W) are a user's strokes on the image
+        (``core.corrections.store``'s 0-ignore labels): the appearance model learns from them
+        too, at ``STROKE_WEIGHT`` at least, and they overrule the network near them
+        (``refine_by_appearance``); a way to correct one image without retraining."""
+        weight = self.appearance_weight
+        if painted is not None:
+            weight = max(weight, STROKE_WEIGHT)
+        if weight > 0:
             white = self.spec.white_threshold if self.spec.white_plane else 255
-            probabilities = np.stack([
-                refine_by_appearance(image_probabilities, image, self.appearance_weight, white)
-                for image_probabilities, image in zip(probabilities, images, strict=True)])
+            probabilities = refine_by_appearance(probabilities, image, weight, white, painted)
         if self.class_offsets is not None:  # log p + offset, renormalised
-            probabilities = probabilities * np.exp(self.class_offsets)[None, :, None, None]
-            probabilities /= probabilities.sum(axis=1, keepdims=True)
+            probabilities = probabilities * np.exp(self.class_offsets)[:, None, None]
+            probabilities = probabilities / probabilities.sum(axis=0, keepdims=True)
         return probabilities
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -230,17 +250,26 @@ def _restricted(probabilities: torch.Tensor, present: torch.Tensor) -> torch.Ten
 
 def predict_image(predictor: SegmentationPredictor, image: np.ndarray, *,
                   whole_image_limit: int = WHOLE_IMAGE_LIMIT, tile: int = TILE,
-                  overlap: int = TILE_OVERLAP, batch_size: int = 4
-                  ) -> tuple[np.ndarray, np.ndarray]:
+                  overlap: int = TILE_OVERLAP, batch_size: int = 4,
+                  painted: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(labels uint8 (H, W), probabilities float32 (C, H, W)) of an RGB uint8 image.
 
     Images whose longer side exceeds ``whole_image_limit`` are tiled (``core.tiling``,
-    linear blending across ``overlap`` pixels) so memory stays bounded.
+    linear blending across ``overlap`` pixels) so memory stays bounded. ``painted`` (H, W):
+    a user's strokes on the image, which its appearance model learns from (images up to
+    ``whole_image_limit`` only: a larger one learns from them by fine-tuning).
     """
     if image.ndim != 3 or image.shape[2] != 3:
         raise ConfigError(f"expected an RGB image (H, W, 3), got shape {image.shape}")
+    if painted is not None and np.shape(painted) != image.shape[:2]:
+        raise ConfigError(f"the strokes ({np.shape(painted)}) do not match the image "
+                          f"({image.shape[:2]})")
     if max(image.shape[:2]) <= whole_image_limit:
-        probabilities = predictor.predict_batch(image[None])[0]
+        strokes = None if painted is None else np.asarray(painted)[None]
+        probabilities = predictor.predict_batch(image[None], strokes)[0]
+    elif painted is not None:
+        raise ConfigError(f"strokes refine images of up to {whole_image_limit} px a side at "
+                          f"once; fine-tune with them for an image of {image.shape[:2]}")
     else:
         from .tiling import predict_large_image
 
