@@ -111,3 +111,32 @@ def test_train_segmenter_with_corrections_fine_tunes(trained_run, capsys):
     last_line = capsys.readouterr().out.strip().splitlines()[-1]
     assert last_line == str(run.segmenter_checkpoint("ce-corrections"))
     assert run.is_complete("segmenter:ce-corrections")
+
+
+def test_apply_writes_each_corrected_images_mask_refined_by_its_strokes(trained_run, tmp_path,
+                                                                      capsys):
+    from napari_histo_wsss.core.data.datasets import read_mask
+
+    run, layout = trained_run
+    store = CorrectionStore.of_run(run)
+    image = layout.eval_set("val").image_paths[2]
+    labels = np.zeros(read_rgb(image).shape[:2], np.uint8)
+    labels[disk((60, 60), 12, shape=labels.shape)] = 3  # normal
+    labels[disk((120, 120), 12, shape=labels.shape)] = 1  # tumour
+    store.save(Correction(image, labels))
+    out = tmp_path / "corrected"
+    assert main(["corrections", "apply", str(run.root), str(out), "--device", "cpu"]) == 0
+    written = capsys.readouterr().out.strip().splitlines()
+    assert len(written) == len([c for c in store.load_all() if c.kind == "image"])
+    mask = read_mask(out / f"{image.stem}.png", layout.spec)
+    assert mask.shape == labels.shape
+    assert (mask[labels == 3] == 2).all() and (mask[labels == 1] == 0).all()
+    # Its own folder may be written again; a folder of other files is refused in one line.
+    assert main(["corrections", "apply", str(run.root), str(out), "--device", "cpu"]) == 0
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert main(["corrections", "apply", str(run.root), str(foreign), "--device", "cpu"]) == 2
+    assert "mine" in capsys.readouterr().err
+    store.remove(store.find(image))

@@ -3,7 +3,8 @@
 
 ``review`` ranks images by how little the run's segmenter can be trusted there and can save
 the queue as QuPath annotations; ``corrections import/export/list`` move painted labels between
-the run and QuPath GeoJSON; the fine-tune itself is started by ``train-segmenter``.
+the run and QuPath GeoJSON; ``corrections apply`` writes the corrected images' masks, each
+refined by its own strokes; the fine-tune itself is started by ``train-segmenter``.
 """
 
 from __future__ import annotations
@@ -61,6 +62,19 @@ def add_corrections_parsers(commands) -> None:
     listing = actions.add_parser("list", help="one line per corrected image or region")
     listing.add_argument("run_dir", metavar="RUN_DIR")
     listing.set_defaults(func=cmd_list)
+    applying = actions.add_parser(
+        "apply", help="save each corrected image's mask, refined by its own strokes",
+        description="Predicts every corrected image (not slide regions) with its strokes: "
+                    "the image's appearance model learns from them and they overrule the "
+                    "network near them, no retraining (docs/corrections.md). Masks are "
+                    "palette PNGs named like the images.")
+    applying.add_argument("run_dir", metavar="RUN_DIR")
+    applying.add_argument("out", metavar="OUT_DIR")
+    applying.add_argument("--strategy", help="which trained segmenter (default: the best on "
+                                             "val)")
+    add_overwrite_flag(applying, "write into a folder that holds other files")
+    add_device_flag(applying)
+    applying.set_defaults(func=cmd_apply)
 
 
 def cmd_review(args) -> int:
@@ -156,6 +170,37 @@ def cmd_list(args) -> int:
     for entry in CorrectionStore.of_run(args.run_dir).entries():
         print(f"{entry['painted_pixels']:>9} px  {','.join(entry['classes']):24}  "
               f"{entry['created']}  {entry['author'] or '-':10}  {entry['image']}")
+    return 0
+
+
+def cmd_apply(args) -> int:
+    from ..core.corrections.store import CorrectionStore
+    from ..core.data.datasets import read_rgb, write_palette_mask
+    from ..core.errors import ConfigError
+    from ..core.inference.predict import load_predictor, predict_image
+    from ..core.runs.outputs import COLLECTION, check_output, claim_output_folder
+
+    command = "corrections apply"
+    check_output(args.out, [args.run_dir], kind=COLLECTION, overwrite=args.overwrite,
+                 command=command)
+    store = CorrectionStore.of_run(args.run_dir)
+    corrections = [c for c in store.load_all() if c.kind == "image"]
+    if not corrections:
+        print(f"no corrected images in {args.run_dir} (slide regions are left to "
+              "`train-segmenter --with-corrections`)", file=sys.stderr)
+        return 1
+    predictor = load_predictor(args.run_dir, args.device, args.strategy)
+    out = claim_output_folder(args.out, command)
+    for correction in corrections:
+        image = read_rgb(correction.image)
+        try:
+            labels, _ = predict_image(predictor, image, painted=correction.labels)
+        except ConfigError as error:
+            raise ConfigError(f"its strokes cannot refine it: {error}",
+                              correction.image) from None
+        target = out / f"{Path(correction.image).stem}.png"
+        write_palette_mask(target, labels, predictor.spec)
+        print(f"{target}  ({correction.painted} painted px)")
     return 0
 
 
