@@ -65,12 +65,22 @@ def test_paint_retrain_preview_and_review(make_napari_viewer, qtbot, trained_run
 
     widget.open_image()
     assert widget.strategy.value == "ce"  # kept when napari resets choices on new layers
-    paint = viewer.layers[PAINT_LAYER]
+    paint = viewer.layers[PAINT_LAYER]  # at once: the prediction follows from a worker
+    qtbot.waitUntil(lambda: np.asarray(viewer.layers[PREDICTION_LAYER].data).any(),
+                    timeout=JOB_TIMEOUT_MS)
     assert paint.data.shape == viewer.layers[PREDICTION_LAYER].data.shape
     assert not paint.data.any()
     before = np.array(viewer.layers[PREDICTION_LAYER].data)
     # A broad stroke of "normal" (3), a class the tiny model predicts nowhere here.
     assert not (before == 3).any()
+    # Painted with napari's brush: the prediction follows once the brush rests.
+    paint.brush_size = 24
+    paint.paint((paint.data.shape[0] // 2, paint.data.shape[1] // 2), 3)
+    dab = np.asarray(paint.data) == 3
+    assert dab.sum() > 100 and widget._follow_timer.isActive()
+    qtbot.waitUntil(lambda: (np.asarray(viewer.layers[PREDICTION_LAYER].data)[dab] == 3).all(),
+                    timeout=JOB_TIMEOUT_MS)
+    assert widget.image_runner.state is JobState.DONE, widget.image_runner.error
     stroke = np.zeros(paint.data.shape, bool)
     for x in range(20, paint.data.shape[1] - 20, 6):
         stroke[disk((paint.data.shape[0] // 2, x), 30, shape=stroke.shape)] = True

@@ -2,10 +2,12 @@
 
 A thin front over ``core.corrections``: *Open* shows the chosen image with the segmenter's
 prediction and a Labels layer to paint on (napari's own brush, fill and eraser, in the run's
-class colours; 0 = not painted). *Retrain* saves the strokes into the run and fine-tunes the
-segmenter on them in a worker; the preview layer shows the prediction on this image after every
-epoch. *Rank* fills the review list (least trusted first); clicking an item opens that image
-and zooms to its least trusted area.
+class colours; 0 = not painted). While you paint, the prediction of this image follows the
+strokes (its appearance model learns from them, ``SegmentationPredictor.finish``: a second,
+no retraining). *Retrain* saves the strokes into the run and fine-tunes the segmenter on them
+in a worker, so other images learn from them too; the preview layer shows the prediction on
+this image after every epoch. *Rank* fills the review list (least trusted first); clicking an
+item opens that image and zooms to its least trusted area.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from magicgui.widgets import ComboBox, PushButton, SpinBox
+from magicgui.widgets import CheckBox, ComboBox, PushButton, SpinBox
 
 from ._base import JobWidget, device_field, info_label, run_folder_field, set_info
 from ._jobs import JobState
@@ -30,7 +32,11 @@ TIPS = {
     "image": "Image to correct: the run's val images and every image corrected before.",
     "strategy": "Segmenter to start from; the fine-tune is saved as <strategy>-corrections.",
     "epochs": "Fine-tune epochs over the corrected images and a replay sample of patches.",
+    "follow": "Update this image's prediction from your strokes as you paint (a second, no "
+              "retraining; Retrain teaches them to the model for every image).",
 }
+#: Quiet time after the last brush stroke before the prediction follows the strokes.
+FOLLOW_DELAY_MS = 400
 
 
 def paint_colormap(spec):
@@ -63,15 +69,29 @@ class CorrectionsWidget(JobWidget):
         self.image = ComboBox(label="image", choices=lambda _: self._images,
                               tooltip=TIPS["image"])
         self.open_button = PushButton(text="Open image")
+        self.follow = CheckBox(text="prediction follows my strokes", value=True,
+                               tooltip=TIPS["follow"])
         self.epochs = SpinBox(label="epochs", value=FINETUNE_EPOCHS, min=1, max=500,
                               tooltip=TIPS["epochs"])
         self.device = device_field()
         self.rank_button = PushButton(text="Rank images to review")
         self.extend([self.run_folder, self.run_info, self.strategy, self.image,
-                     self.open_button, self.epochs])
+                     self.open_button, self.follow, self.epochs])
         self.advanced.extend([self.device])
         self.review_runner = self.add_runner("Review queue")
         self.review_runner.event.connect(self._on_review_result)
+        self.image_runner = self.add_runner("This image")
+        self.image_runner.event.connect(self._on_image_result)
+        self.image_runner.state_changed.connect(self._after_image_job)
+        from qtpy.QtCore import QTimer
+
+        self._follow_timer = QTimer(singleShot=True, interval=FOLLOW_DELAY_MS)
+        self._follow_timer.timeout.connect(self.apply_strokes)
+        self._strokes_pending = False
+        self._queued_job: Any = None
+        #: The open image's predictor and network probabilities (None: too large to refine).
+        self._predictor: Any = None
+        self._network: np.ndarray | None = None
         from qtpy.QtWidgets import QListWidget
 
         self.review_list = QListWidget()
@@ -80,7 +100,8 @@ class CorrectionsWidget(JobWidget):
         self.review_items: list[Any] = []
         self.current: Path | None = None
         self.finish_layout(below=(self.rank_button.native, self.review_list))
-        self.remember(run_folder=self.run_folder, epochs=self.epochs, device=self.device)
+        self.remember(run_folder=self.run_folder, epochs=self.epochs, device=self.device,
+                      follow=self.follow)
         self.run_folder.changed.connect(self._on_run_changed)
         self.open_button.changed.connect(lambda *_: self.open_image())
         self.rank_button.changed.connect(lambda *_: self.rank())
@@ -111,7 +132,8 @@ class CorrectionsWidget(JobWidget):
                                 f"{len(corrected)} corrected images")
 
     def open_image(self, path: str | Path | None = None) -> None:
-        """Show ``path`` (default: the chosen image), its prediction and its strokes."""
+        """Show ``path`` (default: the chosen image) and its strokes at once; its prediction
+        follows from a worker (the network's pass would stall the window)."""
         from napari.utils.notifications import show_error
 
         from ..core.data.datasets import read_rgb
@@ -121,33 +143,106 @@ class CorrectionsWidget(JobWidget):
         try:
             run, _, layout = open_run(self.run_folder.value)
             image = read_rgb(path)
-            store = self._store(run, layout)
-            saved = store.find(path)
-            prediction = self._predict(run, image)
+            saved = self._store(run, layout).find(path)
         except HistoWsssError as error:
             show_error(str(error))
             return
         self.current, self.spec = path, layout.spec
+        self._predictor = self._network = None
         put_layer(self.viewer, "image", IMAGE_LAYER, image, rgb=True)
         put_layer(self.viewer, "labels", PREDICTION_LAYER,
-                  display_labels(prediction, layout.spec.num_classes),
-                  colormap=paint_colormap(layout.spec), opacity=0.4)
+                  np.zeros(image.shape[:2], np.uint8), colormap=paint_colormap(layout.spec),
+                  opacity=0.4)
         strokes = saved.labels if saved is not None else np.zeros(image.shape[:2], np.uint8)
         layer = put_layer(self.viewer, "labels", PAINT_LAYER, strokes.copy(),
                           colormap=paint_colormap(layout.spec), opacity=0.8)
         layer.mode = "paint"
         layer.brush_size = 8
         layer.selected_label = 1
+        if self._on_paint not in layer.events.paint.callbacks:
+            layer.events.paint.connect(self._on_paint)
         self.viewer.layers.selection.active = layer
+        self._start_on_image(self._prediction_job(run, path, image, saved))
 
-    def _predict(self, run, image: np.ndarray) -> np.ndarray:
-        from ..core.inference.predict import load_predictor, predict_image
+    def _prediction_job(self, run, path: Path, image: np.ndarray, saved):
+        """A job predicting ``image``; it keeps the network's probabilities (images up to the
+        whole-image limit), so strokes refine them without another forward pass."""
+        from ..core.inference.predict import WHOLE_IMAGE_LIMIT, load_predictor, predict_image
 
         tuned = f"{self.strategy.value}-corrections"
         strategy = tuned if tuned in run.segmenter_strategies() else self.strategy.value
-        predictor = load_predictor(run.root, self.device.value, strategy, tta="none",
-                                   use_class_gate=False)
-        return predict_image(predictor, image)[0]
+        root, device = run.root, self.device.value
+
+        def make_job(stop):
+            from ..core.events import Done
+
+            predictor = load_predictor(root, device, strategy, tta="none",
+                                       use_class_gate=False)
+            if max(image.shape[:2]) > WHOLE_IMAGE_LIMIT:
+                network, labels = None, predict_image(predictor, image)[0]
+            else:
+                network = predictor.network_probabilities(image[None])[0]
+                strokes = saved.labels if saved is not None and saved.painted else None
+                labels = predictor.finish(network, image, strokes).argmax(axis=0)
+            yield Done("prediction", (path, predictor, network, labels.astype(np.uint8)))
+
+        return make_job
+
+    # -- strokes on this image ----------------------------------------------------------------
+    def _on_paint(self, *_: Any) -> None:
+        if self.follow.value:
+            self._follow_timer.start()  # restarts: follows once the brush rests
+
+    def apply_strokes(self) -> None:
+        """Refine the open image's prediction with the painted strokes, in a worker."""
+        layer = layer_named(self.viewer, PAINT_LAYER)
+        if layer is None or self.current is None:
+            return
+        if self.image_runner.busy or self._network is None:
+            self._strokes_pending = self.image_runner.busy  # once the prediction is there
+            return
+        predictor, network, path = self._predictor, self._network, self.current
+        image = np.asarray(self.viewer.layers[IMAGE_LAYER].data)
+        painted = np.array(layer.data, dtype=np.uint8)
+
+        def make_job(stop):
+            from ..core.events import Done
+
+            refined = predictor.finish(network, image, painted if painted.any() else None)
+            labels = refined.argmax(axis=0).astype(np.uint8)
+            yield Done("prediction", (path, predictor, network, labels))
+
+        self._start_on_image(make_job)
+
+    def _start_on_image(self, make_job) -> None:
+        """Start a job on the open image, or queue it after the running one (whose result
+        is dropped if another image was opened meanwhile)."""
+        if self.image_runner.busy:
+            self._queued_job = make_job
+        else:
+            self.image_runner.start(make_job, self.device.value)
+
+    def _on_image_result(self, event: Any) -> None:
+        from ..core.events import Done
+
+        if not isinstance(event, Done) or event.stopped:
+            return
+        path, predictor, network, labels = event.result
+        if path != self.current or layer_named(self.viewer, PREDICTION_LAYER) is None:
+            return  # another image was opened meanwhile
+        self._predictor, self._network = predictor, network
+        self.viewer.layers[PREDICTION_LAYER].data = display_labels(labels,
+                                                                   self.spec.num_classes)
+
+    def _after_image_job(self, state: JobState) -> None:
+        if state.busy:
+            return
+        queued, self._queued_job = self._queued_job, None
+        if queued is not None:
+            self.image_runner.start(queued, self.device.value)
+        elif self._strokes_pending:
+            self._strokes_pending = False
+            self.apply_strokes()
 
     @staticmethod
     def _store(run, layout):
