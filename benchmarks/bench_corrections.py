@@ -92,18 +92,22 @@ def strokes_here(run, strategy, pairs, spec, ks, args) -> list[dict]:
     """mIoU of the annotated images on their unpainted pixels, as shipped and with k strokes
     on each image refining its own prediction (no retraining)."""
     shipped = load_predictor(run.root, args.device, strategy)
-    predictions = [predict_image(shipped, image)[0] for image, _ in pairs]
+    # The network once per image, refined again for each k (as the widget does).
+    networks = [shipped.network_probabilities(image[None])[0] for image, _ in pairs]
+    predictions = [shipped.finish(network, image).argmax(axis=0)
+                   for network, (image, _) in zip(networks, pairs, strict=True)]
     rows = []
     for k in (k for k in ks if k > 0):
         before, after = ConfusionMatrix(spec.num_classes), ConfusionMatrix(spec.num_classes)
         started, painted = time.perf_counter(), 0
-        for (image, truth), prediction in zip(pairs, predictions, strict=True):
+        for (image, truth), network, prediction in zip(pairs, networks, predictions,
+                                                        strict=True):
             strokes = simulated_strokes(prediction, truth, spec, k, args.radius, args.length)
             unpainted = np.where(strokes > 0, 255, truth).astype(np.uint8)
             before.update(prediction, unpainted)
-            after.update(predict_image(shipped, image, painted=strokes)[0], unpainted)
+            after.update(shipped.finish(network, image, strokes).argmax(axis=0), unpainted)
             painted += int(np.count_nonzero(strokes))
-        seconds = (time.perf_counter() - started) / len(pairs)
+        seconds = (time.perf_counter() - started) / len(pairs)  # strokes and refinement
         rows.append({"k": k, "miou_before": before.scores()["miou"],
                      "miou_after": after.scores()["miou"], "painted_pixels": painted,
                      "seconds_per_image": seconds})
@@ -190,12 +194,14 @@ def main() -> None:
         print(f"k={k}: mIoU {100 * scores['miou']:.2f} ({100 * gain:+.2f}), "
               f"fine-tune {seconds:.0f} s, {painted} painted px")
 
-    queue = review_queue(base, first.image_paths)
-    order = {str(p.resolve()): i for i, p in enumerate(first.image_paths)}
-    chosen = {"review": [order[item.image] for item in queue[:args.order_images]],
-              "random": np.random.default_rng(args.seed).permutation(len(first))[
-                  :args.order_images].tolist()}
-    for name, indices in chosen.items() if args.order_images > 0 else ():
+    chosen = {}
+    if args.order_images > 0:
+        queue = review_queue(base, first.image_paths)
+        order = {str(p.resolve()): i for i, p in enumerate(first.image_paths)}
+        chosen = {"review": [order[item.image] for item in queue[:args.order_images]],
+                  "random": np.random.default_rng(args.seed).permutation(len(first))[
+                      :args.order_images].tolist()}
+    for name, indices in chosen.items():
         corrections = corrections_for(indices, 3)
         strokes = 3 * len(indices)
         scores, seconds = finetune_and_score(run, config, layout, corrections, strategy,

@@ -233,6 +233,9 @@ class CorrectionsWidget(JobWidget):
         self._predictor, self._network = predictor, network
         self.viewer.layers[PREDICTION_LAYER].data = display_labels(labels,
                                                                    self.spec.num_classes)
+        if network is None:
+            set_info(self.run_info, "this image is too large for the prediction to follow "
+                                    "your strokes; Retrain teaches them to the model")
 
     def _after_image_job(self, state: JobState) -> None:
         if state.busy:
