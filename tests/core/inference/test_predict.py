@@ -226,6 +226,10 @@ def test_strokes_refine_their_image_without_retraining(val):
     assert (labels[painted > 0] == painted[painted > 0] - 1).all()
     untouched = predict_image(predictor, image)[0]
     assert ((labels != untouched) & (painted == 0)).any()  # beyond the painted pixels
+    # Nothing painted (or only glass): the predictor's own recipe, no appearance model.
+    for empty in (np.zeros_like(painted), np.full_like(painted, WSSS4LUAD.num_classes + 1)):
+        np.testing.assert_array_equal(predict_image(predictor, image, painted=empty)[0],
+                                      untouched)
     with pytest.raises(ConfigError, match="do not match the image"):
         predict_image(predictor, image, painted=painted[:100])
     with pytest.raises(ConfigError, match="fine-tune with them"):

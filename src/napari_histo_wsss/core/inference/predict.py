@@ -165,8 +165,8 @@ class SegmentationPredictor:
         too, at ``STROKE_WEIGHT`` at least, and they overrule the network near them
         (``refine_by_appearance``); a way to correct one image without retraining."""
         weight = self.appearance_weight
-        if painted is not None:
-            weight = max(weight, STROKE_WEIGHT)
+        if painted is not None and ((painted > 0) & (painted <= self.num_classes)).any():
+            weight = max(weight, STROKE_WEIGHT)  # only where a tissue class is painted
         if weight > 0:
             white = self.spec.white_threshold if self.spec.white_plane else 255
             probabilities = refine_by_appearance(probabilities, image, weight, white, painted)
