@@ -158,12 +158,19 @@ def main() -> None:
     base = load_predictor(run.root, args.device, strategy, use_class_gate=False,
                           use_class_offsets=False)
     pairs = [first.pair(i) for i in range(len(first))]
-    predictions = [predict_image(base, image)[0] for image, _ in pairs]
-    base_scores = evaluate(base, second)
     results = {"run": str(run.root), "strategy": strategy, "epochs": args.epochs,
                "annotated_images": len(first), "scored_images": len(second),
                "radius": args.radius, "length": args.length,
-               "base_miou": base_scores["miou"], "by_strokes": [], "order": {}}
+               "base_miou": None, "by_strokes": [], "order": {}}
+    ks = [int(v) for v in args.strokes.split(",")]
+    if args.here:
+        results["here"] = strokes_here(run, strategy, pairs, spec, ks, args)
+    if not args.finetune and args.order_images <= 0:
+        _write_json(args.json, results)
+        return
+    predictions = [predict_image(base, image)[0] for image, _ in pairs]
+    base_scores = evaluate(base, second)
+    results["base_miou"] = base_scores["miou"]
     print(f"base: mIoU {100 * base_scores['miou']:.2f} on {len(second)} held-out images")
 
     def corrections_for(indices, k):
@@ -175,9 +182,6 @@ def main() -> None:
                 made.append(Correction(first.image_paths[i], labels, author="simulated"))
         return made
 
-    ks = [int(v) for v in args.strokes.split(",")]
-    if args.here:
-        results["here"] = strokes_here(run, strategy, pairs, spec, ks, args)
     for k in ks if args.finetune else ():
         if k == 0:
             results["by_strokes"].append({"k": 0, "miou": base_scores["miou"], "seconds": 0.0,
@@ -212,8 +216,12 @@ def main() -> None:
                                   "seconds": seconds}
         print(f"{name} order, {len(indices)} images x 3 strokes: mIoU {100 * scores['miou']:.2f}"
               f" ({100 * gain:+.2f}, {100 * gain / strokes:+.3f} per stroke)")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2, default=float) + "\n")
+    _write_json(args.json, results)
+
+
+def _write_json(path: str | None, results: dict) -> None:
+    if path:
+        Path(path).write_text(json.dumps(results, indent=2, default=float) + "\n")
 
 
 if __name__ == "__main__":
