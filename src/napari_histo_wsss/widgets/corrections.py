@@ -182,7 +182,7 @@ class CorrectionsWidget(JobWidget):
                 network, labels = None, predict_image(predictor, image)[0]
             else:
                 network = predictor.network_probabilities(image[None])[0]
-                strokes = saved.labels if saved is not None and saved.painted else None
+                strokes = saved.labels if saved is not None else None
                 labels = predictor.finish(network, image, strokes).argmax(axis=0)
             yield Done("prediction", (path, predictor, network, labels.astype(np.uint8)))
 
@@ -208,7 +208,7 @@ class CorrectionsWidget(JobWidget):
         def make_job(stop):
             from ..core.events import Done
 
-            refined = predictor.finish(network, image, painted if painted.any() else None)
+            refined = predictor.finish(network, image, painted)
             labels = refined.argmax(axis=0).astype(np.uint8)
             yield Done("prediction", (path, predictor, network, labels))
 
