@@ -143,3 +143,22 @@ def test_strokes_without_appearance_weight_set_only_the_painted_pixels(val):
             assert not changed[painted != 1].any()
     with pytest.raises(ValueError, match="strokes of shape"):
         refine_by_appearance(coarse, image, 0.5, painted=painted[:-1])
+
+
+def test_a_stroke_reaches_as_far_as_it_is_long():
+    """One predicted region (tumour everywhere), three stroma strokes: a 61-px line reaches
+    about 61 px, a dab the least reach, a line across the image no more than the limit."""
+    from napari_histo_wsss.core.inference.appearance import STROKE_REACH_LIMITS, _overruled
+
+    best = np.zeros((400, 600), np.int64)
+    strokes = np.full(best.shape, -1)
+    strokes[100, 100:161] = 1  # a line 61 px long
+    strokes[350, 100:103] = 1  # a dab
+    strokes[0, 0:600] = 1  # a line across the image
+    overruled = _overruled(best, strokes.reshape(-1), reach=1.0).reshape(best.shape)
+    low, high = STROKE_REACH_LIMITS
+    assert overruled[100 + 55, 130] and not overruled[100 + 70, 130]  # the line's own reach
+    assert overruled[350 + int(low) - 2, 101] and not overruled[350 + int(low) + 4, 101]
+    assert overruled[int(high) - 2, 400] and not overruled[int(high) + 2, 400]
+    agreeing = np.where(strokes >= 0, 0, -1)  # strokes of the predicted class overrule nothing
+    assert not _overruled(best, agreeing.reshape(-1), reach=1.0).any()

@@ -30,9 +30,13 @@ WEIGHT_DECAY = 1e-3
 STROKE_WEIGHT = 1.0
 #: Share of the regression's sample weight carried by the strokes.
 STROKE_SHARE = 0.5
-#: Pixels this near a stroke (px), in a predicted region it contradicts, are decided by the
-#: appearance model alone: the only reach that gained with 1, 3 and 10 strokes per image.
-STROKE_REACH = 32.0
+#: A stroke's reach, in a predicted region it contradicts, per pixel of the stroke's own extent
+#: (its bounding box's diagonal): the pixels that near are decided by the appearance model
+#: alone. A long stroke says a large region is wrong, a dab a small one; reaching as far as
+#: the stroke is long gained over every fixed reach at 1, 3 and 10 strokes per image.
+STROKE_REACH = 1.0
+#: The least and the most a stroke reaches (px), whatever its extent.
+STROKE_REACH_LIMITS = (16.0, 128.0)
 
 
 def appearance_features(image: np.ndarray) -> np.ndarray:
@@ -109,9 +113,10 @@ def refine_by_appearance(probabilities: np.ndarray, image: np.ndarray, weight: f
 
     ``painted`` (H, W) are a user's strokes on this image (0 = not painted, k = class k - 1,
     as ``core.corrections.store`` keeps them). In a predicted region that a stroke of another
-    class touches, the pixels within ``stroke_reach`` of the stroke are overruled: they teach
-    nothing and the appearance model alone decides them (a wider reach gained with one
-    stroke per image and lost with ten, docs/results.md). The painted pixels teach their
+    class touches, the pixels within ``stroke_reach`` times the stroke's extent (within
+    ``STROKE_REACH_LIMITS``) are overruled: they teach nothing and the appearance model alone
+    decides them (docs/results.md: a fixed wide reach gained with one stroke per image and
+    lost with ten). The painted pixels teach their
     class with ``stroke_share`` of the regression's weight, every painted class is modelled,
     and they take their painted class.
     """
@@ -171,20 +176,35 @@ def _appearance_log_probabilities(features: np.ndarray, best: np.ndarray,
 
 
 def _overruled(best: np.ndarray, strokes: np.ndarray, reach: float) -> np.ndarray:
-    """Flat mask of the pixels within ``reach`` of a stroke, in the connected region of one
-    predicted class that the stroke (of another class) touches: there the user has said the
-    network is wrong."""
+    """Flat mask of the pixels near a stroke, in the connected region of one predicted class
+    that the stroke (of another class) touches: there the user has said the network is wrong.
+    Each connected piece of contradicting stroke reaches ``reach`` times its extent."""
     overruled = np.zeros(best.size, bool)
     flat_best = best.reshape(-1)
     contradicted = (strokes >= 0) & (flat_best != strokes)
     if not contradicted.any():
         return overruled
-    near = ndi.distance_transform_edt(~contradicted.reshape(best.shape)).reshape(-1) <= reach
+    near = _near_strokes(contradicted.reshape(best.shape), reach).reshape(-1)
     for predicted in np.unique(flat_best[contradicted]):
         regions, _ = ndi.label(best == predicted)
         touched = np.unique(regions.reshape(-1)[contradicted & (flat_best == predicted)])
         overruled |= np.isin(regions.reshape(-1), touched[touched > 0])
     return overruled & near
+
+
+def _near_strokes(contradicted: np.ndarray, reach: float) -> np.ndarray:
+    """(H, W) pixels within each stroke piece's own reach: ``reach`` times the diagonal of its
+    bounding box, kept within ``STROKE_REACH_LIMITS``."""
+    pieces, _ = ndi.label(contradicted, structure=np.ones((3, 3)))
+    low, high = STROKE_REACH_LIMITS
+    near = np.zeros(contradicted.shape, bool)
+    for index, box in enumerate(ndi.find_objects(pieces), start=1):
+        extent = float(np.hypot(box[0].stop - box[0].start, box[1].stop - box[1].start))
+        piece_reach = min(max(reach * extent, low), high)
+        pad = int(np.ceil(piece_reach))  # beyond the padded box every pixel is farther
+        window = tuple(slice(max(side.start - pad, 0), side.stop + pad) for side in box)
+        near[window] |= ndi.distance_transform_edt(pieces[window] != index) <= piece_reach
+    return near
 
 
 def _stroke_classes(painted: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | None:
