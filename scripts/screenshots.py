@@ -41,6 +41,7 @@ STRATEGIES = ["ce", "onss"]
 VAL_IMAGE = "21.png"  # tumour, stroma and normal tissue in one validation image
 COMPARE_IMAGE = "00.png"  # tumour and stroma, where the two strategies differ most
 TRAIN_PATCH = "test21-0-0-[1, 1, 0].png"  # a training patch labelled tumour + stroma
+CORRECTIONS_IMAGE = "00.png"  # tumour and stroma: stroma regions called tumour
 SLIDE_LEVEL = 1  # the slide's 2x-downsampled level (about 1 um/px)
 SLIDE_TILE, SLIDE_HALO, SLIDE_BATCH = 256, 32, 8
 
@@ -292,6 +293,46 @@ def segment_slide(viewer, run: Path, timeout: float) -> None:
     viewer.layers.clear()
 
 
+def corrections(viewer, run: Path, timeout: float) -> None:
+    """One stroke on a val image's largest wrong region (the benchmark's simulated annotator,
+    with the image's true mask) and the prediction that follows it without retraining."""
+    import numpy as np
+
+    from napari_histo_wsss.widgets._jobs import avoid_triton_llvm_clash
+
+    avoid_triton_llvm_clash()  # the annotator's imports pull in torchvision, and with it triton
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_corrections import simulated_strokes
+    from napari_histo_wsss.core.data.datasets import read_mask
+    from napari_histo_wsss.widgets.corrections import (
+        PAINT_LAYER,
+        PREDICTION_LAYER,
+        CorrectionsWidget,
+    )
+
+    widget, dock_widget = dock(viewer, CorrectionsWidget, "6. Correct and retrain")
+    use_run(widget, run)
+    path = next(p for p in widget.image.choices if Path(p).name == CORRECTIONS_IMAGE)
+    widget.image.value = path
+    widget.open_image()
+    wait_until(lambda: np.asarray(viewer.layers[PREDICTION_LAYER].data).any(),
+               "corrections: the image's prediction", timeout)
+    predicted = np.asarray(viewer.layers[PREDICTION_LAYER].data).copy()
+    truth = read_mask(Path(path).parent.parent / "mask" / Path(path).name, widget.spec)
+    # The layers show class k as k + 1 (0 is empty), the masks and the annotator use k.
+    strokes = simulated_strokes(predicted.astype(np.int64) - 1, truth, widget.spec, 1, 4, 40)
+    paint = viewer.layers[PAINT_LAYER]
+    paint.data = strokes
+    widget.apply_strokes()
+    wait_until(lambda: not np.array_equal(np.asarray(viewer.layers[PREDICTION_LAYER].data),
+                                          predicted), "corrections: the prediction follows",
+               timeout)
+    select(viewer, PAINT_LAYER)
+    save(viewer, "widget_corrections.png")
+    undock(viewer, dock_widget)
+    viewer.layers.clear()
+
+
 def file_open(viewer, run: Path, timeout: float) -> None:
     """File > Open on the run folder: what ``histo-wsss demo`` shows at its end."""
     viewer.open(str(run), plugin=PLUGIN)
@@ -307,6 +348,7 @@ STEPS = {
     "train_segmenter": train_segmenter,
     "compare": compare,
     "segment_slide": segment_slide,
+    "corrections": corrections,
     "file_open": file_open,
 }
 

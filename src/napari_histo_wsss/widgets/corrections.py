@@ -176,8 +176,9 @@ class CorrectionsWidget(JobWidget):
         def make_job(stop):
             from ..core.events import Done
 
-            predictor = load_predictor(root, device, strategy, tta="none",
-                                       use_class_gate=False)
+            # The run's own choices (class gate, offsets): what `segment` and `corrections
+            # apply` give, and what the strokes benchmark measured.
+            predictor = load_predictor(root, device, strategy, tta="none")
             if max(image.shape[:2]) > WHOLE_IMAGE_LIMIT:
                 network, labels = None, predict_image(predictor, image)[0]
             else:
