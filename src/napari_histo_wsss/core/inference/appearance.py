@@ -33,7 +33,8 @@ STROKE_SHARE = 0.5
 #: A stroke's reach, in a predicted region it contradicts, per pixel of the stroke's own extent
 #: (its bounding box's diagonal): the pixels that near are decided by the appearance model
 #: alone. A long stroke says a large region is wrong, a dab a small one; reaching as far as
-#: the stroke is long gained over every fixed reach at 1, 3 and 10 strokes per image.
+#: the stroke is long gained over the best fixed reach (32 px) at 1, 3 and 10 strokes per
+#: image on both halves of val (docs/results.md).
 STROKE_REACH = 1.0
 #: The least and the most a stroke reaches (px), whatever its extent.
 STROKE_REACH_LIMITS = (16.0, 128.0)
@@ -116,9 +117,8 @@ def refine_by_appearance(probabilities: np.ndarray, image: np.ndarray, weight: f
     class touches, the pixels within ``stroke_reach`` times the stroke's extent (within
     ``STROKE_REACH_LIMITS``) are overruled: they teach nothing and the appearance model alone
     decides them (docs/results.md: a fixed wide reach gained with one stroke per image and
-    lost with ten). The painted pixels teach their
-    class with ``stroke_share`` of the regression's weight, every painted class is modelled,
-    and they take their painted class.
+    lost with ten). The painted pixels teach their class with ``stroke_share`` of the
+    regression's weight, every painted class is modelled, and they take their painted class.
     """
     strokes = _stroke_classes(painted, probabilities.shape)
     classes, height, width = probabilities.shape
