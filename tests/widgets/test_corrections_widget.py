@@ -97,6 +97,11 @@ def test_paint_retrain_preview_and_review(make_napari_viewer, qtbot, trained_run
     preview = np.asarray(viewer.layers[PREVIEW_LAYER].data)
     assert preview.shape == before.shape
     assert (preview != before).any()  # the retrained model sees the image differently
+    # Then the prediction layer comes from the retrained strategy as it predicts.
+    qtbot.waitUntil(lambda: widget._predictor is not None and "ce-corrections" in
+                    widget._predictor.config["checkpoint"], timeout=JOB_TIMEOUT_MS)
+    qtbot.waitUntil(lambda: not widget.image_runner.busy, timeout=JOB_TIMEOUT_MS)
+    assert (np.asarray(viewer.layers[PREDICTION_LAYER].data)[stroke] == 3).all()
 
     widget.rank()
     qtbot.waitUntil(lambda: widget.review_list.count() == 7, timeout=JOB_TIMEOUT_MS)

@@ -49,6 +49,13 @@ def paint_colormap(spec):
     return DirectLabelColormap(color_dict=colours)
 
 
+def correction_store(run, layout):
+    """The run's corrections, as the core library keeps them."""
+    from ..core.corrections.store import CorrectionStore
+
+    return CorrectionStore(run.root, layout.spec)
+
+
 class CorrectionsWidget(JobWidget):
     """Paint corrections, fine-tune on them with a live preview, review where to look."""
 
@@ -143,7 +150,7 @@ class CorrectionsWidget(JobWidget):
         try:
             run, _, layout = open_run(self.run_folder.value)
             image = read_rgb(path)
-            saved = self._store(run, layout).find(path)
+            saved = correction_store(run, layout).find(path)
         except HistoWsssError as error:
             show_error(str(error))
             return
@@ -248,12 +255,6 @@ class CorrectionsWidget(JobWidget):
             self._strokes_pending = False
             self.apply_strokes()
 
-    @staticmethod
-    def _store(run, layout):
-        from ..core.corrections.store import CorrectionStore
-
-        return CorrectionStore(run.root, layout.spec)
-
     def save_strokes(self) -> None:
         """Write the paint layer into the run (nothing painted removes the correction)."""
         from ..core.corrections.store import Correction
@@ -262,7 +263,7 @@ class CorrectionsWidget(JobWidget):
         if layer is None or self.current is None:
             return
         run, _, layout = open_run(self.run_folder.value)
-        self._store(run, layout).save(Correction(self.current, np.asarray(layer.data)))
+        correction_store(run, layout).save(Correction(self.current, np.asarray(layer.data)))
 
     # -- retrain ------------------------------------------------------------------------------
     def build_job(self):
@@ -296,6 +297,24 @@ class CorrectionsWidget(JobWidget):
     def on_job_finished(self, state: JobState) -> None:
         if state is JobState.DONE:
             self._on_run_changed()
+            self._predict_with_retrained()
+
+    def _predict_with_retrained(self) -> None:
+        """The open image predicted again by the retrained strategy with its companion,
+        appearance model and the strokes (the epoch previews are its network alone)."""
+        from ..core.errors import HistoWsssError
+
+        if self.current is None or layer_named(self.viewer, PAINT_LAYER) is None:
+            return
+        try:
+            self.save_strokes()  # strokes painted while it trained are kept too
+            run, _, layout = open_run(self.run_folder.value)
+            saved = correction_store(run, layout).find(self.current)
+        except HistoWsssError as error:
+            set_info(self.run_info, str(error), error=True)
+            return
+        image = np.asarray(self.viewer.layers[IMAGE_LAYER].data)
+        self._start_on_image(self._prediction_job(run, self.current, image, saved))
 
     # -- review -------------------------------------------------------------------------------
     def rank(self) -> None:
