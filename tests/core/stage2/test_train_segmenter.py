@@ -641,12 +641,16 @@ def test_the_recipe_companion_gets_esfans_image_budget():
     assert not preset("esfan", "fast", num_patches=557).segmenter.companion
 
 
-def test_a_fine_tune_keeps_the_companion(tmp_path):
+def test_a_fine_tune_keeps_the_companion_and_the_val_choices(tmp_path):
     folder = tmp_path / "segmenter" / "ce"
     (folder / COMPANION_FOLDER).mkdir(parents=True)
     (folder / COMPANION_FOLDER / "model.pt").write_bytes(b"companion weights")
+    (folder / "class_gate.json").write_text('{"use": false}')  # val dropped the gate
+    (folder / "class_offsets.json").write_text('{"offsets": [0.5, -0.5, 0], "use": true}')
     corrected = tmp_path / "segmenter" / "ce-corrections"
     keep_companion(folder / "model.pt", corrected)
     assert (corrected / COMPANION_FOLDER / "model.pt").read_bytes() == b"companion weights"
+    for choice in ("class_gate.json", "class_offsets.json"):
+        assert (corrected / choice).read_text() == (folder / choice).read_text()
     keep_companion(tmp_path / "bare" / "model.pt", tmp_path / "nothing")  # none to copy
     assert not (tmp_path / "nothing").exists()

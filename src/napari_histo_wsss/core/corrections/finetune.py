@@ -26,7 +26,13 @@ from ..config.run_config import RunConfig
 from ..data.datasets import EvalSet, PatchSet, read_rgb
 from ..errors import CheckpointError, DatasetError
 from ..events import Event, StopToken
-from ..inference.predict import SegmentationPredictor, load_predictor, predict_image
+from ..inference.predict import (
+    CLASS_OFFSETS_FILE,
+    GATE_CHOICE_FILE,
+    SegmentationPredictor,
+    load_predictor,
+    predict_image,
+)
 from ..models.ensemble import COMPANION_FOLDER, companion_checkpoint
 from ..runs.run_dir import RunDirectory
 from ..stage2.losses import IGNORE_INDEX
@@ -77,11 +83,17 @@ def finetune_with_corrections(
 
 def keep_companion(start: Path, folder: Path) -> None:
     """The fine-tune moves the strategy's own network; its companion network (where the
-    recipe has one) is copied unchanged, so the corrected strategy predicts as a pair too."""
+    recipe has one) and the choices made on val for it (class gate, class offsets) are
+    copied unchanged, so the corrected strategy predicts as its base does: as a pair, and
+    without the gate where val dropped it."""
     companion = companion_checkpoint(start)
     if companion is not None:
         (folder / COMPANION_FOLDER).mkdir(parents=True, exist_ok=True)
         shutil.copyfile(companion, folder / COMPANION_FOLDER / "model.pt")
+    for choice in (GATE_CHOICE_FILE, CLASS_OFFSETS_FILE):
+        if (start.parent / choice).is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(start.parent / choice, folder / choice)
 
 
 def replay_patches(patches: PatchSet, sparse: Sequence[SparseLabels], per_image: int,
