@@ -238,6 +238,6 @@ def cmd_finetune(args, run, config, layout) -> int:
     print(done.result)
     val = layout.eval_set("val")
     if val is not None:
-        scores = evaluate(load_predictor(done.result, config.device, use_class_gate=False), val)
+        scores = evaluate(load_predictor(done.result, config.device), val)  # as it predicts
         print(f"on val (corrected images included):\n{format_scores(scores)}", file=sys.stderr)
     return 0
