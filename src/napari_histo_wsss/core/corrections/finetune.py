@@ -74,14 +74,14 @@ def finetune_with_corrections(
     settings = replace(config.segmenter, epochs=epochs,
                        lr=config.segmenter.lr * FINETUNE_LR_SCALE)
     config = replace(config, segmenter=settings)
-    keep_companion(start, run.segmenter_dir(corrected_strategy(base)))
+    inherit_from_base(start, run.segmenter_dir(corrected_strategy(base)))
     yield from train_segmenter(run, config, patches, only=chosen,
                                strategy=corrected_strategy(base), device=device, stop=stop,
                                resume=resume, val=val, corrections=sparse, init_from=start,
                                preview=preview)
 
 
-def keep_companion(start: Path, folder: Path) -> None:
+def inherit_from_base(start: Path, folder: Path) -> None:
     """The fine-tune moves the strategy's own network; its companion network (where the
     recipe has one) and the choices made on val for it (class gate, class offsets) are
     copied unchanged, so the corrected strategy predicts as its base does: as a pair, and
