@@ -124,7 +124,7 @@ def finetune_and_score(run, config, layout, corrections, strategy, epochs, secon
         epochs=epochs, device=device, resume=False))
     seconds = time.perf_counter() - started
     predictor = load_predictor(done, device, corrected_strategy(strategy),
-                               use_class_gate=False)
+                               use_class_gate=False, use_class_offsets=False)  # as the base
     return evaluate(predictor, second), seconds
 
 
