@@ -312,7 +312,9 @@ def corrections(viewer, run: Path, timeout: float) -> None:
 
     widget, dock_widget = dock(viewer, CorrectionsWidget, "6. Correct and retrain")
     use_run(widget, run)
-    path = next(p for p in widget.image.choices if Path(p).name == CORRECTIONS_IMAGE)
+    path = next((p for p in widget.image.choices if Path(p).name == CORRECTIONS_IMAGE), None)
+    if path is None:
+        raise RuntimeError(f"the run's val images have no {CORRECTIONS_IMAGE} to correct")
     widget.image.value = path
     widget.open_image()
     wait_until(lambda: np.asarray(viewer.layers[PREDICTION_LAYER].data).any(),
