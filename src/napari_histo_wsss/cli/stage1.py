@@ -122,4 +122,24 @@ def cmd_pseudo_masks(args: argparse.Namespace) -> int:
     if val is not None:
         print(f"pseudo-masks on val ({len(val)} images):\n"
               f"{format_scores(pseudo_mask_report(run, config, val, device))}")
+    if config.pseudo_masks.teacher:
+        return _refine(run, config, patches, layout.eval_set("val"), device)
+    return 0
+
+
+def _refine(run, config, patches, val, device) -> int:
+    """The recipe's self-training teacher relabels the pseudo-masks it just made (its best
+    epoch chosen on val where the dataset has one, as in the pipeline)."""
+    from ..core.stage2.self_training import refine_pseudo_masks
+    from .progress import drive
+
+    if val is not None:
+        val.check()
+    done = drive(lambda stop: refine_pseudo_masks(run, config, patches, device=device,
+                                                  stop=stop, val=val, resume=False))
+    if done is None or done.stopped:
+        print("stopped; run the same command again to make the pseudo-masks and relabel them",
+              file=sys.stderr)
+        return 1
+    print(done.result)
     return 0

@@ -25,7 +25,7 @@ from .events import Done, Event, Message, StopToken
 from .inference.metrics import format_scores
 from .runs.locks import writes_run
 from .runs.run_dir import RunDirectory
-from .runs.stages import CLASSIFIER, PSEUDO_MASKS, segmenter_stage
+from .runs.stages import CLASSIFIER, PSEUDO_MASKS, REFINED_MASKS, segmenter_stage
 from .runs.status import METHOD_WITHOUT_CAMS
 
 
@@ -152,6 +152,11 @@ def _stage_jobs(run, config, patches, val, device, stop, strategies, more_epochs
     jobs = [(CLASSIFIER, partial(train_classifier, run, config, patches, resume=True, **common)),
             (PSEUDO_MASKS, partial(_pseudo_masks_then_report, run, config, patches, val,
                                    **common))]
+    if config.pseudo_masks.teacher:
+        from .stage2.self_training import refine_pseudo_masks
+
+        jobs.append((REFINED_MASKS, partial(refine_pseudo_masks, run, config, patches, val=val,
+                                            **common)))
     for strategy in strategies:
         strategy_config = replace(config, segmenter=replace(config.segmenter, loss=strategy))
         jobs.append((segmenter_stage(strategy), partial(

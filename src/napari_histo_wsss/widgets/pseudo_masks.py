@@ -321,6 +321,11 @@ class PseudoMaskWidget(JobWidget):
                 report = pseudo_mask_report(run, config, evaluation, device)
                 yield Message(STAGE, "done; quality on val: "
                               + format_scores(report).splitlines()[0])
+            if config.pseudo_masks.teacher and run.is_complete(STAGE):  # self-training
+                from ..core.stage2.self_training import refine_pseudo_masks
+
+                yield from refine_pseudo_masks(run, config, patches, device=device, stop=stop,
+                                               val=evaluation, resume=False)
 
         device_name = self.device.value
         return make_job, device_name

@@ -228,6 +228,10 @@ def _scale_to_cpu_hour(config: RunConfig, method: MethodPreset, num_patches: int
 #: The companion segmenter's images per run on ``fast`` (ESFAN's segmenter budget).
 COMPANION_IMAGES = 2500
 
+#: The self-training teacher's images per run on ``fast``: twice the companion's, as the
+#: labels of every later network come from it.
+TEACHER_IMAGES = 5000
+
 #: How many times the ``fast`` schedule's training images ``long`` gets.
 LONG_BUDGET = 2.0
 
@@ -261,6 +265,10 @@ def _scale_budget(config: RunConfig, method: MethodPreset, num_patches: int,
     if "epochs" in segmenter.companion:  # a companion trains on ESFAN's image budget
         segmenter.companion = {**segmenter.companion, "epochs": int(min(
             segmenter.companion["epochs"], max(3, round(budget * COMPANION_IMAGES / patches))))}
+    teacher = config.pseudo_masks.teacher
+    if "epochs" in teacher:
+        config.pseudo_masks.teacher = {**teacher, "epochs": int(min(
+            teacher["epochs"], max(3, round(budget * TEACHER_IMAGES / patches))))}
     if config.hisynseg is not None:
         # Two training rounds share the segmenter budget. Synthetic images per type are half the
         # real patches (as released for WSSS4LUAD: 2 x 3,600 synthetic for 10,091 real), and a

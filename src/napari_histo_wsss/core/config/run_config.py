@@ -139,6 +139,11 @@ class PseudoMaskConfig:
     #: None follows the dataset description.
     white_plane: bool | None = None
     batch_size: int = 16
+    #: Self-training (stage2/self_training.py): a network trained first on the ``final``
+    #: pseudo-masks relabels the training patches, restricted to each patch's labels, into
+    #: ``pseudo_masks/refined/``; given as the settings it changes from the run's segmenter
+    #: (e.g. ``{"arch": "pspnet", "encoder_depth": 3}``). Empty: none.
+    teacher: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         require("pseudo_masks", _is_count, batch_size=self.batch_size)
@@ -150,6 +155,9 @@ class PseudoMaskConfig:
         require("pseudo_masks", _is_non_negative, gate_threshold=self.gate_threshold,
                 fuse_weights=self.fuse_weights)
 
+
+#: The pseudo-mask folder a self-training teacher writes (``PseudoMaskConfig.teacher``).
+REFINED_TARGET = "refined"
 
 #: Settings the companion segmenter shares with its strategy's network (prediction-level).
 COMPANION_SHARED = frozenset({"companion", "normalise", "class_gate", "fit_class_offsets",
@@ -333,6 +341,26 @@ class RunConfig:
             self.hisynseg.validate()
         self.pseudo_masks.validate()
         self.segmenter.validate()
+        teacher = self.teacher_settings()
+        if teacher is not None:
+            teacher.validate()
+        if REFINED_TARGET in self.segmenter.targets and teacher is None:
+            raise ConfigError(f"segmenter.targets reads '{REFINED_TARGET}' pseudo-masks, which "
+                              "only a teacher makes: set pseudo_masks.teacher")
+
+    def teacher_settings(self) -> SegmenterConfig | None:
+        """The self-training teacher's full settings (the run's segmenter with the teacher's
+        changes, trained on the ``final`` pseudo-masks, alone), or None where there is none."""
+        if not self.pseudo_masks.teacher:
+            return None
+        changes = {**self.pseudo_masks.teacher, "companion": {}, "targets": ("final",),
+                   "target_weights": (1.0,)}
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(SegmenterConfig)})
+        if unknown:
+            raise ConfigError(f"unknown settings {unknown} in pseudo_masks.teacher")
+        return dataclasses.replace(self.segmenter, **{
+            key: tuple(value) if isinstance(value, list) else value
+            for key, value in changes.items()})
 
     def stage_epochs(self, stage: str, planned: int) -> int:
         """The epochs ``stage`` runs to: its extension where it has one, else ``planned`` (the

@@ -90,6 +90,11 @@ class RunDirectory:
     def cams_path(self) -> Path:
         return self.pseudo_mask_root / "cams.zarr"
 
+    @property
+    def teacher_dir(self) -> Path:
+        """The self-training teacher's checkpoints (stage2/self_training.py)."""
+        return self.root / "teacher"
+
     def segmenter_dir(self, strategy: str) -> Path:
         return self.root / "segmenter" / check_folder_name(strategy, "strategy")
 

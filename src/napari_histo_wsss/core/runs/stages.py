@@ -8,6 +8,8 @@ from __future__ import annotations
 
 CLASSIFIER = "classifier"
 PSEUDO_MASKS = "pseudo-masks"
+#: Self-training: the teacher network and the training patches it relabels.
+REFINED_MASKS = "refined-masks"
 SEGMENTER_PREFIX = "segmenter:"
 
 #: Status keys of older run directories, by the name that replaced them.

@@ -11,7 +11,7 @@ from enum import Enum
 from pathlib import Path
 
 from .run_dir import RunDirectory
-from .stages import CLASSIFIER, PSEUDO_MASKS, segmenter_stage
+from .stages import CLASSIFIER, PSEUDO_MASKS, REFINED_MASKS, segmenter_stage
 
 #: The method that trains its segmenter from synthetic images, without the CAM stages.
 METHOD_WITHOUT_CAMS = "hisynseg"
@@ -50,10 +50,11 @@ def run_status(folder: str | Path) -> RunStatus:
     run = RunDirectory(folder)
     if not run.exists():
         return RunStatus(run.root, None)
-    method = run.config().method
-    return RunStatus(run.root, method, classifier=_classifier_state(run),
-                     pseudo_masks=StageState.DONE if run.is_complete(PSEUDO_MASKS)
-                     else StageState.MISSING,
+    config = run.config()
+    masks_done = run.is_complete(PSEUDO_MASKS) and (
+        not config.pseudo_masks.teacher or run.is_complete(REFINED_MASKS))
+    return RunStatus(run.root, config.method, classifier=_classifier_state(run),
+                     pseudo_masks=StageState.DONE if masks_done else StageState.MISSING,
                      strategies=run.segmenter_strategies(),
                      stale=[name for name in run.segmenter_strategies()
                             if segmenter_stage(name) in run.stale_stages()])

@@ -35,7 +35,7 @@ from ..models.classifier import CamClassifier, load_classifier
 from ..registry import Registry
 from ..runs.locks import writes_run
 from ..runs.run_dir import RunDirectory
-from ..runs.stages import PSEUDO_MASKS
+from ..runs.stages import PSEUDO_MASKS, REFINED_MASKS
 from .cams import class_activation_maps, frozen_for_class_maps
 from .overlap_fusion import OverlapFusion, fused_maps
 from .superpixels import batch_superpixels, smooth_maps
@@ -313,6 +313,7 @@ def generate_pseudo_masks(run: RunDirectory, config: RunConfig, patches: PatchSe
         raise DatasetError(f"labels have {patches.labels.shape[1]} entries but the classifier "
                            f"knows {spec.num_classes} classes", patches.paths[0].parent)
     run.mark_incomplete("pseudo_masks")
+    run.mark_incomplete(REFINED_MASKS)  # a teacher's relabelling is of the masks replaced here
     names = _map_names(recipe)
     folders = [FINAL] + ([n for n in names if n != FUSED] if len(recipe.layers) > 1 else [])
     for folder in folders:

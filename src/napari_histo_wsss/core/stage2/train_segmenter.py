@@ -144,7 +144,8 @@ def train_segmenter(
     if companion is not None and not (more_epochs or corrections or init_from or only):
         partner = SegmenterTrainer(run, replace(config, segmenter=companion), patches, strategy,
                                    device, resume, val,
-                                   folder=run.segmenter_dir(strategy) / COMPANION_FOLDER)
+                                   folder=run.segmenter_dir(strategy) / COMPANION_FOLDER,
+                                   stage=f"{segmenter_stage(strategy)} {COMPANION_FOLDER}")
         if not (yield from run_epochs(partner, stop)):
             return
         del partner  # its network and samples, before the next network's are built
@@ -159,13 +160,14 @@ class SegmenterTrainer(EpochTrainer):
 
     def __init__(self, run: RunDirectory, config: RunConfig, patches: PatchSet, strategy: str,
                  device: torch.device, resume: bool, val: EvalSet | None,
-                 only: Sequence[int] | None = None, folder: Path | None = None):
+                 only: Sequence[int] | None = None, folder: Path | None = None,
+                 stage: str | None = None):
         self.run, self.config, self.patches, self.val = run, config, patches, val
         self.settings = settings = config.segmenter
         self.strategy, self.device, self.spec = strategy, device, patches.spec
         self.stage = self.done_stage = segmenter_stage(strategy)
-        if folder is not None:  # the companion: the first part of the strategy's job
-            self.stage, self.final = f"{self.stage} {COMPANION_FOLDER}", False
+        if stage is not None:  # part of a longer job (a companion, a teacher): no Done of its own
+            self.stage, self.final = stage, False
         self.epochs = config.stage_epochs(self.stage, settings.epochs)
         self.loss_fn = build_loss(settings)
         patches.decode_all()

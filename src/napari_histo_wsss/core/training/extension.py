@@ -33,7 +33,7 @@ from ..config.run_config import RunConfig
 from ..errors import CheckpointError, ConfigError
 from ..runs.outputs import atomic_write_text
 from ..runs.run_dir import RunDirectory
-from ..runs.stages import CLASSIFIER, PSEUDO_MASKS, segmenter_stage
+from ..runs.stages import CLASSIFIER, PSEUDO_MASKS, REFINED_MASKS, segmenter_stage
 from . import distributed
 from .resume import load_resume_checkpoint
 from .state import TrainingState
@@ -66,6 +66,7 @@ def extend_stage(run: RunDirectory, config: RunConfig, stage: str, last_path: Pa
         run.mark_incomplete(stage)
         if stage == CLASSIFIER:
             run.mark_incomplete(PSEUDO_MASKS)
+            run.mark_incomplete(REFINED_MASKS)
             for strategy in run.segmenter_strategies():
                 run.mark_stale(segmenter_stage(strategy), STALE_PSEUDO_MASKS)
     distributed.barrier()
