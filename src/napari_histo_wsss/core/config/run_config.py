@@ -238,10 +238,14 @@ class SegmenterConfig:
             raise ConfigError(f"segmenter.companion cannot change {', '.join(fixed)}: the two "
                               "networks are one predictor, with one normalisation, gate, "
                               "offsets, appearance model and test-time augmentation")
-        changes = {**self.companion, "companion": {}}
+        return self.changed({**self.companion, "companion": {}}, "segmenter.companion")
+
+    def changed(self, changes: dict[str, Any], where: str) -> SegmenterConfig:
+        """A copy with ``changes`` (settings by name, lists read as tuples, as run.json gives
+        them); ``where`` names the section they came from when one is unknown."""
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
         if unknown:
-            raise ConfigError(f"unknown settings {unknown} in segmenter.companion")
+            raise ConfigError(f"unknown settings {unknown} in {where}")
         return dataclasses.replace(self, **{
             key: tuple(value) if isinstance(value, list) else value
             for key, value in changes.items()})
@@ -353,14 +357,9 @@ class RunConfig:
         changes, trained on the ``final`` pseudo-masks, alone), or None where there is none."""
         if not self.pseudo_masks.teacher:
             return None
-        changes = {**self.pseudo_masks.teacher, "companion": {}, "targets": ("final",),
-                   "target_weights": (1.0,)}
-        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(SegmenterConfig)})
-        if unknown:
-            raise ConfigError(f"unknown settings {unknown} in pseudo_masks.teacher")
-        return dataclasses.replace(self.segmenter, **{
-            key: tuple(value) if isinstance(value, list) else value
-            for key, value in changes.items()})
+        return self.segmenter.changed({**self.pseudo_masks.teacher, "companion": {},
+                                       "targets": ("final",), "target_weights": (1.0,)},
+                                      "pseudo_masks.teacher")
 
     def stage_epochs(self, stage: str, planned: int) -> int:
         """The epochs ``stage`` runs to: its extension where it has one, else ``planned`` (the

@@ -95,9 +95,7 @@ def relabelled_patches(predictor: SegmentationPredictor, patches: PatchSet, mask
         old = read_mask(masks_folder / patches.paths[index].with_suffix(".png").name,
                         patches.spec)
         label = patches.labels[index].astype(bool)
-        if label.any():
-            probabilities = np.where(label[:, None, None], probabilities, -1.0)
-        new = probabilities.argmax(axis=0).astype(np.uint8)
+        new = most_probable_of(probabilities, label if label.any() else None)
         background = old == patches.spec.background_index
         new[background] = old[background]
         return index, old, new
@@ -121,6 +119,13 @@ def label_gated_scores(predictor: SegmentationPredictor, val: EvalSet) -> dict:
         image, truth = val.pair(index)
         _, probabilities = predict_image(predictor, image)
         present = np.isin(np.arange(predictor.num_classes), np.unique(truth))
-        restricted = np.where(present[:, None, None], probabilities, -1.0)
-        matrix.update(restricted.argmax(axis=0).astype(np.uint8), truth)
+        matrix.update(most_probable_of(probabilities, present), truth)
     return matrix.scores(predictor.spec.class_names)
+
+
+def most_probable_of(probabilities: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
+    """(H, W) uint8: each pixel's most probable class among ``allowed`` (C,) bool, or among
+    all classes where None."""
+    if allowed is not None:
+        probabilities = np.where(allowed[:, None, None], probabilities, -1.0)
+    return probabilities.argmax(axis=0).astype(np.uint8)
