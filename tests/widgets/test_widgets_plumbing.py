@@ -292,6 +292,22 @@ def test_background_warmup_loads_what_the_first_job_and_layer_would(tmp_path):
     assert patterns > 0  # built before any labels layer exists
 
 
+def test_a_dock_built_after_torch_and_the_canvas_does_not_crash_in_triton(tmp_path):
+    """torch loaded before the viewer (another plugin, a script) makes a dock import timm at
+    once, after the canvas: under Mesa OpenGL (Xvfb here) that loaded libLLVM, and Triton's
+    import then crashed the process (segmentation fault) before Triton was kept out on this
+    path too."""
+    code = (
+        "import json, sys, torch, napari\n"
+        "from napari_histo_wsss.widgets.train_classifier import TrainClassifierWidget\n"
+        "viewer = napari.Viewer(show=False)\n"
+        "TrainClassifierWidget(viewer)\n"
+        "print(json.dumps(['timm' in sys.modules]), flush=True)\n"
+        "import os; os._exit(0)  # Qt and torch can crash in their exit-time teardown\n"
+    )
+    assert last_json_line_of(code, tmp_path) == [True]
+
+
 def test_native_loads_without_the_gil_load_and_fail_as_python_does(tmp_path):
     """Inside the warm-up's loader, extension modules import and ctypes libraries load as
     before (a missing one raises the same OSError), and both hooks are put back after."""

@@ -109,6 +109,11 @@ def _start() -> None:
 def _import_heavy() -> None:
     import importlib
 
+    from ._jobs import avoid_triton_llvm_clash
+
+    # Where torch was loaded before the canvas (another plugin, a script), timm still pulls
+    # Triton in here, after Mesa's LLVM: the clash is avoided on this path too.
+    avoid_triton_llvm_clash()
     for name in HEAVY_MODULES:
         importlib.import_module(name)
 
