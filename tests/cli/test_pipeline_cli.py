@@ -142,3 +142,17 @@ def test_more_epochs_train_finished_stages_longer(finished_run, tmp_path, capsys
     assert main(["train-segmenter", str(copy), "--more-epochs", "1", "--restart"]) == 2
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and "--more-epochs" in error
+
+
+def test_self_train_flag_makes_a_run_with_a_teacher(tmp_path, sample_dataset_dir):
+    from napari_histo_wsss.cli.main import build_parser
+    from napari_histo_wsss.core.pipeline import prepare_run
+
+    parser = build_parser()
+    args = parser.parse_args(["pipeline", "DATA", "--out", "R", "--self-train"])
+    assert args.self_train and not parser.parse_args(["pipeline", "D", "--out", "R"]).self_train
+    run, config, _ = prepare_run(sample_dataset_dir, tmp_path / "run", "esfan",
+                                 self_train=args.self_train)
+    saved = run.config()
+    assert saved.pseudo_masks.teacher == config.pseudo_masks.teacher != {}
+    assert saved.segmenter.targets == ("refined",)

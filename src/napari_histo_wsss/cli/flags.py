@@ -95,6 +95,11 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mpp", type=positive_float,
                         help="microns per pixel of the training patches: recorded in the run so "
                              "slides are segmented at the same resolution")
+    parser.add_argument("--self-train", action="store_true",
+                        help="a teacher network trained on the pseudo-masks relabels the "
+                             "training patches within their labels, and the segmenter learns "
+                             "from those labels (about 3 minutes more on fast; "
+                             "docs/algorithms.md 16)")
     add_train_precision_flag(parser, default="auto")
 
 

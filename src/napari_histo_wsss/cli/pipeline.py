@@ -55,7 +55,8 @@ def _run_pipeline(args, data_dir: Path, out: Path) -> int:
     run, config, layout = prepare_run(
         data_dir, out, args.method, spec=spec_from_args(args), schedule=args.schedule,
         seed=args.seed, device=args.device, mpp=getattr(args, "mpp", None),
-        train_precision=getattr(args, "train_precision", None), **stage_overrides(args),
+        train_precision=getattr(args, "train_precision", None),
+        self_train=getattr(args, "self_train", False), **stage_overrides(args),
     )
     print(f"{layout.describe()}\nrun directory: {run.root}", file=sys.stderr)
     if resuming:

@@ -67,7 +67,8 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
     run, config, layout = prepare_run(
         args.data_dir, args.out, method, spec=spec_from_args(args),
         schedule=args.schedule, seed=args.seed, device=args.device, mpp=args.mpp,
-        train_precision=args.train_precision, **stage_overrides(args),
+        train_precision=args.train_precision, self_train=args.self_train,
+        **stage_overrides(args),
     )
     device = resolve_device(args.device or config.device)
     print(f"{layout.describe()}\nrun directory: {run.root}", file=sys.stderr)

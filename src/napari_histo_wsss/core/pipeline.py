@@ -40,11 +40,13 @@ def prepare_run(
     device: str | None = None,
     mpp: float | None = None,
     train_precision: str | None = None,
+    self_train: bool = False,
     classifier: dict | None = None,
     pseudo_masks: dict | None = None,
     segmenter: dict | None = None,
 ) -> tuple[RunDirectory, RunConfig, DatasetLayout]:
-    """Create the run directory (or reopen it to resume) and resolve the configuration.
+    """Create the run directory (or reopen it to resume) and resolve the configuration;
+    ``self_train`` adds the self-training teacher to a new run (``presets.with_self_training``).
 
     A run directory that already exists keeps its own configuration: resuming with other
     settings would silently mix two recipes, so a different ``method`` is refused.
@@ -61,7 +63,8 @@ def prepare_run(
             )
         return run, config, find_dataset(data_dir, DatasetSpec.from_dict(config.dataset))
     num_patches = len(layout.patches())
-    config = preset(method, schedule=schedule, num_patches=num_patches)
+    config = preset(method, schedule=schedule, num_patches=num_patches,
+                    self_train=self_train)
     config.data_dir = str(Path(data_dir).resolve())
     config.dataset = layout.spec.to_dict()
     if seed is not None:

@@ -25,6 +25,10 @@ TOOLTIPS: dict[str, str] = {
     "batch_size": "Patches per optimisation step. Lower it if the device runs out of memory.",
     "schedule": "fast: epochs and batch sizes scaled to the dataset for a CPU; paper: the"
                 " published schedules (for a GPU). Used when a new run is created.",
+    "self_train": "Self-training: a teacher network trained on the pseudo-masks relabels the"
+                  " training patches within their labels, and the segmenter learns from"
+                  " those labels (a few minutes more; not for MLPS, whose segmenter learns"
+                  " from three layers' masks). Used when a new run is created.",
     "seed": "Random seed of a new run (data order, augmentation, initialisation).",
     "lr": "Learning rate of the newly initialised layers' base rate (the preset's value by"
           " default).",

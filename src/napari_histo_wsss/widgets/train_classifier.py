@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from magicgui.widgets import ComboBox, FileEdit, FloatSpinBox, LineEdit, SpinBox
+from magicgui.widgets import CheckBox, ComboBox, FileEdit, FloatSpinBox, LineEdit, SpinBox
 
 from ..core.config.presets import DEFAULT_METHOD, PRESET_SCHEDULES, methods_with_classifier
 from ._base import JobWidget, device_field, info_label, run_folder_field, set_info
@@ -97,6 +97,8 @@ class TrainClassifierWidget(JobWidget):
         self.run_info = info_label()
         self.schedule = ComboBox(label="schedule", choices=PRESET_SCHEDULES.names(), value="fast",
                                  tooltip=TOOLTIPS["schedule"])
+        self.self_train = CheckBox(label="self-train", value=False,
+                                   tooltip=TOOLTIPS["self_train"])
         self.seed = SpinBox(label="seed", min=0, max=2**31 - 1, value=0, tooltip=TOOLTIPS["seed"])
         self.lr = FloatSpinBox(label="learning rate", min=0.0, max=1.0, step=0.001, value=0.0,
                                tooltip=TOOLTIPS["lr"])
@@ -107,16 +109,17 @@ class TrainClassifierWidget(JobWidget):
         self.extend([self.dataset, self.dataset_info, self.method, self.backbone, self.weights,
                      self.device, self.epochs, self.more_epochs, self.batch_size,
                      self.run_folder, self.run_info])
-        self.advanced.extend([self.schedule, self.seed, self.lr, self.input_size])
+        self.advanced.extend([self.schedule, self.self_train, self.seed, self.lr,
+                              self.input_size])
         self.finish_layout()
         self.remember(dataset=self.dataset, method=self.method, backbone=self.backbone,
                       weights=self.weights, device=self.device, epochs=self.epochs,
                       batch_size=self.batch_size, run_folder=self.run_folder,
-                      schedule=self.schedule, seed=self.seed, lr=self.lr,
-                      input_size=self.input_size)
+                      schedule=self.schedule, self_train=self.self_train, seed=self.seed,
+                      lr=self.lr, input_size=self.input_size)
         self._settings_fields = [self.method, self.backbone, self.weights, self.epochs,
-                                 self.batch_size, self.schedule, self.seed, self.lr,
-                                 self.input_size]
+                                 self.batch_size, self.schedule, self.self_train, self.seed,
+                                 self.lr, self.input_size]
         self._locked.append(self.more_epochs)
         self.dataset.changed.connect(self._show_dataset)
         self.run_folder.changed.connect(self._show_run)
@@ -165,6 +168,7 @@ class TrainClassifierWidget(JobWidget):
             self.epochs.value = existing.stage_epochs(STAGE, settings.epochs)
             self.batch_size.value = settings.batch_size
             self.schedule.value = existing.schedule
+            self.self_train.value = bool(existing.pseudo_masks.teacher)
             self.seed.value = existing.seed
             self.lr.value = settings.lr
             self.input_size.value = settings.input_size or 0
@@ -201,6 +205,7 @@ class TrainClassifierWidget(JobWidget):
                      "input_size": self.input_size.value or None}
         overrides = {key: value for key, value in overrides.items() if value is not None}
         method, schedule, seed = self.method.value, self.schedule.value, self.seed.value
+        self_train = self.self_train.value
         device_name, more_epochs = self.device.value, self.more_epochs.value
 
         def make_job(stop):
@@ -211,7 +216,7 @@ class TrainClassifierWidget(JobWidget):
 
             run, config, layout = prepare_run(
                 data_dir, out, method, schedule=schedule, seed=seed, device=device_name,
-                classifier=overrides)
+                self_train=self_train, classifier=overrides)
             yield Message(STAGE, f"{layout.describe()}; run folder {run.root}")
             yield from train_classifier(run, config, layout.patches(),
                                         device=resolve_device(device_name), stop=stop,

@@ -150,3 +150,24 @@ def test_a_teacher_is_a_stage_between_the_pseudo_masks_and_the_segmenter(tmp_pat
     stages = [stage for stage, _ in _stage_jobs(run, config, layout.patches(), None, "cpu",
                                                 StopToken(), ["ce"])]
     assert stages == ["classifier", "pseudo-masks", REFINED_MASKS, "segmenter:ce"]
+
+
+@pytest.mark.parametrize("method", ["recommended", "esfan", "arml", "msv-onss", "cam-ce"])
+def test_self_training_gives_any_cam_method_the_same_teacher(method):
+    for schedule, epochs in (("fast", 9), ("long", 18), ("paper", 20)):
+        config = preset(method, schedule, num_patches=557, self_train=True)
+        config.validate()
+        teacher = config.teacher_settings()
+        assert REFINED_TARGET in config.segmenter.targets
+        assert "final" not in config.segmenter.targets
+        assert (teacher.arch, teacher.loss, teacher.tta, teacher.epochs) == (
+            "pspnet", "ce", "none", epochs)
+        assert teacher.targets == ("final",) and teacher.appearance_weight == 0.5
+    assert not preset(method, "fast", num_patches=557).pseudo_masks.teacher
+
+
+@pytest.mark.parametrize(("method", "reason"), [("mlps", "trains on layer-1, layer-2"),
+                                                 ("hisynseg", "synthetic images")])
+def test_self_training_is_refused_where_no_final_masks_are_learnt(method, reason):
+    with pytest.raises(ConfigError, match=reason):
+        preset(method, "fast", num_patches=557, self_train=True)

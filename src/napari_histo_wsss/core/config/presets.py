@@ -15,8 +15,10 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..errors import ConfigError
 from ..registry import Registry
 from .run_config import (
+    REFINED_TARGET,
     ClassifierConfig,
     HisynSegConfig,
     PseudoMaskConfig,
@@ -195,8 +197,10 @@ def _cam_ce() -> RunConfig:
     )
 
 
-def preset(method: str, schedule: str = "fast", num_patches: int | None = None) -> RunConfig:
-    """The run configuration of ``method``; ``fast`` scales epochs to ``num_patches``."""
+def preset(method: str, schedule: str = "fast", num_patches: int | None = None,
+           self_train: bool = False) -> RunConfig:
+    """The run configuration of ``method``; ``fast`` scales epochs to ``num_patches``;
+    ``self_train`` adds the self-training teacher (``with_self_training``)."""
     method = method.lower()
     recipe = METHODS.get(method)
     adapt = PRESET_SCHEDULES.get(schedule)
@@ -205,8 +209,42 @@ def preset(method: str, schedule: str = "fast", num_patches: int | None = None) 
     config.schedule = schedule
     config.classifier.epochs = recipe.classifier_epochs
     config.segmenter.epochs = recipe.segmenter_epochs
+    if self_train:
+        with_self_training(config)
     adapt(config, recipe, num_patches or 500)
     return config
+
+
+#: The self-training teacher that ``--self-train`` adds to any CAM method (docs/algorithms.md
+#: 16): ESFAN's PSPNet with plain cross-entropy and each image's appearance model, whatever
+#: the method's own segmenter, so every method's pseudo-masks are relabelled the same way
+#: (docs/results.md, "fifteenth session": it lifts every paper preset's masks past 65
+#: label-gated val mIoU). 20 epochs is the paper schedule; ``fast`` and ``long`` scale it by
+#: ``TEACHER_IMAGES``.
+SELF_TRAINING_TEACHER = {
+    **ESFAN_SEGMENTER_NETWORK, "epochs": 20, "aux_head": False, "cam_head": False,
+    "loss": "ce", "loss_params": {}, "optimizer": "sgd", "lr": 0.01, "momentum": 0.9,
+    "weight_decay": 5e-4, "schedule": "poly", "min_lr": 0.0, "batch_size": 16,
+    "sampling": "uniform", "mosaic": 0.0, "normalise": "divide255", "class_gate": None,
+    "fit_class_offsets": False, "tta": "none", "appearance_weight": 0.5,
+}
+
+
+def with_self_training(config: RunConfig) -> None:
+    """Add the self-training teacher to ``config`` in place: its segmenter then trains on the
+    teacher's relabelled masks (``refined``) where it trained on the ``final`` ones. A method
+    without a classifier, or whose segmenter learns from other masks (MLPS's three layers),
+    has nothing the teacher could replace: refused with the reason."""
+    if config.hisynseg is not None:
+        raise ConfigError("self-training relabels class-map pseudo-masks, and HisynSeg trains "
+                          "on synthetic images without any")
+    targets = config.segmenter.targets
+    if "final" not in targets:
+        raise ConfigError(f"self-training replaces the 'final' pseudo-masks, and the "
+                          f"{config.method} segmenter trains on {', '.join(targets)}")
+    config.pseudo_masks.teacher = dict(SELF_TRAINING_TEACHER)
+    config.segmenter.targets = tuple(REFINED_TARGET if target == "final" else target
+                                     for target in targets)
 
 
 @PRESET_SCHEDULES.register("fast")
