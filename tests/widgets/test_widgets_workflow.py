@@ -144,6 +144,7 @@ def test_train_classifier_stop_then_resume(make_napari_viewer, qtbot, sample_dat
     assert widget.epochs.native.text() == "1" and widget.epochs.value == 1
     widget.batch_size.value = TINY_CLASSIFIER["batch_size"]
     widget.input_size.value = TINY_CLASSIFIER["input_size"]
+    widget.self_train.value = True
     events, activity = [], []  # the activity dock's bar position at each batch
     widget.runner.event.connect(events.append)
     widget.runner.event.connect(lambda event: isinstance(event, Batch) and activity.append(
@@ -166,6 +167,8 @@ def test_train_classifier_stop_then_resume(make_napari_viewer, qtbot, sample_dat
     assert stopped_at < 5  # 42 patches in batches of 8: 5 steps
     assert "resumes" in widget.run_info.value
     assert not widget.epochs.enabled  # an existing run keeps its settings
+    assert run.config().pseudo_masks.teacher and run.config().segmenter.targets == ("refined",)
+    assert widget.self_train.value and not widget.self_train.enabled
 
     events.clear()
     activity.clear()
@@ -228,6 +231,24 @@ def test_pseudo_masks_generate_and_browse(make_napari_viewer, qtbot, base_run, t
     viewer.layers.selection.active = mask
     assert [text for _, text, _ in class_rows(mask)] == ["tumor", "stroma", "normal"]
     assert legend.title.text().startswith("<b>pseudo-mask</b>")
+    assert "pseudo-mask (teacher)" not in viewer.layers  # no self-training in this run
+
+    # A run whose teacher relabelled the patches: its saved mask is shown above the other.
+    from napari_histo_wsss.core.data.datasets import find_dataset, write_palette_mask
+
+    layout = find_dataset(RunDirectory(run_folder).config().data_dir)
+    relabelled = np.full(mask.data.shape, 1, np.uint8)  # all stroma: told apart at once
+    folder = run_folder / "pseudo_masks" / "refined"
+    folder.mkdir()
+    write_palette_mask(folder / layout.patches().paths[5].with_suffix(".png").name, relabelled,
+                       layout.spec)
+    widget.show_button.clicked.emit()
+    wait_for_job(qtbot, widget.preview_runner)
+    qtbot.waitUntil(lambda: not widget.showing, timeout=JOB_TIMEOUT_MS)
+    qtbot.waitUntil(lambda: "pseudo-mask (teacher)" in viewer.layers, timeout=JOB_TIMEOUT_MS)
+    assert np.array_equal(viewer.layers["pseudo-mask (teacher)"].data, relabelled + 1)  # 0: none
+    names = [layer.name for layer in viewer.layers]
+    assert names.index("pseudo-mask") < names.index("pseudo-mask (teacher)")
 
     widget.source.value = "validation images"
     widget.index.value = 0
@@ -241,6 +262,7 @@ def test_pseudo_masks_generate_and_browse(make_napari_viewer, qtbot, base_run, t
     assert truth.contour == 2 and truth.visible  # outlines over the pseudo-mask
     names = [layer.name for layer in viewer.layers]
     assert names.index("pseudo-mask") < names.index("ground truth")
+    assert "pseudo-mask (teacher)" not in viewer.layers  # val images are not relabelled
 
     # The training patches stitched back into their source images, with the fused mask.
     from napari_histo_wsss.core.data.datasets import find_dataset

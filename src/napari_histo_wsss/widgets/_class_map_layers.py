@@ -1,5 +1,6 @@
 """One pseudo-mask browse result as napari layers: the image, each class's map, the voted
-pseudo-mask and the ground truth, stacked in that order above their image.
+pseudo-mask, a self-training teacher's relabelling of it and the ground truth, stacked in
+that order above their image.
 
 The layers are made on the main thread, one per ``LayerSteps`` step, so the first view's new
 layers (0.1-0.6 s each in napari) do not freeze the window at once; later views update the
@@ -29,6 +30,9 @@ from .legend import ensure_legend
 
 IMAGE_LAYER = "image (pseudo-masks)"
 MASK_LAYER = "pseudo-mask"
+#: A training patch's mask as the self-training teacher relabelled it (what the segmenter
+#: learns from; docs/algorithms.md 16).
+REFINED_LAYER = "pseudo-mask (teacher)"
 TRUTH_LAYER = "ground truth"
 
 
@@ -46,6 +50,7 @@ class ClassMapView:
     extra: bool = False  # also the other layers' and scales' maps and masks
     per_scale: dict[float, Any] = field(default_factory=dict)
     transform: dict[str, Any] = field(default_factory=dict)  # scale/translate of the source
+    refined: np.ndarray | None = None  # the teacher's saved relabelling of a training patch
 
 
 class ClassMapLayers:
@@ -89,6 +94,8 @@ class ClassMapLayers:
                     steps.append(self._mask_step(f"{MASK_LAYER} [{mask_name}]", mask, spec,
                                                  names, transform, visible=False))
         steps.append(self._mask_step(MASK_LAYER, result.masks["final"], spec, names, transform))
+        if view.refined is not None:
+            steps.append(self._mask_step(REFINED_LAYER, view.refined, spec, names, transform))
         if view.truth is not None:
             steps.append(self._mask_step(TRUTH_LAYER, view.truth, spec, names, transform,
                                          style=TRUTH_STYLE))

@@ -195,8 +195,10 @@ class PseudoMaskWidget(JobWidget):
         models, device_name = self._models, self.device.value
         extra_wanted = self.show_extra.value
         per_scale_wanted = extra_wanted and len(recipe.scales) > 1
+        refined_path = self._refined_mask_path(run, layout)
 
         def make_job(stop):
+            from ..core.data.datasets import read_mask
             from ..core.devices import resolve_device
             from ..core.events import Preview
             from ..core.stage1.pseudo_masks import final_map_name, pseudo_masks_for_images
@@ -224,10 +226,25 @@ class PseudoMaskWidget(JobWidget):
                 title=title, spec=layout.spec, image=None if transform else image,
                 truth=truth, result=result, main_map=final_map_name(model, used),
                 extra=extra_wanted, per_scale=per_scale, transform=transform or {},
+                refined=None if refined_path is None else read_mask(refined_path, layout.spec),
             )
             yield Preview(STAGE, title, view)
 
         return make_job
+
+    def _refined_mask_path(self, run, layout):
+        """The self-training teacher's saved relabelling of the training patch on show, or
+        None (another source, a run without a teacher, or not relabelled yet)."""
+        from ..core.config.run_config import REFINED_TARGET
+
+        if self.source.value != "training patches":
+            return None
+        paths = layout.patches().paths
+        if not len(paths):
+            return None
+        name = paths[min(int(self.index.value), len(paths) - 1)].with_suffix(".png").name
+        path = run.pseudo_mask_dir(REFINED_TARGET) / name
+        return path if path.is_file() else None
 
     def _image_loader(self, layout):
         """A function returning (title, image, patch label or None, truth or None, transform)."""
