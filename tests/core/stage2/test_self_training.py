@@ -166,7 +166,7 @@ def test_self_training_gives_any_cam_method_the_same_teacher(method):
     assert not preset(method, "fast", num_patches=557).pseudo_masks.teacher
 
 
-@pytest.mark.parametrize(("method", "reason"), [("mlps", "trains on layer-1, layer-2"),
+@pytest.mark.parametrize(("method", "reason"), [("mlps", "learns from layer-1, layer-2"),
                                                  ("hisynseg", "synthetic images")])
 def test_self_training_is_refused_where_no_final_masks_are_learnt(method, reason):
     with pytest.raises(ConfigError, match=reason):

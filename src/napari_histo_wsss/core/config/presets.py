@@ -240,8 +240,9 @@ def with_self_training(config: RunConfig) -> None:
                           "on synthetic images without any")
     targets = config.segmenter.targets
     if "final" not in targets:
-        raise ConfigError(f"self-training replaces the 'final' pseudo-masks, and the "
-                          f"{config.method} segmenter trains on {', '.join(targets)}")
+        raise ConfigError(f"self-training relabels the 'final' pseudo-masks, and the "
+                          f"{config.method} segmenter learns from {', '.join(targets)}: "
+                          "self-train another method")
     config.pseudo_masks.teacher = dict(SELF_TRAINING_TEACHER)
     config.segmenter.targets = tuple(REFINED_TARGET if target == "final" else target
                                      for target in targets)
