@@ -140,3 +140,31 @@ def test_apply_writes_each_corrected_images_mask_refined_by_its_strokes(trained_
     assert main(["corrections", "apply", str(run.root), str(foreign), "--device", "cpu"]) == 2
     assert "mine" in capsys.readouterr().err
     store.remove(store.find(image))
+
+
+def test_calibrate_refits_the_class_offsets_on_corrections_and_val(trained_run, capsys):
+    run, layout = trained_run
+    store = CorrectionStore.of_run(run)
+    val = layout.eval_set("val")
+    for path in val.image_paths[3:5]:
+        labels = np.zeros(read_rgb(path).shape[:2], np.uint8)
+        labels[disk((70, 70), 30, shape=labels.shape)] = 2  # stroma
+        store.save(Correction(path, labels))
+    corrected = len(store.load_all())
+    assert main(["corrections", "calibrate", str(run.root), "--strategy", "ce", "--device",
+                 "cpu"]) == 0
+    out, err = capsys.readouterr()
+    saved = run.segmenter_dir("ce") / "class_offsets.json"
+    assert out.strip() == str(saved)
+    record = json.loads(saved.read_text())
+    assert (record["images"], record["corrected_images"]) == (len(val), corrected)
+    assert f"{len(val)} val images and {corrected} corrected images" in err
+
+    saved.unlink()
+    assert main(["corrections", "calibrate", str(run.root), "--strategy", "ce", "--no-val",
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "takes 8 images" in err[0] and "nothing was changed" in err[0]
+    assert not saved.exists()
+    for path in val.image_paths[3:5]:
+        store.remove(store.find(path))

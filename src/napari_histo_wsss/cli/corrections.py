@@ -4,7 +4,8 @@
 ``review`` ranks images by how little the run's segmenter can be trusted there and can save
 the queue as QuPath annotations; ``corrections import/export/list`` move painted labels between
 the run and QuPath GeoJSON; ``corrections apply`` writes the corrected images' masks, each
-refined by its own strokes; the fine-tune itself is started by ``train-segmenter``.
+refined by its own strokes; ``corrections calibrate`` refits a segmenter's class offsets on
+them; the fine-tune itself is started by ``train-segmenter``.
 """
 
 from __future__ import annotations
@@ -75,6 +76,21 @@ def add_corrections_parsers(commands) -> None:
     add_overwrite_flag(applying, "write into a folder that holds other files")
     add_device_flag(applying)
     applying.set_defaults(func=cmd_apply)
+    calibrating = actions.add_parser(
+        "calibrate", help="refit a segmenter's class offsets on the corrected images",
+        description="What your strokes say about the class balance, applied to every image "
+                    "without retraining: each corrected image's prediction refined by its "
+                    "strokes is the target the class offsets are fitted to, with the val "
+                    "masks where the run's dataset has them (docs/corrections.md). Replaces "
+                    "the segmenter's class_offsets.json; run it again after removing the "
+                    "corrections to go back to the val masks alone.")
+    calibrating.add_argument("run_dir", metavar="RUN_DIR")
+    calibrating.add_argument("--strategy", help="which trained segmenter (default: the best "
+                                                "on val)")
+    calibrating.add_argument("--no-val", action="store_true",
+                             help="fit on the corrections alone, even where val masks exist")
+    add_device_flag(calibrating)
+    calibrating.set_defaults(func=cmd_calibrate)
 
 
 def cmd_review(args) -> int:
@@ -228,16 +244,47 @@ def cmd_finetune(args, run, config, layout) -> int:
     from ..core.inference.predict import evaluate, load_predictor
     from .progress import drive
 
+    val = layout.eval_set("val")  # also refits the class offsets, with the corrections
     done = drive(lambda stop: finetune_with_corrections(
         run, config, layout.patches(), strategy=args.strategy,
         epochs=args.epochs_seg or FINETUNE_EPOCHS, device=config.device, stop=stop,
-        resume=not args.restart))
+        resume=not args.restart, calibration_set=val))
     if done is None or done.stopped:
         print(f"stopped; run the same command again to resume ({run.root})", file=sys.stderr)
         return 1
     print(done.result)
-    val = layout.eval_set("val")
     if val is not None:
         scores = evaluate(load_predictor(done.result, config.device), val)  # as it predicts
         print(f"on val (corrected images included):\n{format_scores(scores)}", file=sys.stderr)
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    """``corrections calibrate``: class offsets refitted on the corrections (and val)."""
+    from ..core.corrections.calibrate import calibrate_with_corrections
+    from ..core.corrections.store import CorrectionStore
+    from ..core.data.classes import DatasetSpec
+    from ..core.data.datasets import find_dataset
+    from ..core.errors import ConfigError
+    from ..core.inference.calibration import MIN_CLASS_IMAGES, describe_offsets
+    from ..core.inference.predict import CLASS_OFFSETS_FILE, load_predictor
+    from ..core.runs.run_dir import RunDirectory
+
+    run = RunDirectory(args.run_dir)
+    config = run.config()
+    strategy = load_predictor(run.root, "cpu", args.strategy, use_class_gate=False,
+                              use_class_offsets=False).config["strategy"]
+    corrections = CorrectionStore.of_run(run).load_all()
+    val = None
+    if not args.no_val and config.data_dir:
+        val = find_dataset(config.data_dir, DatasetSpec.from_dict(config.dataset)
+                           ).eval_set("val")
+    record = calibrate_with_corrections(run, strategy, corrections, val, args.device)
+    if record is None:
+        raise ConfigError(f"{len(corrections)} corrected images"
+                          f"{f' and {len(val)} val images' if val is not None else ''}: "
+                          f"refitting the class offsets takes {MIN_CLASS_IMAGES} images or "
+                          "more; paint more images (nothing was changed)", run.root)
+    print(describe_offsets(record), file=sys.stderr)
+    print(run.segmenter_dir(strategy) / CLASS_OFFSETS_FILE)
     return 0

@@ -177,7 +177,7 @@ def test_finetune_without_corrections_or_base_model_says_what_to_do(tmp_path, la
 
 def test_a_slide_region_is_read_at_its_painted_resolution(sample_slide_path):
     """A slide correction trains on the slide's own pixels of its region, at its resolution."""
-    from napari_histo_wsss.core.corrections.finetune import correction_pixels
+    from napari_histo_wsss.core.corrections.store import correction_pixels
     from napari_histo_wsss.core.wsi.slides import open_slide, read_region
 
     labels = np.zeros((64, 96), np.uint8)

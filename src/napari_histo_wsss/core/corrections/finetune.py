@@ -9,7 +9,9 @@ instead of a full epoch over every patch, while the replay keeps the model from 
 rest. Painted pixels override the pseudo-mask and add a partial cross-entropy
 (``stage2/sparse_labels.py``); an image that is no training patch trains its unpainted pixels
 towards the starting model's own prediction. It is resumable like any stage: same folder,
-``last.pt``.
+``last.pt``. Where the recipe fits class offsets, the fine-tuned model's are refitted on the
+corrected images at the end (``calibrate``): what the strokes teach about the class balance
+reaches every image, which the fine-tune alone hardly does.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ import numpy as np
 from PIL import Image
 
 from ..config.run_config import RunConfig
-from ..data.datasets import EvalSet, PatchSet, read_rgb
+from ..data.datasets import EvalSet, PatchSet
 from ..errors import CheckpointError, DatasetError
-from ..events import Event, StopToken
+from ..events import Done, Event, Message, StopToken
+from ..inference.calibration import MIN_CLASS_IMAGES, describe_offsets
 from ..inference.predict import (
     CLASS_OFFSETS_FILE,
     GATE_CHOICE_FILE,
@@ -38,8 +41,9 @@ from ..runs.run_dir import RunDirectory
 from ..stage2.losses import IGNORE_INDEX
 from ..stage2.sparse_labels import SparseLabels
 from ..stage2.train_segmenter import train_segmenter
+from .calibrate import calibrate_with_corrections
 from .recipe import FINETUNE_EPOCHS, FINETUNE_LR_SCALE, REPLAY_PER_IMAGE
-from .store import UNLABELLED, Correction, CorrectionStore
+from .store import UNLABELLED, Correction, CorrectionStore, correction_pixels
 
 SUFFIX = "-corrections"
 
@@ -53,9 +57,12 @@ def finetune_with_corrections(
     corrections: Sequence[Correction] | None = None, epochs: int = FINETUNE_EPOCHS,
     replay: int = REPLAY_PER_IMAGE, device=None, stop: StopToken | None = None,
     resume: bool = True, val: EvalSet | None = None, preview: np.ndarray | None = None,
+    calibration_set: EvalSet | None = None,
 ) -> Generator[Event, None, None]:
     """Fine-tune ``segmenter/<strategy>`` on ``corrections`` (default: the run's store);
-    ends with ``Done(segmenter/<strategy>-corrections/model.pt)``."""
+    ends with ``Done(segmenter/<strategy>-corrections/model.pt)``. Where the recipe fits
+    class offsets they are refitted on the corrected images, with ``calibration_set``'s
+    masks where given (``val`` instead validates every epoch)."""
     base = strategy or config.segmenter.loss
     start = run.segmenter_checkpoint(base)
     if not start.is_file():
@@ -75,10 +82,25 @@ def finetune_with_corrections(
                        lr=config.segmenter.lr * FINETUNE_LR_SCALE)
     config = replace(config, segmenter=settings)
     inherit_from_base(start, run.segmenter_dir(corrected_strategy(base)))
-    yield from train_segmenter(run, config, patches, only=chosen,
-                               strategy=corrected_strategy(base), device=device, stop=stop,
-                               resume=resume, val=val, corrections=sparse, init_from=start,
-                               preview=preview)
+    for event in train_segmenter(run, config, patches, only=chosen,
+                                 strategy=corrected_strategy(base), device=device, stop=stop,
+                                 resume=resume, val=val, corrections=sparse, init_from=start,
+                                 preview=preview):
+        if isinstance(event, Done) and not event.stopped and settings.fit_class_offsets:
+            line = calibration_line(run, corrected_strategy(base), corrections,
+                                    calibration_set, device or config.device)
+            yield Message(event.stage, line)
+        yield event
+
+
+def calibration_line(run: RunDirectory, strategy: str, corrections: Sequence[Correction],
+                     calibration_set: EvalSet | None, device) -> str:
+    """Refit the fine-tuned strategy's class offsets on the corrections (``calibrate``)."""
+    record = calibrate_with_corrections(run, strategy, corrections, calibration_set, device)
+    if record is None:
+        return (f"class offsets as before the corrections: refitting them takes "
+                f"{MIN_CLASS_IMAGES} corrected images or more")
+    return describe_offsets(record)
 
 
 def inherit_from_base(start: Path, folder: Path) -> None:
@@ -121,27 +143,3 @@ def sparse_labels(correction: Correction, background_index: int,
     if predictor is not None and not is_patch:
         pseudo = predict_image(predictor, image)[0]
     return SparseLabels(Path(correction.image), image, labels, pseudo)
-
-
-def correction_pixels(correction: Correction) -> np.ndarray:
-    """The RGB pixels a correction was painted on, at the correction's resolution."""
-    top, left, height, width = correction.region
-    out_shape = correction.labels.shape
-    if correction.kind == "slide":
-        from ..wsi.slides import open_slide, read_region
-
-        with open_slide(correction.image) as slide:
-            level = max((k for k, d in enumerate(slide.downsamples)
-                         if d <= correction.downsample + 1e-6), default=0)
-            scale = slide.downsamples[level]
-            image = read_region(slide, level, round(top / scale), round(left / scale),
-                                max(1, round(height / scale)), max(1, round(width / scale)))
-    else:
-        image = read_rgb(correction.image)[top:top + height, left:left + width]
-        if image.shape[:2] != (height, width):
-            raise DatasetError(f"the correction's region {correction.region} lies outside "
-                               f"the image ({image.shape[1]}x{image.shape[0]})",
-                               correction.image)
-    if image.shape[:2] != out_shape:
-        image = np.asarray(Image.fromarray(image).resize(out_shape[::-1], Image.BILINEAR))
-    return image

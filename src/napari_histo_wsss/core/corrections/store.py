@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from ..data.classes import DatasetSpec
+from ..data.datasets import read_rgb
 from ..errors import ConfigError, DatasetError
 from ..runs.outputs import atomic_write_bytes, atomic_write_text
 from ..runs.run_dir import RunDirectory
@@ -204,3 +205,27 @@ class CorrectionStore:
         index = {"version": FORMAT_VERSION, "classes": list(self.spec.all_names),
                  "convention": "0 = not painted; k = class k-1", "entries": entries}
         atomic_write_text(self.index_path, json.dumps(index, indent=2) + "\n")
+
+
+def correction_pixels(correction: Correction) -> np.ndarray:
+    """The RGB pixels a correction was painted on, at the correction's resolution."""
+    top, left, height, width = correction.region
+    out_shape = correction.labels.shape
+    if correction.kind == "slide":
+        from ..wsi.slides import open_slide, read_region
+
+        with open_slide(correction.image) as slide:
+            level = max((k for k, d in enumerate(slide.downsamples)
+                         if d <= correction.downsample + 1e-6), default=0)
+            scale = slide.downsamples[level]
+            image = read_region(slide, level, round(top / scale), round(left / scale),
+                                max(1, round(height / scale)), max(1, round(width / scale)))
+    else:
+        image = read_rgb(correction.image)[top:top + height, left:left + width]
+        if image.shape[:2] != (height, width):
+            raise DatasetError(f"the correction's region {correction.region} lies outside "
+                               f"the image ({image.shape[1]}x{image.shape[0]})",
+                               correction.image)
+    if image.shape[:2] != out_shape:
+        image = np.asarray(Image.fromarray(image).resize(out_shape[::-1], Image.BILINEAR))
+    return image

@@ -10,13 +10,14 @@ The fit is a coordinate search over ``OFFSET_GRID`` (two sweeps). A class found 
 ``MIN_CLASS_IMAGES`` val images keeps offset 0: fitted on a handful of images an offset follows
 those images, not the class (WSSS4LUAD's normal, in 4 of 31, got -1.0 to +2.0 depending on
 which half of val it was fitted on). Saved beside the checkpoint as ``CLASS_OFFSETS_FILE``,
-which ``load_predictor`` reads.
+which ``load_predictor`` reads. A user's corrections are images with targets too: they join
+the val masks, or stand in for them in a run without any (``core.corrections.calibrate``).
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ from ..runs.run_dir import RunDirectory
 from .metrics import ConfusionMatrix
 from .predict import (
     CLASS_OFFSETS_FILE,
+    SegmentationPredictor,
     describe_gate_choice,
     evaluate,
     load_predictor,
@@ -68,49 +70,96 @@ def _miou(log_probabilities: np.ndarray, truth: np.ndarray, offsets: np.ndarray)
     return matrix.scores()["miou"]
 
 
-def select_class_offsets(run: RunDirectory, strategy: str, eval_set: EvalSet,
-                         device: torch.device | str = "auto") -> dict[str, Any]:
-    """Fit the offsets of ``strategy``'s segmenter on ``eval_set`` (with the class-gate choice
-    already made) and save them, or a record that none helped. Returns what was saved."""
+def select_class_offsets(run: RunDirectory, strategy: str, eval_set: EvalSet | None,
+                         device: torch.device | str = "auto", *,
+                         more: TargetImages | None = None) -> dict[str, Any]:
+    """Fit the offsets of ``strategy``'s segmenter on ``eval_set``'s masks (with the class-gate
+    choice already made) and save them, or a record that none helped. ``more`` adds other
+    images with targets (a user's corrections, ``core.corrections.calibrate``); either may be
+    absent. Returns what was saved."""
     predictor = load_predictor(run.root, device, strategy=strategy, use_class_offsets=False)
-    classes = predictor.num_classes
-    per_image = MAX_PIXELS // max(len(eval_set), 1)
-    pixels, truths, seen = [], [], np.zeros(classes, np.int64)
-    for index in range(len(eval_set)):
-        image, truth = eval_set.pair(index)
-        _, probabilities = predict_image(predictor, image)
-        tissue = np.flatnonzero(truth.ravel() < classes)
-        if len(tissue) > per_image:  # an even sample of the image's tissue pixels
-            tissue = tissue[np.linspace(0, len(tissue) - 1, per_image).astype(np.int64)]
-        flat = probabilities.reshape(classes, -1)[:, tissue].T
-        pixels.append(np.log(np.clip(flat, 1e-8, None)).astype(np.float32))
-        truths.append(truth.ravel()[tissue].astype(np.int64))
-        seen += np.isin(np.arange(classes), truths[-1])
-    log_probabilities, truth = np.concatenate(pixels), np.concatenate(truths)
-    fitted = [c for c in range(classes) if seen[c] >= MIN_CLASS_IMAGES]
-    offsets = fit_class_offsets(log_probabilities, truth, fitted)
-    before = _miou(log_probabilities, truth, np.zeros(classes))
-    after = _miou(log_probabilities, truth, offsets)
-    use = after >= before + MIN_GAIN
-    record = {"use": bool(use), "offsets": [float(v) for v in offsets] if use else [0.0] * classes,
-              "classes": list(predictor.spec.class_names),
-              "fitted_classes": [predictor.spec.class_names[c] for c in fitted],
-              "miou_without": before, "miou_with": after, "images": len(eval_set)}
+    val_images = len(eval_set) if eval_set is not None else 0
+    more_images = len(more) if more is not None else 0
+    per_image = MAX_PIXELS // max(val_images + more_images, 1)
+    samples = list(val_samples(predictor, eval_set, per_image)) if val_images else []
+    if more_images:
+        samples += more.samples(predictor, per_image)
+    record = {**choose_offsets(samples, predictor.spec.class_names), "images": val_images,
+              "corrected_images": more_images}
     path = run.segmenter_dir(strategy) / CLASS_OFFSETS_FILE
     path.write_text(json.dumps(record, indent=2) + "\n")
     return record
 
 
+class TargetImages(Protocol):
+    """Images with per-pixel targets besides the val masks."""
+
+    def __len__(self) -> int: ...
+
+    def samples(self, predictor: SegmentationPredictor, per_image: int
+                ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(log-probabilities (P, C), targets (P,)) per image, as ``pixel_sample`` gives."""
+
+
+def val_samples(predictor: SegmentationPredictor, eval_set: EvalSet, per_image: int):
+    """(log-probabilities (P, C), truth (P,)) of each val image's tissue pixels, at most
+    ``per_image`` of them (an even sample)."""
+    for index in range(len(eval_set)):
+        image, truth = eval_set.pair(index)
+        _, probabilities = predict_image(predictor, image)
+        yield pixel_sample(probabilities, truth, per_image)
+
+
+def pixel_sample(probabilities: np.ndarray, target: np.ndarray, per_image: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """One image's (C, H, W) probabilities and (H, W) targets as (log p (P, C), targets (P,))
+    over its pixels with a class target (< C), at most ``per_image`` (evenly spaced)."""
+    classes = probabilities.shape[0]
+    kept = np.flatnonzero(target.ravel() < classes)
+    if len(kept) > per_image:
+        kept = kept[np.linspace(0, len(kept) - 1, per_image).astype(np.int64)]
+    flat = probabilities.reshape(classes, -1)[:, kept].T
+    return (np.log(np.clip(flat, 1e-8, None)).astype(np.float32),
+            target.ravel()[kept].astype(np.int64))
+
+
+def choose_offsets(samples: list[tuple[np.ndarray, np.ndarray]],
+                   class_names: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Offsets fitted on per-image samples, with the record ``select_class_offsets`` saves:
+    only classes in ``MIN_CLASS_IMAGES`` images move, kept only if they gain ``MIN_GAIN``."""
+    classes = len(class_names)
+    if not samples:
+        samples = [(np.zeros((0, classes), np.float32), np.zeros(0, np.int64))]
+    seen = sum(np.isin(np.arange(classes), target) for _, target in samples)
+    log_probabilities = np.concatenate([log_p for log_p, _ in samples])
+    truth = np.concatenate([target for _, target in samples])
+    fitted = [c for c in range(classes) if seen[c] >= MIN_CLASS_IMAGES]
+    offsets = fit_class_offsets(log_probabilities, truth, fitted) if fitted \
+        else np.zeros(classes)
+    before = _miou(log_probabilities, truth, np.zeros(classes))
+    after = _miou(log_probabilities, truth, offsets)
+    use = bool(after >= before + MIN_GAIN)
+    return {"use": use, "offsets": [float(v) for v in offsets] if use else [0.0] * classes,
+            "classes": list(class_names),
+            "fitted_classes": [class_names[c] for c in fitted],
+            "miou_without": before, "miou_with": after}
+
+
 def describe_offsets(record: dict[str, Any]) -> str:
     """One line on the offsets ``select_class_offsets`` chose."""
+    sources = [f"{record['images']} val images"] if record["images"] else []
+    if record.get("corrected_images"):
+        sources.append(f"{record['corrected_images']} corrected images")
+    where = " and ".join(sources) or "no images"
     if not record["fitted_classes"]:
         return (f"class offsets not fitted: no class is in {MIN_CLASS_IMAGES} or more of the "
-                f"{record['images']} val images")
+                f"{where}")
     fitted = ", ".join(f"{name} {value:+.2f}" for name, value in
                        zip(record["classes"], record["offsets"], strict=True) if value)
     verdict = f"kept ({fitted})" if record["use"] else "none kept"
-    return (f"class offsets {verdict}: val mIoU {100 * record['miou_without']:.2f} without, "
-            f"{100 * record['miou_with']:.2f} fitted on these same images")
+    score = "val mIoU" if not record.get("corrected_images") else "mIoU"
+    return (f"class offsets {verdict}: {score} {100 * record['miou_without']:.2f} without, "
+            f"{100 * record['miou_with']:.2f} fitted on these same {where}")
 
 
 def make_val_choices(run: RunDirectory, strategy: str, eval_set: EvalSet,
