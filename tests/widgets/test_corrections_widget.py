@@ -111,3 +111,34 @@ def test_paint_retrain_preview_and_review(make_napari_viewer, qtbot, trained_run
     top, left, height, width = item.focus
     assert tuple(viewer.camera.center[-2:]) == pytest.approx((top + height / 2,
                                                               left + width / 2))
+
+
+def test_calibrate_refits_the_class_balance_and_predicts_again(make_napari_viewer, qtbot,
+                                                                trained_run):
+    from napari_histo_wsss.widgets.corrections import PAINT_LAYER, CorrectionsWidget
+
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "6. Correct and retrain")
+    assert isinstance(widget, CorrectionsWidget)
+    widget.run_folder.value = trained_run.root
+    widget.image.value = widget.image.choices[-1]
+    widget.open_image()
+    qtbot.waitUntil(lambda: widget._predictor is not None, timeout=JOB_TIMEOUT_MS)
+    qtbot.waitUntil(lambda: not widget.image_runner.busy, timeout=JOB_TIMEOUT_MS)
+    paint = viewer.layers[PAINT_LAYER]
+    paint.data[disk((60, 60), 25, shape=paint.data.shape)] = 2  # stroma
+    paint.refresh()
+    strategy = "ce-corrections" if trained_run.segmenter_checkpoint(
+        "ce-corrections").is_file() else "ce"
+    saved = trained_run.segmenter_dir(strategy) / "class_offsets.json"
+    saved.unlink(missing_ok=True)
+
+    widget.calibrate_button.clicked.emit()
+    qtbot.waitUntil(lambda: widget.calibrate_runner.state in (JobState.DONE, JobState.FAILED),
+                    timeout=JOB_TIMEOUT_MS)
+    assert widget.calibrate_runner.state is JobState.DONE, widget.calibrate_runner.error
+    assert saved.is_file()  # 7 val images and the corrected ones: enough to fit
+    assert widget.run_info.value.startswith("class offsets")
+    assert "7 val images" in widget.run_info.value
+    qtbot.waitUntil(lambda: widget._predictor is not None and not widget.image_runner.busy,
+                    timeout=JOB_TIMEOUT_MS)

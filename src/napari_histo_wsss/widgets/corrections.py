@@ -34,6 +34,10 @@ TIPS = {
     "epochs": "Fine-tune epochs over the corrected images and a replay sample of patches.",
     "follow": "Update this image's prediction from your strokes as you paint (a second, no "
               "retraining; Retrain teaches them to the model for every image).",
+    "calibrate": "Refit the segmenter's class balance (its class offsets) on every corrected "
+                 "image, with the run's val masks where it has them: what your strokes say "
+                 "about the classes reaches every image, without retraining. Takes 8 images "
+                 "or more.",
 }
 #: Quiet time after the last brush stroke before the prediction follows the strokes.
 FOLLOW_DELAY_MS = 400
@@ -82,14 +86,18 @@ class CorrectionsWidget(JobWidget):
                               tooltip=TIPS["epochs"])
         self.device = device_field()
         self.rank_button = PushButton(text="Rank images to review")
+        self.calibrate_button = PushButton(text="Calibrate class balance",
+                                           tooltip=TIPS["calibrate"])
         self.extend([self.run_folder, self.run_info, self.strategy, self.image,
-                     self.open_button, self.follow, self.epochs])
+                     self.open_button, self.follow, self.calibrate_button, self.epochs])
         self.advanced.extend([self.device])
         self.review_runner = self.add_runner("Review queue")
         self.review_runner.event.connect(self._on_review_result)
         self.image_runner = self.add_runner("This image")
         self.image_runner.event.connect(self._on_image_result)
         self.image_runner.state_changed.connect(self._after_image_job)
+        self.calibrate_runner = self.add_runner("Class balance")
+        self.calibrate_runner.event.connect(self._on_calibrated)
         from qtpy.QtCore import QTimer
 
         self._follow_timer = QTimer(singleShot=True, interval=FOLLOW_DELAY_MS)
@@ -112,6 +120,7 @@ class CorrectionsWidget(JobWidget):
         self.run_folder.changed.connect(self._on_run_changed)
         self.open_button.changed.connect(lambda *_: self.open_image())
         self.rank_button.changed.connect(lambda *_: self.rank())
+        self.calibrate_button.changed.connect(lambda *_: self.calibrate())
         self.restore_settings()
         self._on_run_changed()
 
@@ -169,32 +178,13 @@ class CorrectionsWidget(JobWidget):
         if self._on_paint not in layer.events.paint.callbacks:
             layer.events.paint.connect(self._on_paint)
         self.viewer.layers.selection.active = layer
-        self._start_on_image(self._prediction_job(run, path, image, saved))
+        self._start_on_image(prediction_job(run.root, self._strategy_in_use(run),
+                                           self.device.value, path, image, saved))
 
-    def _prediction_job(self, run, path: Path, image: np.ndarray, saved):
-        """A job predicting ``image``; it keeps the network's probabilities (images up to the
-        whole-image limit), so strokes refine them without another forward pass."""
-        from ..core.inference.predict import WHOLE_IMAGE_LIMIT, load_predictor, predict_image
-
+    def _strategy_in_use(self, run) -> str:
+        """The strategy the open image is predicted with: the retrained one where it exists."""
         tuned = f"{self.strategy.value}-corrections"
-        strategy = tuned if tuned in run.segmenter_strategies() else self.strategy.value
-        root, device = run.root, self.device.value
-
-        def make_job(stop):
-            from ..core.events import Done
-
-            # The run's own choices (class gate, offsets): what `segment` and `corrections
-            # apply` give, and what the strokes benchmark measured.
-            predictor = load_predictor(root, device, strategy, tta="none")
-            if max(image.shape[:2]) > WHOLE_IMAGE_LIMIT:
-                network, labels = None, predict_image(predictor, image)[0]
-            else:
-                network = predictor.network_probabilities(image[None])[0]
-                strokes = saved.labels if saved is not None else None
-                labels = predictor.finish(network, image, strokes).argmax(axis=0)
-            yield Done("prediction", (path, predictor, network, labels.astype(np.uint8)))
-
-        return make_job
+        return tuned if tuned in run.segmenter_strategies() else self.strategy.value
 
     # -- strokes on this image ----------------------------------------------------------------
     def _on_paint(self, *_: Any) -> None:
@@ -314,26 +304,38 @@ class CorrectionsWidget(JobWidget):
             set_info(self.run_info, str(error), error=True)
             return
         image = np.asarray(self.viewer.layers[IMAGE_LAYER].data)
-        self._start_on_image(self._prediction_job(run, self.current, image, saved))
+        self._start_on_image(prediction_job(run.root, self._strategy_in_use(run),
+                                           self.device.value, self.current, image, saved))
+
+    # -- class balance ------------------------------------------------------------------------
+    def calibrate(self) -> None:
+        """Refit the class offsets of the strategy the open image is predicted with on the
+        corrections and val, in a worker."""
+        from ..core.errors import HistoWsssError
+
+        try:
+            self.save_strokes()
+            run, _, layout = open_run(self.run_folder.value)
+        except HistoWsssError as error:
+            set_info(self.run_info, str(error), error=True)
+            return
+        self.calibrate_runner.start(calibration_job(run, layout, self._strategy_in_use(run),
+                                                    self.device.value), self.device.value)
+
+    def _on_calibrated(self, event: Any) -> None:
+        from ..core.events import Done
+
+        if isinstance(event, Done):
+            set_info(self.run_info, event.result)
+            if self.current is not None:
+                self.open_image(self.current)  # predicted again with the new offsets
 
     # -- review -------------------------------------------------------------------------------
     def rank(self) -> None:
         """Rank the listed images in a worker (least trusted first)."""
-        from ..core.corrections.review import review_queue
-        from ..core.inference.predict import load_predictor
-
-        images, folder, device = list(self.image.choices), self.run_folder.value, \
-            self.device.value
-        strategy = self.strategy.value
-
-        def make_job(stop):
-            predictor = load_predictor(folder, device, strategy or None, tta="none",
-                                       use_class_gate=False)
-            from ..core.events import Done
-
-            yield Done("review", review_queue(predictor, images))
-
-        self.review_runner.start(make_job, device)
+        self.review_runner.start(review_job(self.run_folder.value, self.device.value,
+                                            self.strategy.value or None,
+                                            list(self.image.choices)), self.device.value)
 
     def _on_review_result(self, event: Any) -> None:
         from ..core.events import Done
@@ -356,3 +358,64 @@ class CorrectionsWidget(JobWidget):
         top, left, height, width = item.focus
         self.viewer.camera.center = (top + height / 2, left + width / 2)
         self.viewer.camera.zoom = max(self.viewer.camera.zoom, 2.0)
+
+
+def prediction_job(root: Path, strategy: str, device: str, path: Path, image: np.ndarray,
+                   saved):
+    """A job predicting ``image``; it keeps the network's probabilities (images up to the
+    whole-image limit), so strokes refine them without another forward pass."""
+    from ..core.inference.predict import WHOLE_IMAGE_LIMIT, load_predictor, predict_image
+
+    def make_job(stop):
+        from ..core.events import Done
+
+        # The run's own choices (class gate, offsets): what `segment` and `corrections
+        # apply` give, and what the strokes benchmark measured.
+        predictor = load_predictor(root, device, strategy, tta="none")
+        if max(image.shape[:2]) > WHOLE_IMAGE_LIMIT:
+            network, labels = None, predict_image(predictor, image)[0]
+        else:
+            network = predictor.network_probabilities(image[None])[0]
+            strokes = saved.labels if saved is not None else None
+            labels = predictor.finish(network, image, strokes).argmax(axis=0)
+        yield Done("prediction", (path, predictor, network, labels.astype(np.uint8)))
+
+    return make_job
+
+
+def calibration_job(run, layout, strategy: str, device: str):
+    """A job refitting ``strategy``'s class offsets on the run's corrections and its val
+    masks (``core.corrections.calibrate``); its result is the line describing them."""
+    from ..core.corrections.calibrate import calibrate_with_corrections
+    from ..core.errors import ConfigError
+    from ..core.inference.calibration import MIN_CLASS_IMAGES, describe_offsets
+
+    corrections = correction_store(run, layout).load_all()
+    val = layout.eval_set("val")
+
+    def make_job(stop):
+        from ..core.events import Done
+
+        if not strategy:
+            raise ConfigError("this run has no trained segmenter to calibrate")
+        record = calibrate_with_corrections(run, strategy, corrections, val, device)
+        if record is None:
+            raise ConfigError(f"calibrating takes {MIN_CLASS_IMAGES} images or more "
+                              f"(corrected and val): {len(corrections)} corrected so far")
+        yield Done("class balance", describe_offsets(record))
+
+    return make_job
+
+
+def review_job(folder, device: str, strategy: str | None, images: list[str]):
+    """A job ranking ``images`` by how little the run's segmenter can be trusted there."""
+    from ..core.corrections.review import review_queue
+    from ..core.inference.predict import load_predictor
+
+    def make_job(stop):
+        from ..core.events import Done
+
+        predictor = load_predictor(folder, device, strategy, tta="none", use_class_gate=False)
+        yield Done("review", review_queue(predictor, images))
+
+    return make_job
