@@ -1,16 +1,19 @@
 """A simulated annotator: how much a few brush strokes per image improve a trained run.
 
-The val images are split in two halves (alternating by name). On the first half the annotator
-looks at the run's prediction and draws k strokes per image on the largest wrongly predicted
-regions, using the true masks: each stroke is a path of brush dabs (a disk of ``--radius``
-pixels) about ``--length`` pixels long along the region's long axis, kept inside the region,
-in the region's true class. The segmenter is fine-tuned on the strokes (``core.corrections``)
-and scored on the **second half only**, which no stroke touched. Also measured: the time of
-each fine-tune, and whether correcting images in review-queue order beats a random order for
-the same number of strokes (mIoU gained per stroke). With ``--here``, also what the strokes do
-to their own image without retraining (the prediction that follows them in napari,
-``SegmentationPredictor.finish``): the annotated half's mIoU on the pixels nobody painted,
-before and after, with the run's shipped predictor.
+The val images are split in two halves (alternating by name). On one half (``--annotate``) the
+annotator looks at the run's prediction and draws k strokes per image on the largest wrongly
+predicted regions, using the true masks: each stroke is a path of brush dabs (a disk of
+``--radius`` pixels) about ``--length`` pixels long along the region's long axis, kept inside
+the region, in the region's true class. The segmenter is fine-tuned on the strokes
+(``core.corrections``) and scored on the **other half only**, which no stroke touched. For each
+k also: class offsets fitted on the strokes alone (``core.corrections.calibrate``, no
+fine-tune), scored on the other half against the run's predictor without its val-fitted offsets.
+The strokes are drawn where that predictor (what a user without val masks sees in napari) is
+wrong. Also measured: the time of each fine-tune, and whether correcting images in review-queue
+order beats a random order for the same number of strokes (mIoU gained per stroke). With
+``--here``, also what the strokes do to their own image without retraining (the prediction that
+follows them in napari, ``SegmentationPredictor.finish``): the annotated half's mIoU on the
+pixels nobody painted, before and after, with the run's shipped predictor.
 
     python benchmarks/bench_corrections.py runs/base --strokes 0,1,3,10 --json out.json
     python benchmarks/bench_corrections.py runs/base --strokes 1,3,10 --here --no-finetune \
@@ -26,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_histo_wsss.core.corrections.calibrate import StrokeTargets
 from napari_histo_wsss.core.corrections.finetune import (
     corrected_strategy,
     finetune_with_corrections,
@@ -36,6 +40,7 @@ from napari_histo_wsss.core.corrections.store import Correction
 from napari_histo_wsss.core.data.classes import DatasetSpec
 from napari_histo_wsss.core.data.datasets import EvalSet, find_dataset
 from napari_histo_wsss.core.events import run_to_completion
+from napari_histo_wsss.core.inference.calibration import MAX_PIXELS, choose_offsets
 from napari_histo_wsss.core.inference.metrics import ConfusionMatrix
 from napari_histo_wsss.core.inference.predict import evaluate, load_predictor, predict_image
 from napari_histo_wsss.core.runs.run_dir import RunDirectory
@@ -118,6 +123,9 @@ def strokes_here(run, strategy, pairs, spec, ks, args) -> list[dict]:
 
 
 def finetune_and_score(run, config, layout, corrections, strategy, epochs, second, device):
+    """Held-out scores of the fine-tuned network raw (as the base is scored) and as it
+    predicts: its class offsets refitted on the strokes alone (no val masks), the run's gate
+    choice and appearance model."""
     started = time.perf_counter()
     done = run_to_completion(finetune_with_corrections(
         run, config, layout.patches(), strategy=strategy, corrections=corrections,
@@ -125,7 +133,22 @@ def finetune_and_score(run, config, layout, corrections, strategy, epochs, secon
     seconds = time.perf_counter() - started
     predictor = load_predictor(done, device, corrected_strategy(strategy),
                                use_class_gate=False, use_class_offsets=False)  # as the base
-    return evaluate(predictor, second), seconds
+    shipped = load_predictor(done, device, corrected_strategy(strategy))
+    return evaluate(predictor, second), seconds, evaluate(shipped, second)["miou"]
+
+
+def calibrated_score(predictor, corrections, second) -> tuple[float, list[float] | None]:
+    """Held-out mIoU of ``predictor`` (no class offsets) with offsets fitted on the strokes'
+    targets alone (``core.corrections.calibrate``, no fine-tune), and those offsets."""
+    targets = StrokeTargets(corrections)
+    record = choose_offsets(targets.samples(predictor, MAX_PIXELS // max(len(targets), 1)),
+                            predictor.spec.class_names)
+    predictor.class_offsets = np.asarray(record["offsets"], np.float32) if record["use"] \
+        else None
+    try:
+        return evaluate(predictor, second)["miou"], record["offsets"] if record["use"] else None
+    finally:
+        predictor.class_offsets = None
 
 
 def main() -> None:
@@ -145,6 +168,8 @@ def main() -> None:
                         help="also measure the strokes on their own image, no retraining")
     parser.add_argument("--finetune", action=argparse.BooleanOptionalAction, default=True,
                         help="fine-tune and score the other half for each k (default on)")
+    parser.add_argument("--annotate", choices=("first", "second"), default="first",
+                        help="which half of val is annotated; the other is scored")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
 
@@ -154,21 +179,25 @@ def main() -> None:
     layout = find_dataset(config.data_dir, spec)
     strategy = args.strategy or config.segmenter.loss
     first, second = split_halves(layout.eval_set("val"))
+    if args.annotate == "second":
+        first, second = second, first
     # The raw model, as the fine-tuned one is scored (no gate, no val-fitted offsets).
     base = load_predictor(run.root, args.device, strategy, use_class_gate=False,
                           use_class_offsets=False)
     pairs = [first.pair(i) for i in range(len(first))]
     results = {"run": str(run.root), "strategy": strategy, "epochs": args.epochs,
+               "annotated": args.annotate,
                "annotated_images": len(first), "scored_images": len(second),
                "radius": args.radius, "length": args.length,
                "base_miou": None, "by_strokes": [], "order": {}}
     ks = [int(v) for v in args.strokes.split(",")]
     if args.here:
         results["here"] = strokes_here(run, strategy, pairs, spec, ks, args)
-    if not args.finetune and args.order_images <= 0:
-        _write_json(args.json, results)
-        return
-    predictions = [predict_image(base, image)[0] for image, _ in pairs]
+    # As a user without val masks sees the run: its gate choice and appearance model, no
+    # class offsets (the run's were fitted on the masks of both halves); strokes go where
+    # that is wrong.
+    uncalibrated = load_predictor(run.root, args.device, strategy, use_class_offsets=False)
+    predictions = [predict_image(uncalibrated, image)[0] for image, _ in pairs]
     base_scores = evaluate(base, second)
     results["base_miou"] = base_scores["miou"]
     print(f"base: mIoU {100 * base_scores['miou']:.2f} on {len(second)} held-out images")
@@ -182,21 +211,31 @@ def main() -> None:
                 made.append(Correction(first.image_paths[i], labels, author="simulated"))
         return made
 
-    for k in ks if args.finetune else ():
+    results["uncalibrated_miou"] = evaluate(uncalibrated, second)["miou"]
+    print(f"without class offsets: mIoU {100 * results['uncalibrated_miou']:.2f}")
+    for k in ks:
         if k == 0:
             results["by_strokes"].append({"k": 0, "miou": base_scores["miou"], "seconds": 0.0,
                                           "painted_pixels": 0})
             continue
         corrections = corrections_for(range(len(first)), k)
-        scores, seconds = finetune_and_score(run, config, layout, corrections, strategy,
-                                             args.epochs, second, args.device)
-        painted = sum(c.painted for c in corrections)
-        results["by_strokes"].append({"k": k, "miou": scores["miou"], "seconds": seconds,
-                                      "painted_pixels": painted,
-                                      "per_class": scores["per_class"]})
-        gain = scores["miou"] - base_scores["miou"]
-        print(f"k={k}: mIoU {100 * scores['miou']:.2f} ({100 * gain:+.2f}), "
-              f"fine-tune {seconds:.0f} s, {painted} painted px")
+        row = {"k": k, "painted_pixels": sum(c.painted for c in corrections)}
+        started = time.perf_counter()
+        row["calibrated_miou"], row["offsets"] = calibrated_score(uncalibrated, corrections,
+                                                                  second)
+        row["calibration_seconds"] = time.perf_counter() - started  # with the scoring
+        print(f"k={k}: offsets from the strokes alone {row['offsets']}: mIoU "
+              f"{100 * row['calibrated_miou']:.2f} "
+              f"({100 * (row['calibrated_miou'] - results['uncalibrated_miou']):+.2f})")
+        if args.finetune:
+            scores, row["seconds"], row["finetuned_shipped_miou"] = finetune_and_score(
+                run, config, layout, corrections, strategy, args.epochs, second, args.device)
+            row.update(miou=scores["miou"], per_class=scores["per_class"])
+            gain = scores["miou"] - base_scores["miou"]
+            print(f"k={k}: fine-tuned, raw mIoU {100 * scores['miou']:.2f} ({100 * gain:+.2f}), "
+                  f"as it predicts {100 * row['finetuned_shipped_miou']:.2f}, fine-tune "
+                  f"{row['seconds']:.0f} s, {row['painted_pixels']} painted px")
+        results["by_strokes"].append(row)
 
     chosen = {}
     if args.order_images > 0:
@@ -208,8 +247,8 @@ def main() -> None:
     for name, indices in chosen.items():
         corrections = corrections_for(indices, 3)
         strokes = 3 * len(indices)
-        scores, seconds = finetune_and_score(run, config, layout, corrections, strategy,
-                                             args.epochs, second, args.device)
+        scores, seconds, _ = finetune_and_score(run, config, layout, corrections, strategy,
+                                                args.epochs, second, args.device)
         gain = scores["miou"] - base_scores["miou"]
         results["order"][name] = {"images": [first.image_paths[i].name for i in indices],
                                   "miou": scores["miou"], "gain_per_stroke": gain / strokes,
