@@ -60,8 +60,10 @@ def test_fit_recovers_a_class_bias_and_leaves_unfitted_classes_alone():
     assert calibration._miou(log_probabilities, truth, offsets) > before + 0.05
     relative = offsets - offsets[1]
     assert -1.5 <= relative[0] <= -0.5  # class 0 pulled back by about the bias
-    held = fit_class_offsets(log_probabilities, truth, fitted=[1])
-    assert held[0] == held[2] == 0.0 and held[1] > 0  # only class 1 may move
+    held = fit_class_offsets(log_probabilities, truth, fitted=[0, 1])
+    assert held[2] == 0.0 and held[0] < 0  # class 2 stays, class 0 pulled back ...
+    assert held[0] + held[1] == pytest.approx(0)  # ... against 1 alone: 2 keeps its balance
+    assert calibration._miou(log_probabilities, truth, held) > before + 0.02
     unbiased, truth2 = biased_log_probabilities(rng, bias=0.0)
     none = fit_class_offsets(unbiased, truth2, fitted=[0, 1, 2])
     assert calibration._miou(unbiased, truth2, none) - \

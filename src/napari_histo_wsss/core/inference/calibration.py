@@ -7,9 +7,10 @@ One log-probability offset per class moves those decisions; it is fitted on val 
 checkpoint and the class gate, and kept only where it raises val mIoU.
 
 The fit is a coordinate search over ``OFFSET_GRID`` (two sweeps). A class found in fewer than
-``MIN_CLASS_IMAGES`` val images keeps offset 0: fitted on a handful of images an offset follows
-those images, not the class (WSSS4LUAD's normal, in 4 of 31, got -1.0 to +2.0 depending on
-which half of val it was fitted on). Saved beside the checkpoint as ``CLASS_OFFSETS_FILE``,
+``MIN_CLASS_IMAGES`` val images keeps offset 0 and its balance against the others (the fitted
+offsets are centred): fitted on a handful of images an offset follows those images, not the
+class (WSSS4LUAD's normal, in 4 of 31, got -1.0 to +2.0 depending on which half of val it was
+fitted on). Saved beside the checkpoint as ``CLASS_OFFSETS_FILE``,
 which ``load_predictor`` reads. A user's corrections are images with targets too: they join
 the val masks, or stand in for them in a run without any (``core.corrections.calibrate``).
 """
@@ -48,8 +49,14 @@ MAX_PIXELS = 8_000_000
 def fit_class_offsets(log_probabilities: np.ndarray, truth: np.ndarray,
                       fitted: list[int]) -> np.ndarray:
     """Offsets (C,) maximising the mIoU of ``argmax(log_probabilities + offsets)`` against
-    ``truth`` (tissue pixels only: (P, C) and (P,)); classes not in ``fitted`` stay 0."""
+    ``truth`` (tissue pixels only: (P, C) and (P,)); classes not in ``fitted`` stay 0.
+
+    Only differences between offsets matter, so where some class is not fitted the fitted
+    offsets are centred (their mean 0): lowering every fitted class would raise the others
+    all the same, which is fitting them on the few images they were left out for
+    (docs/results.md, sixteenth session)."""
     classes = log_probabilities.shape[1]
+    centre = len(fitted) < classes
     offsets = np.zeros(classes)
     best = _miou(log_probabilities, truth, offsets)
     for _ in range(SWEEPS):
@@ -57,6 +64,8 @@ def fit_class_offsets(log_probabilities: np.ndarray, truth: np.ndarray,
             for value in OFFSET_GRID:
                 candidate = offsets.copy()
                 candidate[index] = value
+                if centre:
+                    candidate[fitted] -= candidate[fitted].mean()
                 score = _miou(log_probabilities, truth, candidate)
                 if score > best + 1e-9:
                     best, offsets = score, candidate
