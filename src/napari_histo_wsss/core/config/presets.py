@@ -96,7 +96,8 @@ def _recommended() -> RunConfig:
     (D4 test-time augmentation cost the averaged models 1.4-2.3 mIoU), and MLPS's
     classification gate at p 0.1, which the pipeline keeps only where it helps on val
     (+1.6 val mIoU over three seeds and a third of the spread, docs/results.md), then class
-    offsets fitted on val (``core.inference.calibration``: +3.7 on held-out halves of val).
+    offsets fitted on val (``core.inference.calibration``: +3.7 on held-out halves of val
+    before the appearance model; +1.3 on the five runs of 2026-12-03, one seed carrying most).
     Training patches that overlap in their source image are stitched (docs/algorithms.md 13):
     one fused pseudo-mask where they overlap, and segmenter inputs cut from windows 80 px
     wider than the patch, 224-px crops at the patches' magnification. Those crops cost twice
