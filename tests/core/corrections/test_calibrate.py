@@ -6,11 +6,9 @@ import json
 from dataclasses import replace
 
 import numpy as np
-import pytest
 import torch
 from skimage.draw import disk
 
-from napari_histo_wsss.core.config.run_config import RunConfig, SegmenterConfig
 from napari_histo_wsss.core.corrections import calibrate
 from napari_histo_wsss.core.corrections.calibrate import (
     StrokeTargets,
@@ -20,18 +18,17 @@ from napari_histo_wsss.core.corrections.calibrate import (
 from napari_histo_wsss.core.corrections.finetune import finetune_with_corrections
 from napari_histo_wsss.core.corrections.store import Correction
 from napari_histo_wsss.core.data.classes import WSSS4LUAD
-from napari_histo_wsss.core.data.datasets import find_dataset, read_rgb, write_palette_mask
-from napari_histo_wsss.core.events import Done, Message, run_to_completion
+from napari_histo_wsss.core.data.datasets import read_rgb
+from napari_histo_wsss.core.events import Done, Message
 from napari_histo_wsss.core.inference import calibration
-from napari_histo_wsss.core.inference.predict import CLASS_OFFSETS_FILE, SegmentationPredictor
+from napari_histo_wsss.core.inference.predict import (
+    CLASS_OFFSETS_FILE,
+    GATE_CHOICE_FILE,
+    SegmentationPredictor,
+)
 from napari_histo_wsss.core.models.segmenter import (
     SegmenterOutput,
-    build_segmenter,
-    checkpoint_config,
 )
-from napari_histo_wsss.core.runs.checkpoints import save_checkpoint
-from napari_histo_wsss.core.runs.run_dir import RunDirectory
-from napari_histo_wsss.core.stage2.train_segmenter import train_segmenter
 
 
 class TumourEverywhere(torch.nn.Module):
@@ -78,20 +75,6 @@ def test_the_target_is_the_stroke_refined_prediction_without_glass_or_painted_ba
     assert len(few) == 50 and few_log_p.shape == (50, 3)
 
 
-def untrained_run(root, **segmenter) -> RunDirectory:
-    torch.manual_seed(0)
-    settings = SegmenterConfig(arch="pspnet", encoder_depth=3, weights="none", **segmenter)
-    config = RunConfig(dataset=WSSS4LUAD.to_dict(), segmenter=settings)
-    run = RunDirectory(root)
-    model = build_segmenter(settings, WSSS4LUAD.num_classes)
-    save_checkpoint(run.segmenter_checkpoint("ce"), kind="segmenter",
-                    state_dict=model.state_dict(), spec=WSSS4LUAD,
-                    config=checkpoint_config(config, "ce", 64, "divide255", (0.0,) * 3,
-                                             (255.0,) * 3))
-    run.create(config)
-    return run
-
-
 def stroma_strokes(paths) -> list[Correction]:
     """Wide stroma strokes on each image (a user telling the model 'this is stroma')."""
     corrections = []
@@ -102,13 +85,13 @@ def stroma_strokes(paths) -> list[Correction]:
     return corrections
 
 
-def test_offsets_are_refitted_on_corrections_and_need_enough_images(tmp_path,
-                                                                     sample_dataset_dir,
+def test_offsets_are_refitted_on_corrections_and_need_enough_images(trained_run, layout,
                                                                      monkeypatch):
-    run = untrained_run(tmp_path / "run", fit_class_offsets=True)
-    val = find_dataset(sample_dataset_dir).eval_set("val")
+    run = trained_run[0]
+    val = layout.eval_set("val")
     corrections = stroma_strokes(val.image_paths[:3])
     saved = run.segmenter_dir("ce") / CLASS_OFFSETS_FILE
+    saved.unlink(missing_ok=True)
     assert calibrate_with_corrections(run, "ce", corrections, None, "cpu") is None
     assert not saved.exists()  # 3 images < MIN_CLASS_IMAGES: nothing fitted, nothing saved
 
@@ -131,27 +114,12 @@ def test_offsets_are_refitted_on_corrections_and_need_enough_images(tmp_path,
                                                        np.zeros((8, 8), np.uint8))])) == 3
 
 
-@pytest.fixture(scope="module")
-def small_trained_run(tmp_path_factory, sample_dataset_dir):
-    layout = find_dataset(sample_dataset_dir)
-    patches = layout.patches()
-    patches = patches.subset(range(0, len(patches), 4))
-    settings = SegmenterConfig(arch="pspnet", encoder_depth=3, loss="ce", epochs=1,
-                               batch_size=4, fit_class_offsets=True)
-    config = RunConfig(dataset=layout.spec.to_dict(), data_dir=str(layout.root),
-                       segmenter=settings)
-    run = RunDirectory(tmp_path_factory.mktemp("calibrate") / "run")
-    run.create(config)
-    for index, path in enumerate(patches.paths):
-        mask = np.full(patches.image(index).shape[:2], int(np.argmax(patches.labels[index])),
-                       np.uint8)
-        write_palette_mask(run.pseudo_mask_dir("final") / path.name, mask, layout.spec)
-    run_to_completion(train_segmenter(run, config, patches, device="cpu"))
-    return run, config, patches, layout
-
-
-def test_the_finetune_refits_its_offsets_on_the_corrections(small_trained_run):
-    run, config, patches, layout = small_trained_run
+def test_the_finetune_refits_its_offsets_on_the_corrections(trained_run, layout):
+    run, config, patches = trained_run
+    config = replace(config, segmenter=replace(config.segmenter, fit_class_offsets=True))
+    (run.segmenter_dir("ce") / CLASS_OFFSETS_FILE).unlink(missing_ok=True)
+    gate_choice = '{"use": false}'  # val dropped the base's class gate
+    (run.segmenter_dir("ce") / GATE_CHOICE_FILE).write_text(gate_choice)
     val = layout.eval_set("val")
     corrections = stroma_strokes(val.image_paths[:3])
     events = list(finetune_with_corrections(run, config, patches, corrections=corrections,
@@ -161,6 +129,8 @@ def test_the_finetune_refits_its_offsets_on_the_corrections(small_trained_run):
     assert any("class offsets as before the corrections" in line for line in lines)
     saved = run.segmenter_dir("ce-corrections") / CLASS_OFFSETS_FILE
     assert not saved.exists()  # the base had none to inherit, and 3 images fit none
+    # The base's val choices reach the fine-tuned model (the trainer clears its folder's).
+    assert (run.segmenter_dir("ce-corrections") / GATE_CHOICE_FILE).read_text() == gate_choice
 
     events = list(finetune_with_corrections(run, config, patches, corrections=corrections,
                                             epochs=1, device="cpu", resume=False,

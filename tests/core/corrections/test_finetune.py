@@ -11,18 +11,16 @@ import torch
 from PIL import Image
 from skimage.draw import disk
 
-from napari_histo_wsss.core.config.run_config import RunConfig, SegmenterConfig
+from napari_histo_wsss.core.config.run_config import SegmenterConfig
 from napari_histo_wsss.core.corrections.finetune import finetune_with_corrections
 from napari_histo_wsss.core.corrections.store import Correction, CorrectionStore
 from napari_histo_wsss.core.data.classes import WSSS4LUAD
 from napari_histo_wsss.core.data.datasets import (
     PatchSet,
-    find_dataset,
     read_rgb,
-    write_palette_mask,
 )
 from napari_histo_wsss.core.errors import CheckpointError, DatasetError
-from napari_histo_wsss.core.events import Batch, Done, Preview, StopToken, run_to_completion
+from napari_histo_wsss.core.events import Batch, Done, Preview, StopToken
 from napari_histo_wsss.core.models.segmenter import SegmenterOutput, load_segmenter
 from napari_histo_wsss.core.runs.checkpoints import load_checkpoint
 from napari_histo_wsss.core.runs.run_dir import RunDirectory
@@ -33,7 +31,6 @@ from napari_histo_wsss.core.stage2.sparse_labels import (
     painted_on_patches,
     with_partial_cross_entropy,
 )
-from napari_histo_wsss.core.stage2.train_segmenter import train_segmenter
 
 
 def test_painted_pixels_override_the_pseudo_mask_and_add_full_weight():
@@ -75,30 +72,6 @@ def test_no_painted_pixel_in_a_batch_adds_zero_not_nan():
     assert result.parts["corrections"] == 0.0 and torch.isfinite(result.loss)
     result.loss.backward()
     assert torch.isfinite(logits.grad).all()
-
-
-@pytest.fixture(scope="module")
-def layout(sample_dataset_dir):
-    return find_dataset(sample_dataset_dir)
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, layout):
-    """A run whose tiny segmenter trained one epoch on real patches and banded pseudo-masks."""
-    patches = layout.patches()
-    patches = patches.subset(range(0, len(patches), 3))
-    settings = SegmenterConfig(arch="pspnet", encoder_depth=3, loss="ce", epochs=1,
-                               batch_size=4)
-    config = RunConfig(dataset=layout.spec.to_dict(), data_dir=str(layout.root),
-                       segmenter=settings)
-    run = RunDirectory(tmp_path_factory.mktemp("finetune") / "run")
-    run.create(config)
-    for index, path in enumerate(patches.paths):
-        mask = np.full(patches.image(index).shape[:2], int(np.argmax(patches.labels[index])),
-                       np.uint8)
-        write_palette_mask(run.pseudo_mask_dir("final") / path.name, mask, layout.spec)
-    run_to_completion(train_segmenter(run, config, patches, device="cpu"))
-    return run, config, patches
 
 
 def paint(run, layout, patches):

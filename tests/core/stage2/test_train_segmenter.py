@@ -14,7 +14,7 @@ import torch
 
 from napari_histo_wsss.core.config.presets import preset
 from napari_histo_wsss.core.config.run_config import RunConfig, SegmenterConfig
-from napari_histo_wsss.core.corrections.finetune import inherit_from_base
+from napari_histo_wsss.core.corrections.finetune import inherit_companion, inherit_val_choices
 from napari_histo_wsss.core.data.datasets import EvalSet, find_dataset, write_palette_mask
 from napari_histo_wsss.core.errors import CheckpointError, ConfigError, DatasetError
 from napari_histo_wsss.core.events import (
@@ -648,9 +648,11 @@ def test_a_fine_tune_keeps_the_companion_and_the_val_choices(tmp_path):
     (folder / "class_gate.json").write_text('{"use": false}')  # val dropped the gate
     (folder / "class_offsets.json").write_text('{"offsets": [0.5, -0.5, 0], "use": true}')
     corrected = tmp_path / "segmenter" / "ce-corrections"
-    inherit_from_base(folder / "model.pt", corrected)
+    inherit_companion(folder / "model.pt", corrected)
+    inherit_val_choices(folder / "model.pt", corrected)
     assert (corrected / COMPANION_FOLDER / "model.pt").read_bytes() == b"companion weights"
     for choice in ("class_gate.json", "class_offsets.json"):
         assert (corrected / choice).read_text() == (folder / choice).read_text()
-    inherit_from_base(tmp_path / "bare" / "model.pt", tmp_path / "nothing")  # none to copy
+    inherit_companion(tmp_path / "bare" / "model.pt", tmp_path / "nothing")  # none to copy
+    inherit_val_choices(tmp_path / "bare" / "model.pt", tmp_path / "nothing")
     assert not (tmp_path / "nothing").exists()

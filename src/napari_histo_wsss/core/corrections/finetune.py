@@ -81,15 +81,18 @@ def finetune_with_corrections(
     settings = replace(config.segmenter, epochs=epochs,
                        lr=config.segmenter.lr * FINETUNE_LR_SCALE)
     config = replace(config, segmenter=settings)
-    inherit_from_base(start, run.segmenter_dir(corrected_strategy(base)))
+    folder = run.segmenter_dir(corrected_strategy(base))
+    inherit_companion(start, folder)
     for event in train_segmenter(run, config, patches, only=chosen,
                                  strategy=corrected_strategy(base), device=device, stop=stop,
                                  resume=resume, val=val, corrections=sparse, init_from=start,
                                  preview=preview):
-        if isinstance(event, Done) and not event.stopped and settings.fit_class_offsets:
-            line = calibration_line(run, corrected_strategy(base), corrections,
-                                    calibration_set, device or config.device)
-            yield Message(event.stage, line)
+        if isinstance(event, Done) and not event.stopped:
+            inherit_val_choices(start, folder)  # the trainer clears them when it starts
+            if settings.fit_class_offsets:
+                line = calibration_line(run, corrected_strategy(base), corrections,
+                                        calibration_set, device or config.device)
+                yield Message(event.stage, line)
         yield event
 
 
@@ -103,15 +106,18 @@ def calibration_line(run: RunDirectory, strategy: str, corrections: Sequence[Cor
     return describe_offsets(record)
 
 
-def inherit_from_base(start: Path, folder: Path) -> None:
+def inherit_companion(start: Path, folder: Path) -> None:
     """The fine-tune moves the strategy's own network; its companion network (where the
-    recipe has one) and the choices made on val for it (class gate, class offsets) are
-    copied unchanged, so the corrected strategy predicts as its base does: as a pair, and
-    without the gate where val dropped it."""
+    recipe has one) is copied unchanged, so the corrected strategy predicts as a pair."""
     companion = companion_checkpoint(start)
     if companion is not None:
         (folder / COMPANION_FOLDER).mkdir(parents=True, exist_ok=True)
         shutil.copyfile(companion, folder / COMPANION_FOLDER / "model.pt")
+
+
+def inherit_val_choices(start: Path, folder: Path) -> None:
+    """The choices made on val for the base (class gate, class offsets), copied to the
+    fine-tuned model: it predicts as its base does, without the gate where val dropped it."""
     for choice in (GATE_CHOICE_FILE, CLASS_OFFSETS_FILE):
         if (start.parent / choice).is_file():
             folder.mkdir(parents=True, exist_ok=True)
