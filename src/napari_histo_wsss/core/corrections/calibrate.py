@@ -58,7 +58,6 @@ def correction_samples(predictor: SegmentationPredictor, correction: Correction,
                           painted[y:y + side_h, x:x + side_w], share) for y, x in windows]
 
 
-@torch.inference_mode()
 def window_sample(predictor: SegmentationPredictor, image: np.ndarray, painted: np.ndarray,
                   per_image: int) -> tuple[np.ndarray, np.ndarray]:
     """The predictor's probabilities without the strokes, against the prediction that

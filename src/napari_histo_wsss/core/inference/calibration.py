@@ -10,9 +10,9 @@ The fit is a coordinate search over ``OFFSET_GRID`` (two sweeps). A class found 
 ``MIN_CLASS_IMAGES`` val images keeps offset 0 and its balance against the others (the fitted
 offsets are centred): fitted on a handful of images an offset follows those images, not the
 class (WSSS4LUAD's normal, in 4 of 31, got -1.0 to +2.0 depending on which half of val it was
-fitted on). Saved beside the checkpoint as ``CLASS_OFFSETS_FILE``,
-which ``load_predictor`` reads. A user's corrections are images with targets too: they join
-the val masks, or stand in for them in a run without any (``core.corrections.calibrate``).
+fitted on). Saved beside the checkpoint as ``CLASS_OFFSETS_FILE``, which ``load_predictor``
+reads. A user's corrections are images with targets too: they join the val masks, or stand in
+for them in a run without any (``core.corrections.calibrate``).
 """
 
 from __future__ import annotations
@@ -143,8 +143,7 @@ def choose_offsets(samples: list[tuple[np.ndarray, np.ndarray]],
     log_probabilities = np.concatenate([log_p for log_p, _ in samples])
     truth = np.concatenate([target for _, target in samples])
     fitted = [c for c in range(classes) if seen[c] >= MIN_CLASS_IMAGES]
-    offsets = fit_class_offsets(log_probabilities, truth, fitted) if fitted \
-        else np.zeros(classes)
+    offsets = fit_class_offsets(log_probabilities, truth, fitted)
     before = _miou(log_probabilities, truth, np.zeros(classes))
     after = _miou(log_probabilities, truth, offsets)
     use = bool(after >= before + MIN_GAIN)
