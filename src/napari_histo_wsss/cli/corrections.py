@@ -283,8 +283,9 @@ def cmd_calibrate(args) -> int:
     if record is None:
         raise ConfigError(f"{len(corrections)} corrected images"
                           f"{f' and {len(val)} val images' if val is not None else ''}: "
-                          f"refitting the class offsets takes {MIN_CLASS_IMAGES} images or "
-                          "more; paint more images (nothing was changed)", run.root)
+                          f"refitting the class offsets needs a class seen in "
+                          f"{MIN_CLASS_IMAGES} images or more; paint more images (nothing was "
+                          "changed)", run.root)
     print(describe_offsets(record), file=sys.stderr)
     print(run.segmenter_dir(strategy) / CLASS_OFFSETS_FILE)
     return 0

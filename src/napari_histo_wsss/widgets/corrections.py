@@ -400,8 +400,9 @@ def calibration_job(run, layout, strategy: str, device: str):
             raise ConfigError("this run has no trained segmenter to calibrate")
         record = calibrate_with_corrections(run, strategy, corrections, val, device)
         if record is None:
-            raise ConfigError(f"calibrating takes {MIN_CLASS_IMAGES} images or more "
-                              f"(corrected and val): {len(corrections)} corrected so far")
+            raise ConfigError(f"calibrating needs a class seen in {MIN_CLASS_IMAGES} images "
+                              f"or more (corrected and val): {len(corrections)} corrected so "
+                              "far")
         yield Done("class balance", describe_offsets(record))
 
     return make_job

@@ -110,6 +110,11 @@ def test_offsets_are_refitted_on_corrections_and_need_enough_images(trained_run,
     pooled = calibrate_with_corrections(run, "ce", corrections, val, "cpu")
     assert (pooled["images"], pooled["corrected_images"]) == (len(val), 3)
     assert f"{len(val)} val images and 3 corrected images" in calibration.describe_offsets(pooled)
+    # Enough images, but no class seen in enough of them: the saved offsets stay as they were.
+    monkeypatch.setattr(calibration, "MIN_CLASS_IMAGES", 100)
+    before = saved.read_bytes()
+    assert calibrate_with_corrections(run, "ce", corrections, val, "cpu") is None
+    assert saved.read_bytes() == before
     assert len(StrokeTargets([*corrections, Correction(val.image_paths[4],
                                                        np.zeros((8, 8), np.uint8))])) == 3
 

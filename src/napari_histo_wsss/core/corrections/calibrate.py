@@ -22,7 +22,12 @@ import torch
 
 from ..data.datasets import EvalSet
 from ..inference.calibration import MIN_CLASS_IMAGES, pixel_sample, select_class_offsets
-from ..inference.predict import WHOLE_IMAGE_LIMIT, SegmentationPredictor, window_origins
+from ..inference.predict import (
+    CLASS_OFFSETS_FILE,
+    WHOLE_IMAGE_LIMIT,
+    SegmentationPredictor,
+    window_origins,
+)
 from ..runs.run_dir import RunDirectory
 from .store import UNLABELLED, Correction, correction_pixels
 
@@ -80,9 +85,18 @@ def calibrate_with_corrections(run: RunDirectory, strategy: str,
                                corrections: Sequence[Correction], eval_set: EvalSet | None,
                                device: torch.device | str = "auto") -> dict[str, Any] | None:
     """Refit ``strategy``'s class offsets on the corrected images (and ``eval_set``'s masks,
-    where given) and save them; None, leaving the saved offsets as they are, where fewer than
-    ``MIN_CLASS_IMAGES`` images would take part (no class could be fitted)."""
+    where given) and save them; None, leaving the saved offsets as they were, where no class
+    is seen in ``MIN_CLASS_IMAGES`` of those images (nothing could be fitted)."""
     targets = StrokeTargets(corrections)
     if len(targets) + (len(eval_set) if eval_set is not None else 0) < MIN_CLASS_IMAGES:
-        return None
-    return select_class_offsets(run, strategy, eval_set, device, more=targets)
+        return None  # no class can be: spare the predictions
+    saved = run.segmenter_dir(strategy) / CLASS_OFFSETS_FILE
+    before = saved.read_bytes() if saved.is_file() else None
+    record = select_class_offsets(run, strategy, eval_set, device, more=targets)
+    if record["fitted_classes"]:
+        return record
+    if before is None:
+        saved.unlink()
+    else:
+        saved.write_bytes(before)
+    return None

@@ -101,8 +101,8 @@ def calibration_line(run: RunDirectory, strategy: str, corrections: Sequence[Cor
     """Refit the fine-tuned strategy's class offsets on the corrections (``calibrate``)."""
     record = calibrate_with_corrections(run, strategy, corrections, calibration_set, device)
     if record is None:
-        return (f"class offsets as before the corrections: refitting them takes "
-                f"{MIN_CLASS_IMAGES} corrected images or more")
+        return (f"class offsets as before the corrections: refitting them needs a class "
+                f"seen in {MIN_CLASS_IMAGES} corrected (or val) images or more")
     return describe_offsets(record)
 
 
