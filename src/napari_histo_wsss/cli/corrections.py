@@ -267,13 +267,12 @@ def cmd_calibrate(args) -> int:
     from ..core.data.datasets import find_dataset
     from ..core.errors import ConfigError
     from ..core.inference.calibration import MIN_CLASS_IMAGES, describe_offsets
-    from ..core.inference.predict import CLASS_OFFSETS_FILE, load_predictor
+    from ..core.inference.predict import CLASS_OFFSETS_FILE, find_checkpoint
     from ..core.runs.run_dir import RunDirectory
 
     run = RunDirectory(args.run_dir)
     config = run.config()
-    strategy = load_predictor(run.root, "cpu", args.strategy, use_class_gate=False,
-                              use_class_offsets=False).config["strategy"]
+    strategy = find_checkpoint(run.root, args.strategy)[0].parent.name
     corrections = CorrectionStore.of_run(run).load_all()
     val = None
     if not args.no_val and config.data_dir:

@@ -21,13 +21,13 @@ import numpy as np
 import torch
 
 from ..data.datasets import EvalSet
-from ..inference.calibration import MIN_CLASS_IMAGES, pixel_sample, select_class_offsets
-from ..inference.predict import (
-    CLASS_OFFSETS_FILE,
-    WHOLE_IMAGE_LIMIT,
-    SegmentationPredictor,
-    window_origins,
+from ..inference.calibration import (
+    MIN_CLASS_IMAGES,
+    fit_offsets_record,
+    pixel_sample,
+    save_offsets_record,
 )
+from ..inference.predict import WHOLE_IMAGE_LIMIT, SegmentationPredictor, window_origins
 from ..runs.run_dir import RunDirectory
 from .store import UNLABELLED, Correction, correction_pixels
 
@@ -90,13 +90,8 @@ def calibrate_with_corrections(run: RunDirectory, strategy: str,
     targets = StrokeTargets(corrections)
     if len(targets) + (len(eval_set) if eval_set is not None else 0) < MIN_CLASS_IMAGES:
         return None  # no class can be: spare the predictions
-    saved = run.segmenter_dir(strategy) / CLASS_OFFSETS_FILE
-    before = saved.read_bytes() if saved.is_file() else None
-    record = select_class_offsets(run, strategy, eval_set, device, more=targets)
-    if record["fitted_classes"]:
-        return record
-    if before is None:
-        saved.unlink()
-    else:
-        saved.write_bytes(before)
-    return None
+    record = fit_offsets_record(run, strategy, eval_set, device, more=targets)
+    if not record["fitted_classes"]:
+        return None
+    save_offsets_record(run, strategy, record)
+    return record

@@ -82,10 +82,20 @@ def _miou(log_probabilities: np.ndarray, truth: np.ndarray, offsets: np.ndarray)
 def select_class_offsets(run: RunDirectory, strategy: str, eval_set: EvalSet | None,
                          device: torch.device | str = "auto", *,
                          more: TargetImages | None = None) -> dict[str, Any]:
-    """Fit the offsets of ``strategy``'s segmenter on ``eval_set``'s masks (with the class-gate
-    choice already made) and save them, or a record that none helped. ``more`` adds other
-    images with targets (a user's corrections, ``core.corrections.calibrate``); either may be
-    absent. Returns what was saved."""
+    """Fit the offsets of ``strategy``'s segmenter (``fit_offsets_record``) and save them, or
+    a record that none helped. Returns what was saved."""
+    record = fit_offsets_record(run, strategy, eval_set, device, more=more)
+    save_offsets_record(run, strategy, record)
+    return record
+
+
+def fit_offsets_record(run: RunDirectory, strategy: str, eval_set: EvalSet | None,
+                       device: torch.device | str = "auto", *,
+                       more: TargetImages | None = None) -> dict[str, Any]:
+    """The offsets of ``strategy``'s segmenter fitted on ``eval_set``'s masks (with the
+    class-gate choice already made), as ``select_class_offsets`` saves them. ``more`` adds
+    other images with targets (a user's corrections, ``core.corrections.calibrate``); either
+    may be absent."""
     predictor = load_predictor(run.root, device, strategy=strategy, use_class_offsets=False)
     val_images = len(eval_set) if eval_set is not None else 0
     more_images = len(more) if more is not None else 0
@@ -93,11 +103,14 @@ def select_class_offsets(run: RunDirectory, strategy: str, eval_set: EvalSet | N
     samples = list(val_samples(predictor, eval_set, per_image)) if val_images else []
     if more_images:
         samples += more.samples(predictor, per_image)
-    record = {**choose_offsets(samples, predictor.spec.class_names), "images": val_images,
-              "corrected_images": more_images}
+    return {**choose_offsets(samples, predictor.spec.class_names), "images": val_images,
+            "corrected_images": more_images}
+
+
+def save_offsets_record(run: RunDirectory, strategy: str, record: dict[str, Any]) -> None:
+    """Write ``record`` beside the segmenter, where ``load_predictor`` reads it."""
     path = run.segmenter_dir(strategy) / CLASS_OFFSETS_FILE
     path.write_text(json.dumps(record, indent=2) + "\n")
-    return record
 
 
 class TargetImages(Protocol):

@@ -360,7 +360,7 @@ def load_predictor(source: str | Path, device: torch.device | str | None = "auto
     (``core.inference.appearance``; 0 turns it off).
     """
     device = device if isinstance(device, torch.device) else resolve_device(device)
-    checkpoint, run_root = _find_checkpoint(Path(source).expanduser(), strategy)
+    checkpoint, run_root = find_checkpoint(Path(source).expanduser(), strategy)
     model, payload = load_with_companion(checkpoint, device)
     companion = companion_checkpoint(checkpoint) if isinstance(model, SegmenterEnsemble) else None
     saved = payload["config"]
@@ -463,7 +463,7 @@ def describe_gate_choice(scores: dict[str, Any]) -> str | None:
             f"{100 * scores['miou_without_gate']:.2f} without)")
 
 
-def _find_checkpoint(source: Path, strategy: str | None) -> tuple[Path, Path | None]:
+def find_checkpoint(source: Path, strategy: str | None) -> tuple[Path, Path | None]:
     """(segmenter checkpoint, run directory or None) for a file or a run directory."""
     if source.is_file():
         run_root = source.parents[2] if len(source.parents) > 2 else None
