@@ -80,6 +80,8 @@ def test_paint_retrain_preview_and_review(make_napari_viewer, qtbot, trained_run
     assert dab.sum() > 100 and widget._follow_timer.isActive()
     qtbot.waitUntil(lambda: (np.asarray(viewer.layers[PREDICTION_LAYER].data)[dab] == 3).all(),
                     timeout=JOB_TIMEOUT_MS)
+    # The layer is set from the job's last event, just before the job reports it finished.
+    qtbot.waitUntil(lambda: not widget.image_runner.busy, timeout=JOB_TIMEOUT_MS)
     assert widget.image_runner.state is JobState.DONE, widget.image_runner.error
     stroke = np.zeros(paint.data.shape, bool)
     for x in range(20, paint.data.shape[1] - 20, 6):
