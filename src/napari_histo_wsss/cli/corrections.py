@@ -266,7 +266,7 @@ def cmd_calibrate(args) -> int:
     from ..core.data.classes import DatasetSpec
     from ..core.data.datasets import find_dataset
     from ..core.errors import ConfigError
-    from ..core.inference.calibration import MIN_CLASS_IMAGES, describe_offsets
+    from ..core.inference.calibration import MIN_CLASS_IMAGES, counted, describe_offsets
     from ..core.inference.predict import CLASS_OFFSETS_FILE, find_checkpoint
     from ..core.runs.run_dir import RunDirectory
 
@@ -280,8 +280,8 @@ def cmd_calibrate(args) -> int:
                            ).eval_set("val")
     record = calibrate_with_corrections(run, strategy, corrections, val, args.device)
     if record is None:
-        raise ConfigError(f"{len(corrections)} corrected images"
-                          f"{f' and {len(val)} val images' if val is not None else ''}: "
+        val_part = f" and {counted(len(val), 'val image')}" if val is not None else ""
+        raise ConfigError(f"{counted(len(corrections), 'corrected image')}{val_part}: "
                           f"refitting the class offsets needs a class seen in "
                           f"{MIN_CLASS_IMAGES} images or more; paint more images (nothing was "
                           "changed)", run.root)

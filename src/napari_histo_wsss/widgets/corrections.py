@@ -145,7 +145,8 @@ class CorrectionsWidget(JobWidget):
         self.strategy.reset_choices()
         self.image.reset_choices()
         set_info(self.run_info, f"segmenters: {', '.join(strategies) or 'none yet'} · "
-                                f"{len(corrected)} corrected images")
+                                f"{len(corrected)} corrected image"
+                                f"{'' if len(corrected) == 1 else 's'}")
 
     def open_image(self, path: str | Path | None = None) -> None:
         """Show ``path`` (default: the chosen image) and its strokes at once; its prediction

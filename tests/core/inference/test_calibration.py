@@ -139,3 +139,10 @@ def test_cli_evaluate_applies_the_offsets_and_can_leave_them_out(tmp_path, sampl
     plain = capsys.readouterr()
     assert "class offsets" not in plain.err
     assert json.loads(shifted.out)["miou"] != json.loads(plain.out)["miou"]
+
+
+def test_the_offsets_line_counts_its_images_in_words():
+    record = {"images": 0, "corrected_images": 1, "fitted_classes": [], "classes": ["a", "b"]}
+    assert describe_offsets(record).endswith("of the 1 corrected image")
+    record = {**record, "images": 1, "corrected_images": 2}
+    assert describe_offsets(record).endswith("of the 1 val image and 2 corrected images")

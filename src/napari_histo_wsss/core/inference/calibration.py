@@ -166,11 +166,16 @@ def choose_offsets(samples: list[tuple[np.ndarray, np.ndarray]],
             "miou_without": before, "miou_with": after}
 
 
+def counted(number: int, noun: str) -> str:
+    """"1 val image", "7 val images"."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 def describe_offsets(record: dict[str, Any]) -> str:
     """One line on the offsets ``select_class_offsets`` chose."""
-    sources = [f"{record['images']} val images"] if record["images"] else []
+    sources = [counted(record["images"], "val image")] if record["images"] else []
     if record.get("corrected_images"):
-        sources.append(f"{record['corrected_images']} corrected images")
+        sources.append(counted(record["corrected_images"], "corrected image"))
     where = " and ".join(sources) or "no images"
     if not record["fitted_classes"]:
         return (f"class offsets not fitted: no class is in {MIN_CLASS_IMAGES} or more of the "
