@@ -42,7 +42,12 @@ from napari_histo_wsss.core.data.datasets import EvalSet, find_dataset
 from napari_histo_wsss.core.events import run_to_completion
 from napari_histo_wsss.core.inference.calibration import MAX_PIXELS, choose_offsets
 from napari_histo_wsss.core.inference.metrics import ConfusionMatrix
-from napari_histo_wsss.core.inference.predict import evaluate, load_predictor, predict_image
+from napari_histo_wsss.core.inference.predict import (
+    CLASS_OFFSETS_FILE,
+    evaluate,
+    load_predictor,
+    predict_image,
+)
 from napari_histo_wsss.core.runs.run_dir import RunDirectory
 
 
@@ -133,7 +138,12 @@ def finetune_and_score(run, config, layout, corrections, strategy, epochs, secon
     seconds = time.perf_counter() - started
     predictor = load_predictor(done, device, corrected_strategy(strategy),
                                use_class_gate=False, use_class_offsets=False)  # as the base
-    shipped = load_predictor(done, device, corrected_strategy(strategy))
+    # Where the strokes were too few to refit the offsets, the fine-tune keeps its base's,
+    # which were fitted on the masks of both halves: a user without val masks has none.
+    offsets = done.parent / CLASS_OFFSETS_FILE
+    refitted = offsets.is_file() and json.loads(offsets.read_text()).get("corrected_images")
+    shipped = load_predictor(done, device, corrected_strategy(strategy),
+                             use_class_offsets=bool(refitted))
     return evaluate(predictor, second), seconds, evaluate(shipped, second)["miou"]
 
 
