@@ -29,6 +29,39 @@ def sample_slide_path() -> Path:
     return SAMPLE_ROOT / "cmu-1-small-region-pyramid.tif"
 
 
+@pytest.fixture(scope="session")
+def train_tiny_segmenter(sample_dataset_dir):
+    """Makes a run whose tiny PSPNet trained one epoch on every third bundled patch, with
+    label-filled pseudo-masks for every patch (a fine-tune may replay any of them). Returns
+    (run, config, the patches it trained on, the dataset layout)."""
+    import numpy as np
+
+    from napari_histo_wsss.core.config.run_config import RunConfig, SegmenterConfig
+    from napari_histo_wsss.core.data.datasets import find_dataset, write_palette_mask
+    from napari_histo_wsss.core.events import run_to_completion
+    from napari_histo_wsss.core.runs.run_dir import RunDirectory
+    from napari_histo_wsss.core.stage2.train_segmenter import train_segmenter
+
+    def train(root: Path):
+        layout = find_dataset(sample_dataset_dir)
+        every = layout.patches()
+        patches = every.subset(range(0, len(every), 3))
+        config = RunConfig(dataset=layout.spec.to_dict(), data_dir=str(layout.root),
+                           device="cpu",
+                           segmenter=SegmenterConfig(arch="pspnet", encoder_depth=3, loss="ce",
+                                                     epochs=1, batch_size=4))
+        run = RunDirectory(root)
+        run.create(config)
+        for index, path in enumerate(every.paths):
+            mask = np.full(every.image(index).shape[:2], int(np.argmax(every.labels[index])),
+                           np.uint8)
+            write_palette_mask(run.pseudo_mask_dir("final") / path.name, mask, layout.spec)
+        run_to_completion(train_segmenter(run, config, patches, device="cpu"))
+        return run, config, patches, layout
+
+    return train
+
+
 @pytest.fixture
 def write_segmentation():
     """Writes a finished slide segmentation of given labels through the store API (no model)."""

@@ -10,30 +10,15 @@ import pytest
 from skimage.draw import disk
 
 from napari_histo_wsss.cli import main
-from napari_histo_wsss.core.config.run_config import RunConfig, SegmenterConfig
 from napari_histo_wsss.core.corrections.store import Correction, CorrectionStore
-from napari_histo_wsss.core.data.datasets import find_dataset, read_rgb, write_palette_mask
-from napari_histo_wsss.core.events import run_to_completion
+from napari_histo_wsss.core.data.datasets import read_rgb
 from napari_histo_wsss.core.runs.run_dir import RunDirectory
-from napari_histo_wsss.core.stage2.train_segmenter import train_segmenter
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, sample_dataset_dir):
-    """One epoch of a tiny PSPNet on every third bundled patch (label-filled pseudo-masks)."""
-    layout = find_dataset(sample_dataset_dir)
-    patches = layout.patches()
-    patches = patches.subset(range(0, len(patches), 3))
-    config = RunConfig(dataset=layout.spec.to_dict(), data_dir=str(layout.root), device="cpu",
-                       segmenter=SegmenterConfig(arch="pspnet", encoder_depth=3, loss="ce",
-                                                 epochs=1, batch_size=4))
-    run = RunDirectory(tmp_path_factory.mktemp("cli") / "run")
-    run.create(config)
-    for index, path in enumerate(layout.patches().paths):
-        image = read_rgb(path)
-        mask = np.full(image.shape[:2], int(np.argmax(layout.patches().labels[index])), np.uint8)
-        write_palette_mask(run.pseudo_mask_dir("final") / path.name, mask, layout.spec)
-    run_to_completion(train_segmenter(run, config, patches, device="cpu"))
+def trained_run(tmp_path_factory, train_tiny_segmenter):
+    """(run, layout): one epoch of a tiny PSPNet on every third bundled patch."""
+    run, _, _, layout = train_tiny_segmenter(tmp_path_factory.mktemp("cli") / "run")
     return run, layout
 
 

@@ -22,30 +22,13 @@ def private_settings(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, sample_dataset_dir):
-    """One epoch of a tiny PSPNet on every third bundled patch (label-filled pseudo-masks)."""
-    from napari_histo_wsss.core.config.run_config import RunConfig, SegmenterConfig
-    from napari_histo_wsss.core.data.datasets import find_dataset, write_palette_mask
-    from napari_histo_wsss.core.events import run_to_completion
-    from napari_histo_wsss.core.runs.run_dir import RunDirectory
-    from napari_histo_wsss.core.stage2.train_segmenter import train_segmenter
+def trained_run(tmp_path_factory, train_tiny_segmenter):
+    """One epoch of a tiny PSPNet on every third bundled patch; every patch has a
+    pseudo-mask, since the widget fine-tunes on all of them."""
     from napari_histo_wsss.widgets._jobs import avoid_triton_llvm_clash
 
     avoid_triton_llvm_clash()
-    layout = find_dataset(sample_dataset_dir)
-    every = layout.patches()  # all of them get pseudo-masks: the widget fine-tunes on them
-    patches = every.subset(range(0, len(every), 3))
-    config = RunConfig(dataset=layout.spec.to_dict(), data_dir=str(layout.root), device="cpu",
-                       segmenter=SegmenterConfig(arch="pspnet", encoder_depth=3, loss="ce",
-                                                 epochs=1, batch_size=4))
-    run = RunDirectory(tmp_path_factory.mktemp("widget") / "run")
-    run.create(config)
-    for index, path in enumerate(every.paths):
-        mask = np.full(every.image(index).shape[:2], int(np.argmax(every.labels[index])),
-                       np.uint8)
-        write_palette_mask(run.pseudo_mask_dir("final") / path.name, mask, layout.spec)
-    run_to_completion(train_segmenter(run, config, patches, device="cpu"))
-    return run
+    return train_tiny_segmenter(tmp_path_factory.mktemp("widget") / "run")[0]
 
 
 def test_paint_retrain_preview_and_review(make_napari_viewer, qtbot, trained_run):
