@@ -112,6 +112,19 @@ def test_method_is_optional_and_defaults_to_the_recommended_recipe():
                               "--schedule", "long"]).schedule == "long"
 
 
+def test_classifiers_flag_sets_how_many_classifiers_compete():
+    from napari_histo_wsss.cli.flags import stage_overrides
+    from napari_histo_wsss.cli.main import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["pipeline", "DATA", "--out", "R", "--classifiers", "3"])
+    assert stage_overrides(args)["classifier"]["candidates"] == 3
+    plain = parser.parse_args(["train-classifier", "DATA", "--out", "R"])
+    assert "candidates" not in stage_overrides(plain)["classifier"]  # the method's own
+    with pytest.raises(SystemExit):
+        parser.parse_args(["pipeline", "DATA", "--out", "R", "--classifiers", "0"])
+
+
 def test_more_epochs_train_finished_stages_longer(finished_run, tmp_path, capsys):
     """``--more-epochs`` on both training commands: the new totals in run.json and
     status.json, history appended; the extended classifier leaves its pseudo-masks to be

@@ -137,6 +137,7 @@ def test_train_classifier_stop_then_resume(make_napari_viewer, qtbot, sample_dat
     widget = docked(viewer, TrainClassifierWidget)
     assert widget.epochs.native.text() == "preset"  # not "0", which reads as "don't train"
     assert widget.input_size.native.text() == "preset"
+    assert widget.candidates.native.text() == "preset"  # the method's own, one on fast
     widget.dataset.value = sample_dataset_dir
     widget.run_folder.value = tmp_path / "run"
     widget.method.value = METHOD
@@ -169,6 +170,7 @@ def test_train_classifier_stop_then_resume(make_napari_viewer, qtbot, sample_dat
     assert not widget.epochs.enabled  # an existing run keeps its settings
     assert run.config().pseudo_masks.teacher and run.config().segmenter.targets == ("refined",)
     assert widget.self_train.value and not widget.self_train.enabled
+    assert widget.candidates.value == 1 and not widget.candidates.enabled
 
     events.clear()
     activity.clear()

@@ -87,6 +87,10 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
                         "tf_efficientnet_lite0, ImageNet weights shipped offline)")
     parser.add_argument("--weights", help="local weights file for the backbone (offline use)")
     parser.add_argument("--epochs-cls", type=positive_int, help="classifier epochs")
+    parser.add_argument("--classifiers", type=positive_int, metavar="N",
+                        help="train N classifiers, each with its own seed, and keep the one "
+                             "whose class gate tells best which classes val windows hold "
+                             "(default: the method's; 1 trains one)")
     add_segmenter_epochs_flag(parser)
     add_batch_size_flag(parser, "batch size of both stages")
     add_seed_flag(parser)
@@ -138,7 +142,8 @@ def stage_overrides(args) -> dict[str, dict]:
     shared_encoder = backbone is not None and backbone != "res38d"
     return {
         "classifier": given(backbone=backbone, weights=weights,
-                            epochs=getattr(args, "epochs_cls", None), batch_size=batch),
+                            epochs=getattr(args, "epochs_cls", None), batch_size=batch,
+                            candidates=getattr(args, "classifiers", None)),
         "segmenter": given(epochs=getattr(args, "epochs_seg", None), batch_size=batch,
                            encoder=backbone if shared_encoder else None,
                            weights=weights if shared_encoder else None),

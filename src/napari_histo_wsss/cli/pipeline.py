@@ -88,6 +88,7 @@ def cmd_demo(args) -> int:
     """The whole job on the bundled sample, then napari with every result as layers."""
     args.classes = args.background = args.backbone = args.weights = None
     args.epochs_cls = args.epochs_seg = args.batch_size = args.seed = None
+    args.classifiers = None
     args.schedule = "fast"
     status = _run_pipeline(args, DEMO_DATA, Path(args.out))
     if status != 0 or args.no_viewer:

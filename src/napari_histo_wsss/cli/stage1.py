@@ -78,7 +78,7 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
     patches = layout.patches()
     done = drive(lambda stop: train_classifier(run, config, patches, device=device, stop=stop,
                                                resume=not args.restart,
-                                               more_epochs=args.more_epochs or 0))
+                                               more_epochs=args.more_epochs or 0, val=val))
     if done is None or done.stopped:
         again = "without --more-epochs " if args.more_epochs else ""
         print(f"stopped; run the same command {again}again to resume ({run.root})",

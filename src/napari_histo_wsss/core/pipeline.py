@@ -152,7 +152,8 @@ def _stage_jobs(run, config, patches, val, device, stop, strategies, more_epochs
     from .stage1.train_classifier import train_classifier
     from .stage2.train_segmenter import train_segmenter
 
-    jobs = [(CLASSIFIER, partial(train_classifier, run, config, patches, resume=True, **common)),
+    jobs = [(CLASSIFIER, partial(train_classifier, run, config, patches, resume=True, val=val,
+                                  **common)),
             (PSEUDO_MASKS, partial(_pseudo_masks_then_report, run, config, patches, val,
                                    **common))]
     if config.pseudo_masks.teacher:

@@ -105,21 +105,22 @@ class TrainClassifierWidget(JobWidget):
         self.lr.native.setDecimals(5)
         self.lr.native.setSpecialValueText(PRESET_TEXT)
         self.input_size = preset_spin_box("input size", TOOLTIPS["input_size"], 2048, step=32)
+        self.candidates = preset_spin_box("classifiers", TOOLTIPS["candidates"], 8)
 
         self.extend([self.dataset, self.dataset_info, self.method, self.backbone, self.weights,
                      self.device, self.epochs, self.more_epochs, self.batch_size,
                      self.run_folder, self.run_info])
         self.advanced.extend([self.schedule, self.self_train, self.seed, self.lr,
-                              self.input_size])
+                              self.input_size, self.candidates])
         self.finish_layout()
         self.remember(dataset=self.dataset, method=self.method, backbone=self.backbone,
                       weights=self.weights, device=self.device, epochs=self.epochs,
                       batch_size=self.batch_size, run_folder=self.run_folder,
                       schedule=self.schedule, self_train=self.self_train, seed=self.seed,
-                      lr=self.lr, input_size=self.input_size)
+                      lr=self.lr, input_size=self.input_size, candidates=self.candidates)
         self._settings_fields = [self.method, self.backbone, self.weights, self.epochs,
                                  self.batch_size, self.schedule, self.self_train, self.seed,
-                                 self.lr, self.input_size]
+                                 self.lr, self.input_size, self.candidates]
         self._locked.append(self.more_epochs)
         self.dataset.changed.connect(self._show_dataset)
         self.run_folder.changed.connect(self._show_run)
@@ -172,6 +173,7 @@ class TrainClassifierWidget(JobWidget):
             self.seed.value = existing.seed
             self.lr.value = settings.lr
             self.input_size.value = settings.input_size or 0
+            self.candidates.value = settings.candidates
         self._lock_run_settings(existing is not None)
         self.more_epochs.enabled = finished and not self.runner.busy
         if not finished:
@@ -202,7 +204,8 @@ class TrainClassifierWidget(JobWidget):
                      "epochs": self.epochs.value or None,
                      "batch_size": self.batch_size.value or None,
                      "lr": self.lr.value or None,
-                     "input_size": self.input_size.value or None}
+                     "input_size": self.input_size.value or None,
+                     "candidates": self.candidates.value or None}
         overrides = {key: value for key, value in overrides.items() if value is not None}
         method, schedule, seed = self.method.value, self.schedule.value, self.seed.value
         self_train = self.self_train.value
@@ -220,7 +223,8 @@ class TrainClassifierWidget(JobWidget):
             yield Message(STAGE, f"{layout.describe()}; run folder {run.root}")
             yield from train_classifier(run, config, layout.patches(),
                                         device=resolve_device(device_name), stop=stop,
-                                        resume=True, more_epochs=more_epochs)
+                                        resume=True, more_epochs=more_epochs,
+                                        val=layout.eval_set("val"))
 
         return make_job, device_name
 

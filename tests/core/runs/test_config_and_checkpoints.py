@@ -86,6 +86,10 @@ def test_the_default_method_is_the_recommended_recipe():
     assert segmenter.weight_average and segmenter.tta == "none"
     masks = config.pseudo_masks
     assert masks.scales == (1.0, 2.0) and masks.scale_fusion == "mean"
+    assert preset("esfan", "long").classifier.candidates == 1
+    assert preset(DEFAULT_METHOD, "long").classifier.candidates == 2
+    assert preset(DEFAULT_METHOD, "paper").classifier.candidates == 2
+    assert config.classifier.candidates == 1  # fast: inside its 20 minutes
 
 
 def test_fast_schedule_keeps_the_recipe_shape():

@@ -99,10 +99,14 @@ class ClassifierConfig:
     #: The new layers' x10 lr with momentum can kick a fresh head into a poor start (seed-
     #: dependent first-epoch losses of 0.36-0.98 measured): a ramp over the first epoch avoids it.
     warmup_epochs: float = 0.0
+    #: Classifiers trained, each with its own seed; the one whose class gate best tells which
+    #: classes val windows hold is kept (core/stage1/classifier_choice.py; needs val masks).
+    candidates: int = 1
 
     def validate(self) -> None:
         require("classifier", _is_count, epochs=self.epochs, batch_size=self.batch_size,
-                input_size=self.input_size, output_stride=self.output_stride)
+                input_size=self.input_size, output_stride=self.output_stride,
+                candidates=self.candidates)
         require("classifier", _is_positive, lr=self.lr, new_layer_lr_mult=self.new_layer_lr_mult)
         require("classifier", _is_non_negative, weight_decay=self.weight_decay,
                 momentum=self.momentum, side_loss_weights=self.side_loss_weights,

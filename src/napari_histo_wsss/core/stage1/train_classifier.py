@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from collections import Counter
 from collections.abc import Generator
 from pathlib import Path
@@ -27,10 +28,11 @@ import torch.nn.functional as F
 
 from ..config.run_config import ClassifierConfig, RunConfig
 from ..data.classes import DatasetSpec
+from ..data.datasets import EvalSet
 from ..data.stain import hed_jitter
 from ..errors import CheckpointError, ConfigError, DatasetError
-from ..events import Event, StopToken
-from ..models.classifier import CamClassifier, ClassifierOutput, build_classifier
+from ..events import Done, Event, Message, StopToken
+from ..models.classifier import CamClassifier, ClassifierOutput, build_classifier, load_classifier
 from ..registry import Registry
 from ..runs.checkpoints import check_same_classes, save_checkpoint
 from ..runs.locks import writes_run
@@ -42,6 +44,7 @@ from ..training.resume import RESTART_HINT, load_resume_checkpoint, resume_state
 from ..training.schedules import set_lr
 from ..training.state import TrainingState
 from ..training.stepper import Stepper, channels_last
+from . import classifier_choice
 
 STAGE = "classifier"
 LOSS_FIELDS = ["epoch", "train_loss", "lr", "seconds"]
@@ -214,8 +217,8 @@ def _same_settings(payload: dict, config: RunConfig) -> bool:
 
 @writes_run(STAGE)
 def train_classifier(run: RunDirectory, config: RunConfig, patches, *, device: torch.device,
-                     stop: StopToken | None = None, resume: bool = True, more_epochs: int = 0
-                     ) -> Generator[Event, None, None]:
+                     stop: StopToken | None = None, resume: bool = True, more_epochs: int = 0,
+                     val: EvalSet | None = None) -> Generator[Event, None, None]:
     """Train the stage-1 classifier of ``run``; ends with ``Done(result=classifier/model.pt)``.
 
     A stop request is honoured before the next batch: ``model.pt`` (usable) and ``last.pt``
@@ -223,11 +226,23 @@ def train_classifier(run: RunDirectory, config: RunConfig, patches, *, device: t
     training continues from ``classifier/last.pt`` when it exists. Under ``torchrun`` the
     ranks share every batch (docs/distributed.md). ``more_epochs`` trains a finished
     classifier that many epochs longer (core/training/extension.py: the lr schedule's new
-    tail, and the pseudo-masks made from the old classifier need making again).
+    tail, and the pseudo-masks made from the old classifier need making again). With
+    ``ClassifierConfig.candidates`` over 1 and ``val`` masks, that many classifiers are
+    trained and the one that gates val windows best is kept (``classifier_choice``).
     """
     config.classifier.validate()
     spec = _check_dataset(patches, config)
     device = distributed.setup(device)
+    if config.classifier.candidates > 1:
+        if more_epochs:
+            raise ConfigError("this run keeps the best of several classifiers, which cannot "
+                              "be trained longer one by one: start a new run with more "
+                              "classifier epochs", run.root)
+        if val is not None:
+            yield from _train_candidates(run, config, patches, spec, val, device,
+                                         stop or StopToken(), resume)
+            return
+        yield Message(STAGE, "no val masks to choose among classifiers: training one")
     if more_epochs:
         if not resume:
             raise ConfigError("more epochs continue the trained classifier: they cannot be "
@@ -342,3 +357,67 @@ def _restore(path: Path, model: CamClassifier, optimizer: torch.optim.Optimizer,
             f"two schedules: start a new run directory, or {RESTART_HINT} (a finished "
             "classifier can be trained longer with more epochs)", path)
     return resume_state(payload, path, model, optimizer, "does not fit this classifier ({reason})")
+
+
+def _train_candidates(run: RunDirectory, config: RunConfig, patches, spec: DatasetSpec,
+                      val: EvalSet, device: torch.device, stop: StopToken, resume: bool
+                      ) -> Generator[Event, None, None]:
+    """Train each candidate in its own folder (each resumes on its own), judge each by its
+    class gate on val, and copy the best to ``classifier/`` (the main process judges and
+    writes; under ``torchrun`` every rank trains every candidate)."""
+    count = config.classifier.candidates
+    main = distributed.is_main_process()
+    folders = [classifier_choice.candidate_run(run, index) for index in range(count)]
+    if main:
+        run.mark_incomplete(STAGE)
+        for folder in folders if not resume else []:
+            folder.mark_incomplete(STAGE)
+    scores = []
+    for index, folder in enumerate(folders):
+        seed = classifier_choice.candidate_seed(config.seed, index)
+        if not folder.is_complete(STAGE):
+            yield Message(STAGE, f"classifier {index + 1} of {count} (seed {seed})")
+            trainer = ClassifierTrainer(folder, dataclasses.replace(config, seed=seed),
+                                        patches, spec, device, resume)
+            if not (yield from _without_done(run_epochs(trainer, stop))):
+                yield Done(STAGE, run.classifier_checkpoint, stopped=True)
+                return
+        if main:
+            scores.append(_judge_candidate(folder, seed, config, spec, val, device))
+            yield Message(STAGE, f"classifier {index + 1} (seed {seed}): val window "
+                          f"presence F1 {scores[-1]['macro_f1']:.3f}")
+    if main:
+        chosen = classifier_choice.best_candidate(scores)
+        source = folders[chosen]
+        for name in ("model.pt", "losses.csv"):
+            shutil.copyfile(source.classifier_dir / name, run.classifier_dir / name)
+        (run.classifier_dir / classifier_choice.CHOICE_FILE).write_text(
+            json.dumps({"chosen": chosen, "candidates": scores}, indent=2) + "\n")
+        yield Message(STAGE, f"kept classifier {chosen + 1} of {count} (seed "
+                      f"{scores[chosen]['seed']}): it gates val windows best")
+        run.mark_complete(STAGE, epochs=source.status()[STAGE]["epochs"],
+                          steps=source.status()[STAGE]["steps"],
+                          seconds=round(sum(score["seconds"] for score in scores), 2),
+                          candidates=count, chosen=chosen)
+    yield Done(STAGE, run.classifier_checkpoint)
+
+
+def _judge_candidate(folder: RunDirectory, seed: int, config: RunConfig, spec: DatasetSpec,
+                     val: EvalSet, device: torch.device) -> dict:
+    """A trained candidate's seed, training seconds and class-gate scores on val."""
+    model, payload = load_classifier(folder.classifier_checkpoint, device, spec=spec)
+    window, threshold = classifier_choice.gate_settings(config,
+                                                        payload["training"]["input_size"])
+    return {"seed": seed, "seconds": folder.status()[STAGE].get("seconds", 0.0),
+            **classifier_choice.window_presence_scores(model, val, window, threshold, device)}
+
+
+def _without_done(job: Generator[Event, None, bool]) -> Generator[Event, None, bool]:
+    """A candidate's events but its ``Done``: the stage is done once one is chosen."""
+    while True:
+        try:
+            event = next(job)
+        except StopIteration as end:
+            return end.value
+        if not isinstance(event, Done):
+            yield event
