@@ -24,6 +24,22 @@ def sample_dataset_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def sample_layout(sample_dataset_dir):
+    """The bundled sample as ``find_dataset`` lays it out (its patches, val images, classes)."""
+    from napari_histo_wsss.core.data.datasets import find_dataset
+
+    return find_dataset(sample_dataset_dir)
+
+
+@pytest.fixture(scope="session")
+def sample_patches(sample_layout):
+    """The bundled sample's 42 training patches, decoded once; tests only read them."""
+    patches = sample_layout.patches()
+    patches.decode_all()
+    return patches
+
+
+@pytest.fixture(scope="session")
 def sample_slide_path() -> Path:
     """A real 3-level H&E pyramid (CMU-1 small region, CC0)."""
     return SAMPLE_ROOT / "cmu-1-small-region-pyramid.tif"

@@ -16,7 +16,7 @@ from napari_histo_wsss.cli import main
 from napari_histo_wsss.cli.flags import non_negative_int, positive_float, positive_int
 from napari_histo_wsss.core.config.presets import METHODS, PRESET_SCHEDULES, preset
 from napari_histo_wsss.core.config.run_config import RunConfig, SegmenterConfig
-from napari_histo_wsss.core.data.datasets import find_dataset, write_palette_mask
+from napari_histo_wsss.core.data.datasets import write_palette_mask
 from napari_histo_wsss.core.errors import CheckpointError, ConfigError
 from napari_histo_wsss.core.events import StopToken
 from napari_histo_wsss.core.hisynseg.discriminator import train_discriminator
@@ -35,15 +35,13 @@ ABSURD = {"lr": 1e37, "weight_decay": 1e37}
 
 
 @pytest.fixture(scope="module")
-def layout(sample_dataset_dir):
-    return find_dataset(sample_dataset_dir)
+def layout(sample_layout):
+    return sample_layout
 
 
 @pytest.fixture(scope="module")
-def patches(layout):
-    patches = layout.patches()
-    patches.decode_all()
-    return patches
+def patches(sample_patches):
+    return sample_patches
 
 
 def _one_line_error(capsys) -> str:

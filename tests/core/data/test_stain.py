@@ -3,17 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 from skimage.color import rgb2hed
 
-from napari_histo_wsss.core.data.datasets import find_dataset
 from napari_histo_wsss.core.data.stain import hed_jitter
-
-
-@pytest.fixture(scope="module")
-def sample_patches(sample_dataset_dir):
-    return find_dataset(sample_dataset_dir).patches()
 
 
 def _batch(patches, count=4) -> torch.Tensor:

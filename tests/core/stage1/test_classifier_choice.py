@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from napari_histo_wsss.core.config.presets import preset
-from napari_histo_wsss.core.data.datasets import EvalSet, find_dataset
+from napari_histo_wsss.core.data.datasets import EvalSet
 from napari_histo_wsss.core.errors import ConfigError
 from napari_histo_wsss.core.events import Batch, Done, Message, StopToken
 from napari_histo_wsss.core.models.classifier import build_classifier
@@ -24,18 +24,6 @@ from napari_histo_wsss.core.stage1.train_classifier import train_classifier
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
-def layout(sample_dataset_dir):
-    return find_dataset(sample_dataset_dir)
-
-
-@pytest.fixture(scope="module")
-def patches(layout):
-    patches = layout.patches()
-    patches.decode_all()
-    return patches
-
-
 def _write_pair(folder, name, mask):
     rng = np.random.default_rng(len(name))
     image = rng.integers(0, 256, (*mask.shape, 3), dtype=np.uint8)
@@ -44,7 +32,7 @@ def _write_pair(folder, name, mask):
     return folder / f"{name}-img.png", folder / f"{name}-mask.png"
 
 
-def test_presence_scores_count_windows_as_the_masks_hold_them(tmp_path, layout):
+def test_presence_scores_count_windows_as_the_masks_hold_them(tmp_path, sample_layout):
     """Threshold 0 keeps every class in every window, so each class's F1 is 2n / (W + n) for
     the n windows (of W with tissue) that hold it; all-background windows are skipped and a
     class under 5 % of a window is absent."""
@@ -54,11 +42,12 @@ def test_presence_scores_count_windows_as_the_masks_hold_them(tmp_path, layout):
     normal[:50, :50] = 3  # one window of glass only: skipped
     normal[50:, 50:52] = 0  # 4 % of a window: tumour absent there
     pairs = [_write_pair(tmp_path, "a", halves), _write_pair(tmp_path, "b", normal)]
-    val = EvalSet([image for image, _ in pairs], [mask for _, mask in pairs], layout.spec)
+    spec = sample_layout.spec
+    val = EvalSet([image for image, _ in pairs], [mask for _, mask in pairs], spec)
     torch.manual_seed(0)
     config = preset("recommended", "fast", num_patches=40).classifier
     classifier = build_classifier(dataclasses.replace(config, weights="none"),
-                                  layout.spec.num_classes, layout.spec)
+                                  spec.num_classes, spec)
 
     scores = classifier_choice.window_presence_scores(classifier, val, window=50,
                                                       threshold=0.0)
@@ -103,16 +92,16 @@ def _weights(path):
     return load_checkpoint(path, kind="classifier")["state_dict"]
 
 
-def test_two_candidates_keep_the_better_gate_and_resume_after_a_stop(tmp_path, layout,
-                                                                       patches):
-    val = layout.eval_set("val")
-    config = _config(patches, candidates=2)
-    run, events = _train(tmp_path / "run", config, patches, val, stop_at_candidate=2)
+def test_two_candidates_keep_the_better_gate_and_resume_after_a_stop(tmp_path, sample_layout,
+                                                                       sample_patches):
+    val = sample_layout.eval_set("val")
+    config = _config(sample_patches, candidates=2)
+    run, events = _train(tmp_path / "run", config, sample_patches, val, stop_at_candidate=2)
     assert isinstance(events[-1], Done) and events[-1].stopped
     assert not run.is_complete("classifier")
     assert classifier_choice.candidate_run(run, 0).is_complete("classifier")
 
-    run, events = _train(tmp_path / "run", config, patches, val)
+    run, events = _train(tmp_path / "run", config, sample_patches, val)
     assert isinstance(events[-1], Done) and not events[-1].stopped
     assert sum(isinstance(event, Done) for event in events) == 1
     choice = json.loads((run.classifier_dir / classifier_choice.CHOICE_FILE).read_text())
@@ -127,20 +116,21 @@ def test_two_candidates_keep_the_better_gate_and_resume_after_a_stop(tmp_path, l
 
     # Candidate 2, stopped after two batches and resumed, ends as an uninterrupted run of its
     # seed; candidate 1 is the plain classifier of the run's seed.
-    plain_config = _config(patches, candidates=1)
+    plain_config = _config(sample_patches, candidates=1)
     for index in (0, 1):
         plain_config.seed = classifier_choice.candidate_seed(config.seed, index)
-        plain, _ = _train(tmp_path / f"plain-{index}", plain_config, patches, val)
+        plain, _ = _train(tmp_path / f"plain-{index}", plain_config, sample_patches, val)
         expected = _weights(plain.classifier_checkpoint)
         got = _weights(classifier_choice.candidate_run(run, index).classifier_checkpoint)
         assert all(torch.equal(expected[name], got[name]) for name in expected), index
 
 
-def test_candidates_without_val_train_one_and_cannot_be_trained_longer(tmp_path, patches):
-    config = _config(patches, candidates=2)
-    run, events = _train(tmp_path / "run", config, patches, val=None)
+def test_candidates_without_val_train_one_and_cannot_be_trained_longer(tmp_path,
+                                                                       sample_patches):
+    config = _config(sample_patches, candidates=2)
+    run, events = _train(tmp_path / "run", config, sample_patches, val=None)
     assert any(isinstance(event, Message) and "training one" in event.text for event in events)
     assert run.classifier_checkpoint.is_file()
     assert not (run.classifier_dir / classifier_choice.CANDIDATES_FOLDER).exists()
     with pytest.raises(ConfigError, match="best of several classifiers"):
-        list(train_classifier(run, config, patches, device=CPU, more_epochs=1))
+        list(train_classifier(run, config, sample_patches, device=CPU, more_epochs=1))

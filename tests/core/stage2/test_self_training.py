@@ -17,7 +17,6 @@ from napari_histo_wsss.core.config.run_config import (
 )
 from napari_histo_wsss.core.data.datasets import (
     EvalSet,
-    find_dataset,
     read_mask,
     write_palette_mask,
 )
@@ -34,8 +33,8 @@ TEACHER = {"arch": "pspnet", "encoder_depth": 3, "epochs": 1}
 
 
 @pytest.fixture(scope="module")
-def layout(sample_dataset_dir):
-    return find_dataset(sample_dataset_dir)
+def layout(sample_layout):
+    return sample_layout
 
 
 @pytest.fixture(scope="module")
