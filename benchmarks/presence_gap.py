@@ -34,9 +34,7 @@ from napari_histo_wsss.core.inference.predict import (
 )
 from napari_histo_wsss.core.models.classifier import load_classifier
 from napari_histo_wsss.core.runs.run_dir import RunDirectory
-
-#: A class is present in a window when it covers this share of it (the WSSS4LUAD rule).
-PRESENCE_SHARE = 0.05
+from napari_histo_wsss.core.stage1.classifier_choice import PRESENCE_SHARE
 
 
 class OraclePresence(ClassGate):
