@@ -39,11 +39,12 @@ def setup(device: torch.device) -> torch.device:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         # A process group still alive at interpreter exit can abort the process ("terminate
         # called without an active exception") after the work is done.
-        atexit.register(_leave_process_group)
+        atexit.register(leave_process_group)
     return device
 
 
-def _leave_process_group() -> None:
+def leave_process_group() -> None:
+    """Destroy the process group if this process joined one."""
     if dist.is_initialized():
         dist.destroy_process_group()
 
