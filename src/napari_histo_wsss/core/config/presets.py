@@ -108,7 +108,8 @@ def _recommended() -> RunConfig:
     and each image's own colour/texture model moves the pair's boundaries onto its stain edges
     (docs/algorithms.md 15). Where the schedule has the time (``long``, ``paper``), two
     classifiers are trained and the one whose class gate judges val windows best is kept
-    (docs/algorithms.md 17: the worst seed's run +4.8 val mIoU with a better-gating one)."""
+    (docs/algorithms.md 17: the worst seed's run +4.8 val mIoU with a better-gating one, but
+    one preferred classifier made worse class maps and its run ended 2.4 lower)."""
     config = _esfan()
     config.classifier.warmup_epochs = 1.0
     config.classifier.candidates = 2  # ``fast`` trains one (its 20 minutes)
