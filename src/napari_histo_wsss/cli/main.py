@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from typing import NoReturn
 
 from .. import __version__
 from ..core.errors import HistoWsssError
@@ -73,5 +75,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def run() -> NoReturn:
+    """The ``histo-wsss`` program: ``main`` on the process's arguments, then exit. A process
+    started by ``torchrun`` exits through ``distributed.exit_process``, whose reason is there."""
+    code = main()
+    if "WORLD_SIZE" in os.environ:  # only a torchrun worker can have joined a process group
+        from ..core.training.distributed import exit_process
+
+        exit_process(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

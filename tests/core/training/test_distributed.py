@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from napari_histo_wsss.core.config.run_config import RunConfig, SegmenterConfig
@@ -23,15 +24,24 @@ CHOSEN = "0:32:2"  # 16 real patches: two global batches of 8, so 4 images per r
 SRC = Path(__file__).resolve().parents[3] / "src"
 
 
-def launch(job: str, out: Path, data_dir: Path, ranks: int) -> str:
-    """The worker's output, run under torchrun with ``ranks`` processes (or alone)."""
+def run_python(arguments: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
+    """``python ARGUMENTS`` with this checkout's package importable."""
     env = {**os.environ,
            "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, str(WORKER), job, str(out), str(data_dir), CHOSEN]
+    return subprocess.run([sys.executable, *arguments], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def under_torchrun(ranks: int) -> list[str]:
+    return ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
+
+
+def launch(job: str, out: Path, data_dir: Path, ranks: int) -> str:
+    """The worker's output, run under torchrun with ``ranks`` processes (or alone)."""
+    command = [str(WORKER), job, str(out), str(data_dir), CHOSEN]
     if ranks > 1:
-        command[1:1] = ["-m", "torch.distributed.run", "--standalone",
-                        "--nproc_per_node", str(ranks)]
-    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+        command[0:0] = under_torchrun(ranks)
+    finished = run_python(command)
     assert finished.returncode == 0, finished.stderr[-3000:]
     return finished.stdout
 
@@ -61,6 +71,25 @@ def test_two_ranks_on_the_loop_end_with_the_weights_of_one_process(tmp_path,
         tmp_path / "shared" / "model.pt"))
     assert (one - initial).abs().max() > 1e-2  # it learnt something...
     assert torch.allclose(one, two, rtol=1e-4, atol=1e-5)  # ... the same in both set-ups
+
+
+def test_a_process_in_a_group_exits_with_its_code_and_its_output():
+    # stdout to a pipe is block-buffered: without the flush os._exit would drop the line
+    script = """
+import torch.distributed as dist
+from napari_histo_wsss.core.training import distributed
+dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+print("results saved")
+distributed.exit_process(3)
+"""
+    finished = run_python(["-c", script], timeout=120)
+    assert (finished.returncode, finished.stdout) == (3, "results saved\n"), finished.stderr
+
+
+def test_a_process_alone_exits_through_sys_exit():
+    with pytest.raises(SystemExit) as exited:
+        distributed.exit_process(4)
+    assert exited.value.code == 4
 
 
 def make_run(root: Path, layout, patches) -> tuple[RunDirectory, RunConfig]:
@@ -97,3 +126,14 @@ def test_two_ranks_train_a_segmenter_close_to_one_process(tmp_path, sample_datas
     # BatchNorm statistics and dropout masks are per rank (half the batch each), which moves
     # a step's gradient by about a third here; the data and the averaging are the same.
     assert (two - one).norm() < 0.75 * (one - initial).norm()
+
+
+def test_the_command_line_under_torchrun_trains_and_exits_cleanly(tmp_path, sample_dataset_dir):
+    """The launch docs/distributed.md gives, on two CPU ranks: exit code 0 and one model."""
+    layout = find_dataset(sample_dataset_dir)
+    run, _ = make_run(tmp_path / "run", layout, layout.patches())
+    finished = run_python([*under_torchrun(2), "-m", "napari_histo_wsss.cli.main",
+                           "train-segmenter", str(run.root), "--loss", "ce", "--device", "cpu"])
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert load_checkpoint(run.segmenter_checkpoint("ce"))["state_dict"]
+    assert len(LossLog(run.segmenter_dir("ce") / "losses.csv", []).rows()) == 1
