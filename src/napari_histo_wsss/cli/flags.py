@@ -89,7 +89,7 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs-cls", type=positive_int, help="classifier epochs")
     parser.add_argument("--classifiers", type=positive_int, metavar="N",
                         help="train N classifiers, each with its own seed, and keep the one "
-                             "whose class gate tells best which classes val windows hold "
+                             "whose val pseudo-masks, limited by its class gate, score best "
                              "(default: the method's; 1 trains one)")
     add_segmenter_epochs_flag(parser)
     add_batch_size_flag(parser, "batch size of both stages")

@@ -33,8 +33,8 @@ TOOLTIPS: dict[str, str] = {
     "lr": "Learning rate of the newly initialised layers' base rate (the preset's value by"
           " default).",
     "input_size": "Side of the square training crops, in pixels.",
-    "candidates": "Classifiers to train, each with its own seed; the one whose class gate best "
-                  "tells which classes the val images' windows hold is kept (needs val "
+    "candidates": "Classifiers to train, each with its own seed; the one whose val "
+                  "pseudo-masks, limited by its class gate, score best is kept (needs val "
                   "masks). Each costs the classifier's training time again.",
     # pseudo-masks
     "source": "Which images to look at: training patches of the dataset, the source images"

@@ -107,9 +107,10 @@ def _recommended() -> RunConfig:
     same pseudo-masks, is averaged with the DeepLabV3+ at prediction (docs/algorithms.md 14),
     and each image's own colour/texture model moves the pair's boundaries onto its stain edges
     (docs/algorithms.md 15). Where the schedule has the time (``long``, ``paper``), two
-    classifiers are trained and the one whose class gate judges val windows best is kept
-    (docs/algorithms.md 17: the worst seed's run +4.8 val mIoU with a better-gating one, but
-    one preferred classifier made worse class maps and its run ended 2.4 lower)."""
+    classifiers are trained and the one whose val pseudo-masks, limited by its class gate,
+    score best is kept (docs/algorithms.md 17: the worst seed's run +4.8 val mIoU with a
+    better one; judged by its gate alone, one preferred classifier made worse class maps and
+    its run ended 2.4 lower, which the pseudo-mask judge avoids)."""
     config = _esfan()
     config.classifier.warmup_epochs = 1.0
     config.classifier.candidates = 2  # ``fast`` trains one (its 20 minutes)

@@ -99,8 +99,8 @@ class ClassifierConfig:
     #: The new layers' x10 lr with momentum can kick a fresh head into a poor start (seed-
     #: dependent first-epoch losses of 0.36-0.98 measured): a ramp over the first epoch avoids it.
     warmup_epochs: float = 0.0
-    #: Classifiers trained, each with its own seed; the one whose class gate best tells which
-    #: classes val windows hold is kept (core/stage1/classifier_choice.py; needs val masks).
+    #: Classifiers trained, each with its own seed; the one whose val pseudo-masks, limited by
+    #: its class gate, score best is kept (core/stage1/classifier_choice.py; needs val masks).
     candidates: int = 1
 
     def validate(self) -> None:

@@ -254,6 +254,18 @@ def _recipe_batch(model: CamClassifier, images: np.ndarray, labels: np.ndarray |
     ]
 
 
+def eval_image_mask(model: CamClassifier, image: np.ndarray, present: np.ndarray,
+                    config: PseudoMaskConfig, spec: DatasetSpec,
+                    device: torch.device | str = "cpu") -> np.ndarray:
+    """The recipe's final mask of one (H, W, 3) eval image, its classes given by ``present``,
+    (C,) for the image or (C, H, W) per pixel, in place of the recipe's own gating. No white
+    plane: eval images are scored without one. ``model`` as ``frozen_for_class_maps`` gives it.
+    """
+    settings = dataclasses.replace(config, gating="label")
+    return _recipe_batch(model, image[None], np.asarray(present)[None], settings, spec, False,
+                         torch.device(device))[0].masks[FINAL]
+
+
 def _uses_white_plane(config: PseudoMaskConfig, spec: DatasetSpec) -> bool:
     return spec.white_plane if config.white_plane is None else config.white_plane
 

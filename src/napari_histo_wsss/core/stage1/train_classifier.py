@@ -228,7 +228,7 @@ def train_classifier(run: RunDirectory, config: RunConfig, patches, *, device: t
     classifier that many epochs longer (core/training/extension.py: the lr schedule's new
     tail, and the pseudo-masks made from the old classifier need making again). With
     ``ClassifierConfig.candidates`` over 1 and ``val`` masks, that many classifiers are
-    trained and the one that gates val windows best is kept (``classifier_choice``).
+    trained and the one whose gated val pseudo-masks score best is kept (``classifier_choice``).
     """
     config.classifier.validate()
     spec = _check_dataset(patches, config)
@@ -363,7 +363,7 @@ def _train_candidates(run: RunDirectory, config: RunConfig, patches, spec: Datas
                       val: EvalSet, device: torch.device, stop: StopToken, resume: bool
                       ) -> Generator[Event, None, None]:
     """Train each candidate in its own folder (each resumes on its own), judge each by its
-    class gate on val, and copy the best to ``classifier/`` (the main process judges and
+    gated val pseudo-masks, and copy the best to ``classifier/`` (the main process judges and
     writes; under ``torchrun`` every rank trains every candidate)."""
     count = config.classifier.candidates
     main = distributed.is_main_process()
@@ -384,7 +384,8 @@ def _train_candidates(run: RunDirectory, config: RunConfig, patches, spec: Datas
                 return
         if main:
             scores.append(_judge_candidate(folder, seed, config, spec, val, device))
-            yield Message(STAGE, f"classifier {index + 1} (seed {seed}): val window "
+            yield Message(STAGE, f"classifier {index + 1} (seed {seed}): val pseudo-masks "
+                          f"under its gate {scores[-1]['gated_pm_miou']:.1%} mIoU, window "
                           f"presence F1 {scores[-1]['macro_f1']:.3f}")
     if main:
         chosen = classifier_choice.best_candidate(scores)
@@ -394,7 +395,7 @@ def _train_candidates(run: RunDirectory, config: RunConfig, patches, spec: Datas
         (run.classifier_dir / classifier_choice.CHOICE_FILE).write_text(
             json.dumps({"chosen": chosen, "candidates": scores}, indent=2) + "\n")
         yield Message(STAGE, f"kept classifier {chosen + 1} of {count} (seed "
-                      f"{scores[chosen]['seed']}): it gates val windows best")
+                      f"{scores[chosen]['seed']}): its gated val pseudo-masks score best")
         run.mark_complete(STAGE, epochs=source.status()[STAGE]["epochs"],
                           steps=source.status()[STAGE]["steps"],
                           seconds=round(sum(score["seconds"] for score in scores), 2),
@@ -404,11 +405,14 @@ def _train_candidates(run: RunDirectory, config: RunConfig, patches, spec: Datas
 
 def _judge_candidate(folder: RunDirectory, seed: int, config: RunConfig, spec: DatasetSpec,
                      val: EvalSet, device: torch.device) -> dict:
-    """A trained candidate's seed, training seconds and class-gate scores on val."""
+    """A trained candidate's seed, training seconds, gated val pseudo-mask and class-gate
+    scores."""
     model, payload = load_classifier(folder.classifier_checkpoint, device, spec=spec)
     window, threshold = classifier_choice.gate_settings(config,
                                                         payload["training"]["input_size"])
     return {"seed": seed, "seconds": folder.status()[STAGE].get("seconds", 0.0),
+            **classifier_choice.gated_pseudo_mask_scores(model, val, config.pseudo_masks,
+                                                         window, threshold, device),
             **classifier_choice.window_presence_scores(model, val, window, threshold, device)}
 
 
