@@ -43,11 +43,11 @@ def setup(device: torch.device) -> torch.device:
         # called without an active exception") after the work is done. Leaving it at exit
         # makes that rarer, not impossible (2 of 8 runs of the test worker still aborted):
         # the command line ends through exit_process, which skips the teardown.
-        atexit.register(leave_process_group)
+        atexit.register(_leave_process_group)
     return device
 
 
-def leave_process_group() -> None:
+def _leave_process_group() -> None:
     """Destroy the process group if this process joined one."""
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -66,7 +66,7 @@ def exit_process(code: int) -> NoReturn:
         sys.exit(code)
     sys.stdout.flush()
     sys.stderr.flush()
-    dist.destroy_process_group()
+    _leave_process_group()
     os._exit(code)
 
 
