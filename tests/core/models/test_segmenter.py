@@ -62,6 +62,33 @@ def test_every_architecture_predicts_every_class_at_input_size(arch):
     assert torch.isfinite(output.logits).all()
 
 
+@pytest.mark.parametrize("arch, depth", [("deeplabv3plus", None), ("pspnet", 3), ("unet", None)])
+def test_a_narrower_decoder_has_fewer_weights_and_the_same_outputs(arch, depth, tmp_path):
+    def build(channels):
+        config = SegmenterConfig(arch=arch, encoder_depth=depth, decoder_channels=channels,
+                                 weights="none")
+        return config, build_segmenter(config, num_classes=3).eval()
+
+    _, default = build(None)
+    config, narrow = build(32)
+
+    def decoder_weights(model):
+        return sum(p.numel() for p in model.net.decoder.parameters())
+
+    assert decoder_weights(narrow) < decoder_weights(default)
+    # The encoder is the same network either way.
+    assert [t.shape for t in narrow.net.encoder.state_dict().values()] == \
+        [t.shape for t in default.net.encoder.state_dict().values()]
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert narrow(x).logits.shape == default(x).logits.shape == (1, 3, 64, 64)
+    # A checkpoint says how wide its decoder is: loading rebuilds the same network.
+    _save(tmp_path / "model.pt", narrow, config, WSSS4LUAD)
+    loaded, _ = load_segmenter(tmp_path / "model.pt")
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, narrow(x).logits)
+
+
 def test_offline_imagenet_weights_are_loaded_from_the_package_file():
     model = build_segmenter(SegmenterConfig(arch="deeplabv3plus"), num_classes=3)
     own = list(model.net.encoder.model.state_dict().values())
@@ -95,6 +122,8 @@ def test_bad_settings_are_explained():
         build_segmenter(SegmenterConfig(arch="fpn", weights="none"), num_classes=2)
     with pytest.raises(ConfigError, match="classifier backbone only"):
         build_segmenter(SegmenterConfig(encoder="res38d", weights="none"), num_classes=2)
+    with pytest.raises(ConfigError, match="decoder_channels"):
+        SegmenterConfig(decoder_channels=0).validate()
 
 
 def test_parameter_groups_split_encoder_from_new_layers():

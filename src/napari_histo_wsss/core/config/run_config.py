@@ -180,6 +180,10 @@ class SegmenterConfig:
     #: tissues apart (same encoder only).
     encoder_init: str = "weights"
     encoder_depth: int | None = None  # None: the architecture's default
+    #: Channels of the decoder's convolutions (DeepLabV3+'s ASPP and decoder, PSPNet's pooling
+    #: output, a U-Net's first decoder stage, halved per stage); None: the architecture's
+    #: default (256, 512, 256). On a CPU the decoder is a third of DeepLabV3+'s training cost.
+    decoder_channels: int | None = None
     aux_head: bool = False  # MSV's auxiliary FCN head (loss weight 0.4)
     cam_head: bool = False  # HisynSeg's classification/CAM head
     loss: str = "ce"  # a LOSSES name (stage2/losses.py)
@@ -262,7 +266,8 @@ class SegmenterConfig:
             raise ConfigError(f"segmenter.weight_average must be between 0 and 1 (a decay), "
                               f"not {self.weight_average!r}")
         require("segmenter", _is_count, epochs=self.epochs, batch_size=self.batch_size,
-                input_size=self.input_size, encoder_depth=self.encoder_depth)
+                input_size=self.input_size, encoder_depth=self.encoder_depth,
+                decoder_channels=self.decoder_channels)
         require("segmenter", _is_positive, lr=self.lr, head_lr_mult=self.head_lr_mult)
         if not (isinstance(self.context, int) and not isinstance(self.context, bool)
                 and self.context >= 0):

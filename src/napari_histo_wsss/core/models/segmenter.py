@@ -29,33 +29,42 @@ from ..registry import Registry
 from ..runs.checkpoints import check_same_classes, checkpoint_spec, load_checkpoint
 from .backbones import RES38D, build_backbone
 
-#: Segmentation networks by ``SegmenterConfig.arch``: ``build(**smp_arguments) -> nn.Module``,
-#: given the smp encoder name, the number of classes and (where set) the encoder depth.
+#: Segmentation networks by ``SegmenterConfig.arch``: ``build(decoder_channels,
+#: **smp_arguments) -> nn.Module``, given the decoder's width (None: smp's default), the smp
+#: encoder name, the number of classes and (where set) the encoder depth.
 ARCHITECTURES: Registry[Callable[..., nn.Module]] = Registry("segmenter architecture")
 
 
 @ARCHITECTURES.register("deeplabv3plus")
-def deeplabv3plus(**smp_arguments: Any) -> nn.Module:
+def deeplabv3plus(decoder_channels: int | None, **smp_arguments: Any) -> nn.Module:
     """MLPS's network, with the DeepLab v3+ paper's atrous rates for output stride 16: smp's
     default 12/24/36 reach far past the 14x14 feature map of a 224-pixel patch."""
     import segmentation_models_pytorch as smp
 
+    if decoder_channels is not None:
+        smp_arguments["decoder_channels"] = decoder_channels
     return smp.DeepLabV3Plus(decoder_atrous_rates=(6, 12, 18), **smp_arguments)
 
 
 @ARCHITECTURES.register("pspnet")
-def pspnet(**smp_arguments: Any) -> nn.Module:
+def pspnet(decoder_channels: int | None, **smp_arguments: Any) -> nn.Module:
     """MSV, ARML and ESFAN's network (ARML and ESFAN on a three-stage encoder)."""
     import segmentation_models_pytorch as smp
 
+    if decoder_channels is not None:
+        smp_arguments["psp_out_channels"] = decoder_channels
     return smp.PSPNet(**smp_arguments)
 
 
 @ARCHITECTURES.register("unet")
-def unet(**smp_arguments: Any) -> nn.Module:
+def unet(decoder_channels: int | None, **smp_arguments: Any) -> nn.Module:
     """A U-Net, for comparison: no method preset uses it."""
     import segmentation_models_pytorch as smp
 
+    if decoder_channels is not None:
+        depth = smp_arguments.get("encoder_depth", 5)
+        smp_arguments["decoder_channels"] = [max(decoder_channels >> stage, 1)
+                                             for stage in range(depth)]
     return smp.Unet(**smp_arguments)
 
 
@@ -90,8 +99,8 @@ class Segmenter(nn.Module):
         if config.encoder_depth is not None:
             kwargs["encoder_depth"] = config.encoder_depth
         try:
-            self.net = build(encoder_name=f"tu-{config.encoder}", encoder_weights=None,
-                             classes=num_classes, **kwargs)
+            self.net = build(config.decoder_channels, encoder_name=f"tu-{config.encoder}",
+                             encoder_weights=None, classes=num_classes, **kwargs)
         except (RuntimeError, ValueError) as error:
             raise ConfigError(
                 f"cannot build {config.arch} on encoder '{config.encoder}': {error}"
