@@ -137,7 +137,7 @@ def test_train_classifier_stop_then_resume(make_napari_viewer, qtbot, sample_dat
     widget = docked(viewer, TrainClassifierWidget)
     assert widget.epochs.native.text() == "preset"  # not "0", which reads as "don't train"
     assert widget.input_size.native.text() == "preset"
-    assert widget.candidates.native.text() == "preset"  # the method's own, one on fast
+    assert widget.candidates.native.text() == "preset"  # the method's own: one for cam-ce
     widget.dataset.value = sample_dataset_dir
     widget.run_folder.value = tmp_path / "run"
     widget.method.value = METHOD

@@ -86,10 +86,16 @@ def test_the_default_method_is_the_recommended_recipe():
     assert segmenter.weight_average and segmenter.tta == "none"
     masks = config.pseudo_masks
     assert masks.scales == (1.0, 2.0) and masks.scale_fusion == "mean"
-    assert preset("esfan", "long").classifier.candidates == 1
-    assert preset(DEFAULT_METHOD, "long").classifier.candidates == 2
-    assert preset(DEFAULT_METHOD, "paper").classifier.candidates == 2
-    assert config.classifier.candidates == 1  # fast: inside its 20 minutes
+    for schedule in ("fast", "long", "paper"):
+        assert preset("esfan", schedule).classifier.candidates == 1
+        assert preset(DEFAULT_METHOD, schedule).classifier.candidates == 2
+    # The narrower decoder pays for the second classifier on fast; long and paper have the
+    # time for the wide one. The companion keeps ESFAN's own PSPNet width.
+    assert segmenter.decoder_channels == 128
+    assert segmenter.companion_settings().decoder_channels is None
+    for schedule in ("long", "paper"):
+        assert preset(DEFAULT_METHOD, schedule).segmenter.decoder_channels is None
+    assert preset("mlps", "fast").segmenter.decoder_channels is None
 
 
 def test_fast_schedule_keeps_the_recipe_shape():
