@@ -63,7 +63,7 @@ def test_every_architecture_predicts_every_class_at_input_size(arch):
 
 
 @pytest.mark.parametrize("arch, depth", [("deeplabv3plus", None), ("pspnet", 3), ("unet", None)])
-def test_a_narrower_decoder_has_fewer_weights_and_the_same_outputs(arch, depth, tmp_path):
+def test_a_narrower_decoder_has_fewer_weights_and_the_same_output_shape(arch, depth, tmp_path):
     def build(channels):
         config = SegmenterConfig(arch=arch, encoder_depth=depth, decoder_channels=channels,
                                  weights="none")
