@@ -182,7 +182,8 @@ class SegmenterConfig:
     encoder_depth: int | None = None  # None: the architecture's default
     #: Channels of the decoder's convolutions (DeepLabV3+'s ASPP and decoder, PSPNet's pooling
     #: output, a U-Net's first decoder stage, halved per stage); None: the architecture's
-    #: default (256, 512, 256). On a CPU the decoder is a third of DeepLabV3+'s training cost.
+    #: default (256, 512, 256). On a CPU DeepLabV3+'s wide decoder is a third to almost half
+    #: of its training step (docs/results.md, "twenty-first session").
     decoder_channels: int | None = None
     aux_head: bool = False  # MSV's auxiliary FCN head (loss weight 0.4)
     cam_head: bool = False  # HisynSeg's classification/CAM head
