@@ -10,6 +10,7 @@ interrupted benchmark resumes.
     python benchmarks/quality.py ../shared/data/wsss4luad --out runs/quality
     python benchmarks/quality.py DATA --seeds 0,1,2 --out runs/quality-3seeds
     python benchmarks/quality.py DATA --methods mlps,cam-ce --device cuda --schedule paper
+    python benchmarks/quality.py DATA --methods recommended --self-train   # with the teacher
 """
 
 from __future__ import annotations
@@ -23,14 +24,19 @@ from pathlib import Path
 
 from napari_histo_wsss.cli.progress import drive
 from napari_histo_wsss.core.config.presets import METHODS, PRESET_SCHEDULES
+from napari_histo_wsss.core.errors import ConfigError
 from napari_histo_wsss.core.pipeline import prepare_run, run_pipeline
 
 
 def run_method(data_dir: Path, out: Path, method: str, seed: int, args) -> list[dict]:
     """Rows of one preset: its own loss, then plain CE on the same pseudo-masks (``--with-ce``)."""
-    run, config, layout = prepare_run(
-        data_dir, out / method, method, schedule=args.schedule, seed=seed, device=args.device,
-    )
+    try:
+        run, config, layout = prepare_run(
+            data_dir, out / method, method, schedule=args.schedule, seed=seed,
+            device=args.device, self_train=args.self_train,
+        )
+    except ConfigError as error:
+        raise SystemExit(f"{method}: {error}") from None
     strategies = [config.segmenter.loss]
     if args.with_ce and config.method != "hisynseg" and "ce" not in strategies:
         strategies.append("ce")
@@ -143,6 +149,9 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--with-ce", action=argparse.BooleanOptionalAction, default=True,
                         help="also train plain CE on each preset's pseudo-masks (default on)")
+    parser.add_argument("--self-train", action="store_true",
+                        help="add the self-training teacher to every preset (as the CLI's "
+                             "--self-train; refused for presets it cannot relabel)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
 
@@ -159,6 +168,7 @@ def main() -> None:
         table += seed_summary_table(rows, class_names)
     machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, device {args.device}"
     result = {"data_dir": str(args.data_dir), "schedule": args.schedule,
+              "self_train": args.self_train,
               "seeds": [seed for seed, _ in runs], "machine": machine, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
