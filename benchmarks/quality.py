@@ -37,10 +37,9 @@ def run_method(data_dir: Path, out: Path, method: str, seed: int, args) -> list[
         )
     except ConfigError as error:
         raise SystemExit(f"{method}: {error}") from None
-    if bool(config.pseudo_masks.teacher) != args.self_train:
-        made = "with" if config.pseudo_masks.teacher else "without"
-        raise SystemExit(f"{run.root} was made {made} the self-training teacher: "
-                         "use another --out")
+    if config.pseudo_masks.teacher and not args.self_train:
+        raise SystemExit(f"{run.root} was made with the self-training teacher: use another "
+                         "--out, or --self-train")
     strategies = [config.segmenter.loss]
     if args.with_ce and config.method != "hisynseg" and "ce" not in strategies:
         strategies.append("ce")

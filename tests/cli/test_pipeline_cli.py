@@ -7,6 +7,7 @@ import json
 import pytest
 
 from napari_histo_wsss.cli import main
+from napari_histo_wsss.core.errors import ConfigError
 from napari_histo_wsss.core.runs.run_dir import RunDirectory
 from napari_histo_wsss.core.runs.stages import CLASSIFIER, PSEUDO_MASKS, segmenter_stage
 
@@ -169,3 +170,14 @@ def test_self_train_flag_makes_a_run_with_a_teacher(tmp_path, sample_dataset_dir
     saved = run.config()
     assert saved.pseudo_masks.teacher == config.pseudo_masks.teacher != {}
     assert saved.segmenter.targets == ("refined",)
+
+
+def test_self_train_on_a_run_made_without_the_teacher_is_refused(tmp_path, sample_dataset_dir):
+    """Resuming would have kept the run's own recipe and ignored the flag without a word."""
+    from napari_histo_wsss.core.pipeline import prepare_run
+
+    prepare_run(sample_dataset_dir, tmp_path / "run", "esfan")
+    with pytest.raises(ConfigError, match="without the self-training teacher"):
+        prepare_run(sample_dataset_dir, tmp_path / "run", "esfan", self_train=True)
+    _, config, _ = prepare_run(sample_dataset_dir, tmp_path / "run", "esfan")
+    assert not config.pseudo_masks.teacher

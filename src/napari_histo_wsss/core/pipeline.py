@@ -49,7 +49,8 @@ def prepare_run(
     ``self_train`` adds the self-training teacher to a new run (``presets.with_self_training``).
 
     A run directory that already exists keeps its own configuration: resuming with other
-    settings would silently mix two recipes, so a different ``method`` is refused.
+    settings would silently mix two recipes, so a different ``method`` is refused, and so is
+    ``self_train`` on a run made without the teacher.
     """
     layout = find_dataset(data_dir, spec)
     run = RunDirectory(out)
@@ -61,6 +62,9 @@ def prepare_run(
                 f"{method}",
                 run.root,
             )
+        if self_train and not config.pseudo_masks.teacher:
+            raise ConfigError("this run was made without the self-training teacher; use another "
+                              "--out to self-train", run.root)
         return run, config, find_dataset(data_dir, DatasetSpec.from_dict(config.dataset))
     num_patches = len(layout.patches())
     config = preset(method, schedule=schedule, num_patches=num_patches,
